@@ -1,0 +1,76 @@
+"""The eventctx exception tree; every error eventctx raises is one of these.
+
+    EventCtxError
+    ├── ConcurrencyError          the session head moved (conditional write) or a version clashed
+    ├── SessionNotFoundError      no such session, or it was deleted
+    ├── SessionExistsError        create_context on a live session
+    ├── SessionExpiredError       the session outlived its ttl
+    ├── RunInProgressError        another runner holds the session's run lease
+    ├── SchemaError               the database has another schema version
+    ├── IntegrityError            a hash chain or a stored row does not verify
+    ├── StorageError              the database failed (connection, disk, lock timeout)
+    ├── InvalidInputError         (also ValueError) a bad session id, key, or oversized value
+    ├── ContextKeyError           (also KeyError) a missing key
+    ├── ContextTypeError          (also TypeError) a stored value of another type
+    └── SerializationError        (also TypeError) a value that is not JSON as eventctx defines it
+
+Driver exceptions are translated into this tree in one place (``eventctx.store.dialect``) and
+chained with ``raise … from exc``, so the original stays in ``__cause__``.
+"""
+
+from __future__ import annotations
+
+
+class EventCtxError(Exception):
+    """Root of every error eventctx raises."""
+
+
+class ConcurrencyError(EventCtxError):
+    """The session's head is not at the expected version; re-read and retry."""
+
+
+class SessionNotFoundError(EventCtxError):
+    """The session does not exist (or was deleted)."""
+
+
+class SessionExistsError(EventCtxError):
+    """The session already exists."""
+
+
+class SessionExpiredError(EventCtxError):
+    """The session outlived its ttl and was (or is being) removed."""
+
+
+class RunInProgressError(EventCtxError):
+    """Another runner holds the session's run lease."""
+
+
+class SchemaError(EventCtxError):
+    """The database's schema version is not the one this eventctx speaks."""
+
+
+class IntegrityError(EventCtxError):
+    """Stored events fail verification: a broken hash chain, a gap, or a corrupted row."""
+
+
+class StorageError(EventCtxError):
+    """The database failed to carry out an operation; nothing of it was committed."""
+
+
+class InvalidInputError(EventCtxError, ValueError):
+    """An argument breaks a documented rule (session id, key, size limits); nothing was written."""
+
+
+class ContextKeyError(EventCtxError, KeyError):
+    """The key is not in the context."""
+
+    def __str__(self) -> str:  # KeyError quotes its argument; keep the message readable
+        return str(self.args[0]) if self.args else ""
+
+
+class ContextTypeError(EventCtxError, TypeError):
+    """The stored value is not of the requested type."""
+
+
+class SerializationError(EventCtxError, TypeError):
+    """A value cannot be stored: it is not JSON as eventctx defines it."""

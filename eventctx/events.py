@@ -1,0 +1,268 @@
+"""Event types, the value rules, the canonical encoding and the hash chain; no I/O.
+
+A payload is encoded once, canonically (orjson, sorted keys), and those exact bytes are both
+stored and hashed, so a row verifies byte for byte wherever it is copied to.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final
+
+import orjson
+from pydantic import BaseModel, ConfigDict, JsonValue
+
+from eventctx.errors import SerializationError
+
+__all__ = [
+    "EVENT_MODELS",
+    "GENESIS_HASH",
+    "NewEvent",
+    "RecordedEvent",
+    "chain_hash",
+    "decode_payload",
+    "encode_payload",
+    "events_json_schema",
+    "from_us",
+    "normalize_value",
+    "to_us",
+]
+
+INT_MIN: Final = -(2**63)
+INT_MAX: Final = 2**63 - 1
+GENESIS_HASH: Final = bytes(32)
+"""The ``prev_hash`` of a session's first event."""
+
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_SCALARS: Final = (str, bool, type(None))
+
+
+# --- payload models: the documented shape of every event type --------------------------------
+
+
+class _Payload(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ContextCreated(_Payload):
+    """A session starts (or starts again after a delete); ``ttl_ms`` None means never expires."""
+
+    ttl_ms: int | None = None
+
+
+class KeySet(_Payload):
+    """``key`` (an envelope column) now holds ``value``."""
+
+    value: JsonValue
+
+
+class KeyDeleted(_Payload):
+    """``key`` (an envelope column) was removed."""
+
+
+class ContextCleared(_Payload):
+    """Every key was removed."""
+
+
+class ContextDeleted(_Payload):
+    """The session was deleted; its history stays until compaction or purge."""
+
+
+EVENT_MODELS: Final[dict[str, type[_Payload]]] = {
+    model.__name__: model
+    for model in (ContextCreated, KeySet, KeyDeleted, ContextCleared, ContextDeleted)
+}
+"""Payload model of each event type, by type name."""
+
+
+# --- values -----------------------------------------------------------------------------------
+
+
+def normalize_value(value: Any, key: str) -> Any:
+    """Return an independent plain-JSON copy of ``value`` or raise SerializationError.
+
+    Pydantic models become their JSON form and tuples become lists; anything outside the value
+    rules (NaN/±Inf, ints beyond 64 bits, non-string dict keys, other types) is refused, naming
+    the key and the offending path.
+    """
+    return _normalize(value, key, "")
+
+
+def _normalize(value: Any, key: str, path: str) -> Any:
+    kind = type(value)
+    if kind in _SCALARS:
+        return value
+    if kind is int:
+        if INT_MIN <= value <= INT_MAX:
+            return value
+        raise _refuse(key, path, f"int {value} is outside the signed 64-bit range")
+    if kind is float:
+        if math.isfinite(value):
+            return value
+        raise _refuse(key, path, f"float {value!r} is not finite; store None or a string instead")
+    if kind is dict:
+        out = {}
+        for k, v in value.items():
+            if type(k) is not str:
+                raise _refuse(key, path, f"dict key {k!r} is a {type(k).__name__}, not a str")
+            out[k] = _normalize(v, key, f"{path}[{k!r}]")
+        return out
+    if kind is list or kind is tuple:
+        return [_normalize(v, key, f"{path}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, BaseModel):
+        return _normalize(value.model_dump(mode="json"), key, path)
+    raise _refuse(
+        key,
+        path,
+        f"{kind.__module__}.{kind.__qualname__} is not JSON "
+        "(use None, bool, int, float, str, list, dict with str keys, or a pydantic model)",
+    )
+
+
+def _refuse(key: str, path: str, why: str) -> SerializationError:
+    where = f"{key!r}{path}" if path else repr(key)
+    return SerializationError(f"cannot store value for key {where}: {why}")
+
+
+# --- encoding ---------------------------------------------------------------------------------
+
+
+def encode_payload(payload: Mapping[str, Any]) -> bytes:
+    """The canonical bytes of an already normalized payload: compact JSON, sorted keys."""
+    return orjson.dumps(payload, option=orjson.OPT_SORT_KEYS)
+
+
+def decode_payload(data: bytes) -> dict[str, Any]:
+    """Parse stored payload bytes (trusted: written by eventctx, so not re-validated)."""
+    result: dict[str, Any] = orjson.loads(data)
+    return result
+
+
+def to_us(at: datetime) -> int:
+    """Microseconds since the Unix epoch of an aware datetime; naive datetimes are refused."""
+    if at.tzinfo is None or at.utcoffset() is None:
+        raise ValueError(f"datetime {at.isoformat()} is naive; pass an aware one (e.g. tz=UTC)")
+    return (at - _EPOCH) // timedelta(microseconds=1)
+
+
+def from_us(us: int) -> datetime:
+    """The UTC datetime of a microsecond timestamp."""
+    return _EPOCH + timedelta(microseconds=us)
+
+
+def chain_hash(
+    prev_hash: bytes,
+    session_id: str,
+    version: int,
+    type_: str,
+    key: str | None,
+    phase: str | None,
+    execution_id: str | None,
+    recorded_at_us: int,
+    payload: bytes,
+) -> bytes:
+    """sha256 of the previous hash and every canonical field but the (store-local) position."""
+    header = orjson.dumps([session_id, version, type_, key, phase, execution_id, recorded_at_us])
+    return hashlib.sha256(prev_hash + header + payload).digest()
+
+
+# --- event envelopes --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """An event about to be appended: its type, envelope columns and canonical payload bytes.
+
+    ``payload`` is the normalized dict (an independent copy of what the caller passed) and
+    ``data`` its canonical encoding; build one with :meth:`create` so the two always agree.
+    """
+
+    type: str
+    payload: dict[str, Any]
+    data: bytes
+    key: str | None = None
+    phase: str | None = None
+    execution_id: str | None = None
+
+    @classmethod
+    def create(
+        cls,
+        type_: str,
+        payload: Mapping[str, Any] | None = None,
+        *,
+        key: str | None = None,
+        phase: str | None = None,
+        execution_id: str | None = None,
+    ) -> NewEvent:
+        """Normalize and encode ``payload``; SerializationError names the offending key."""
+        if type_ not in EVENT_MODELS and not type_.isidentifier():
+            raise ValueError(f"event type {type_!r} is not an identifier")
+        normalized: dict[str, Any] = {}
+        for name, value in (payload or {}).items():
+            normalized[name] = normalize_value(value, key if key is not None else name)
+        return cls(type_, normalized, encode_payload(normalized), key, phase, execution_id)
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedEvent:
+    """An event as stored: its global position, session version and envelope."""
+
+    position: int
+    session_id: str
+    version: int
+    type: str
+    key: str | None
+    phase: str | None
+    execution_id: str | None
+    payload: dict[str, Any]
+    recorded_at_us: int
+    hash: bytes
+    """sha256 chaining this event to the session's previous one (see ``chain_hash``)."""
+
+    @property
+    def recorded_at(self) -> datetime:
+        """When the event was appended, in UTC."""
+        return from_us(self.recorded_at_us)
+
+
+def events_json_schema() -> dict[str, Any]:
+    """JSON Schema of a recorded event: the envelope, with each type's payload schema."""
+    variants = []
+    defs: dict[str, Any] = {}
+    for name, model in EVENT_MODELS.items():
+        payload = model.model_json_schema(ref_template="#/$defs/{model}")
+        defs.update(payload.pop("$defs", {}))
+        defs[name] = payload
+        variants.append(
+            {
+                "type": "object",
+                "properties": {
+                    "type": {"const": name},
+                    "payload": {"$ref": f"#/$defs/{name}"},
+                },
+            }
+        )
+    nullable_str = {"type": ["string", "null"]}
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "eventctx recorded event",
+        "type": "object",
+        "required": ["session_id", "version", "type", "payload", "recorded_at"],
+        "properties": {
+            "position": {"type": "integer", "description": "global, monotonic within a store"},
+            "session_id": {"type": "string", "minLength": 1, "maxLength": 512},
+            "version": {"type": "integer", "minimum": 1},
+            "type": {"type": "string", "enum": list(EVENT_MODELS)},
+            "key": nullable_str,
+            "phase": nullable_str,
+            "execution_id": nullable_str,
+            "payload": {"type": "object"},
+            "recorded_at": {"type": "string", "format": "date-time"},
+        },
+        "oneOf": variants,
+        "$defs": defs,
+    }

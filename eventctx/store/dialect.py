@@ -1,0 +1,130 @@
+"""What differs between backends, behind one small interface; and the one place driver errors
+become eventctx errors.
+
+The shared SQL implementation (``eventctx.store.core``) talks to DBAPI connections taken from
+the SQLAlchemy pool and runs statements compiled once from the Core tables. A dialect supplies
+only engine setup, how a transaction takes the write lock, and the few statements that differ.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import sqlalchemy as sa
+from sqlalchemy.engine import URL, Engine
+from sqlalchemy.engine.interfaces import DBAPICursor
+from sqlalchemy.sql.expression import ClauseElement
+
+from eventctx.errors import ConcurrencyError, EventCtxError, StorageError
+
+if TYPE_CHECKING:
+    from eventctx.store.statements import Statements
+
+Synchronous = Literal["NORMAL", "FULL"]
+
+
+Cursor = DBAPICursor
+"""A DBAPI cursor (sqlite3 or psycopg)."""
+
+
+def fetch_value(cur: Cursor) -> Any:
+    """The first column of the statement's next row (a row must come)."""
+    row = cur.fetchone()
+    if row is None:  # pragma: no cover - only after a statement that always yields a row
+        raise StorageError("the database returned no row where one was certain")
+    return row[0]
+
+
+@dataclass(frozen=True, slots=True)
+class StoreOptions:
+    """Connection settings; each dialect uses what applies to it."""
+
+    synchronous: Synchronous = "NORMAL"
+    busy_timeout_s: float = 30.0
+
+
+class Dialect:
+    """Backend specifics; subclasses override only what differs."""
+
+    name: str
+    sql_dialect: sa.engine.Dialect
+    """Dialect used to compile statements (named or pyformat parameters, so dicts bind)."""
+
+    def create_engine(self, url: URL, options: StoreOptions) -> Engine:
+        """An engine for ``url`` configured for eventctx."""
+        raise NotImplementedError
+
+    def prepare_engine(self, engine: Engine, options: StoreOptions) -> None:
+        """Configure a caller-supplied engine's connections for eventctx."""
+
+    def begin_write(self, cur: Cursor) -> None:
+        """Start a transaction that writes (and so queues behind other writers)."""
+
+    def begin_read(self, cur: Cursor) -> None:
+        """Start a read transaction (one consistent view for several statements)."""
+
+    def lock_setup(self, cur: Cursor) -> None:
+        """Serialize schema creation across processes, inside the write transaction."""
+
+    def table_names(self, cur: Cursor) -> set[str]:
+        """Names of the tables visible to this connection."""
+        raise NotImplementedError
+
+    def insert_events(
+        self, cur: Cursor, sql: Statements, rows: Sequence[dict[str, Any]]
+    ) -> list[int]:
+        """Insert ``rows`` with one round trip per statement; return their positions in order."""
+        raise NotImplementedError
+
+    def insert_ignore(self, table: sa.Table) -> sa.Insert:
+        """INSERT that does nothing when the primary key exists (rowcount tells which)."""
+        raise NotImplementedError
+
+    def classify(self, exc: Exception) -> type[EventCtxError] | None:
+        """The eventctx error for a driver error, or None when it is not a driver error."""
+        raise NotImplementedError
+
+    def compile(self, stmt: ClauseElement) -> str:
+        """SQL text of a Core statement for this backend's driver."""
+        return str(stmt.compile(dialect=self.sql_dialect))
+
+    @contextmanager
+    def translate_errors(self) -> Iterator[None]:
+        """Re-raise driver errors as eventctx errors, the original chained as the cause."""
+        try:
+            yield
+        except EventCtxError:
+            raise
+        except Exception as exc:
+            # The pool wraps errors raised while connecting; classify the driver's own error.
+            orig = exc.orig if isinstance(exc, sa.exc.DBAPIError) and exc.orig else exc
+            kind = self.classify(orig)
+            if kind is None:
+                raise
+            raise kind(_describe(kind, orig)) from exc
+
+
+def _describe(kind: type[EventCtxError], exc: Exception) -> str:
+    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if kind is ConcurrencyError:
+        return f"another writer appended the same version ({detail}); re-read and retry"
+    if kind is StorageError:
+        return f"database error, nothing was committed: {detail}"
+    return detail
+
+
+def for_url(url: URL) -> Dialect:
+    """The dialect for a database URL; SchemaError-free, ValueError for unsupported backends."""
+    backend = url.get_backend_name()
+    if backend == "sqlite":
+        from eventctx.store.sqlite import SQLiteDialect  # noqa: PLC0415 (lazy: per backend)
+
+        return SQLiteDialect()
+    if backend == "postgresql":
+        from eventctx.store.postgresql import PostgreSQLDialect  # noqa: PLC0415 (needs psycopg)
+
+        return PostgreSQLDialect()
+    raise ValueError(f"unsupported database {url.render_as_string()!r}: use sqlite or postgresql")

@@ -1,0 +1,119 @@
+"""The tables, declared once; every DDL statement and the schema files derive from here.
+
+Times are integer microseconds since the Unix epoch (UTC) on both backends: exact, ordered,
+and hashed as stored. Payloads are the canonical bytes that were hashed (not JSONB, which
+would reorder keys).
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Integer,
+    LargeBinary,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.schema import CreateIndex, CreateTable
+
+SCHEMA_VERSION: Final = 1
+"""The schema version this code writes; stamped in ``eventctx_schema``."""
+
+MAX_SESSION_ID: Final = 512
+
+metadata = MetaData()
+
+events = Table(
+    "eventctx_events",
+    metadata,
+    # INTEGER (not BIGINT) on SQLite so the column is the rowid; AUTOINCREMENT so a position
+    # freed by compaction is never handed out again.
+    Column(
+        "position",
+        BigInteger().with_variant(Integer(), "sqlite"),
+        primary_key=True,
+        autoincrement=True,
+    ),
+    Column("session_id", String(MAX_SESSION_ID), nullable=False),
+    Column("version", BigInteger, nullable=False),
+    Column("type", String(64), nullable=False),
+    Column("key", Text),
+    Column("phase", Text),
+    Column("execution_id", String(64)),
+    Column("payload", LargeBinary, nullable=False),
+    Column("recorded_at", BigInteger, nullable=False),
+    Column("hash", LargeBinary, nullable=False),
+    Column("prev_hash", LargeBinary, nullable=False),
+    # The one index on the hot table: every read is by session and version. Blame of the
+    # current state lives in the folded provenance, so no (session, key) index is paid per append.
+    UniqueConstraint("session_id", "version", name="eventctx_events_session_version"),
+    sqlite_autoincrement=True,
+)
+
+sessions = Table(
+    "eventctx_sessions",
+    metadata,
+    Column("session_id", String(MAX_SESSION_ID), primary_key=True),
+    Column("version", BigInteger, nullable=False),
+    Column("head_hash", LargeBinary, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("last_activity", BigInteger, nullable=False),
+    Column("ttl_ms", BigInteger),
+    Column("status", String(16), nullable=False),
+    Column("lease_owner", String(128)),
+    Column("lease_expires_at", BigInteger),
+)
+
+snapshots = Table(
+    "eventctx_snapshots",
+    metadata,
+    Column("session_id", String(MAX_SESSION_ID), nullable=False),
+    Column("version", BigInteger, nullable=False),
+    Column("fold_version", Integer, nullable=False),
+    Column("head_hash", LargeBinary, nullable=False),
+    Column("state", LargeBinary, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    PrimaryKeyConstraint("session_id", "version", name="eventctx_snapshots_pk"),
+)
+
+schema_version = Table(
+    "eventctx_schema",
+    metadata,
+    Column("version", Integer, nullable=False),
+)
+
+# Rows of eventctx_events are immutable: each backend rejects every UPDATE, even a no-op one
+# (PostgreSQL's trigger fires per statement, so even an UPDATE matching no row is refused).
+_APPEND_ONLY = "eventctx_events is append-only: events are never updated"
+TRIGGERS: Final[dict[str, tuple[str, ...]]] = {
+    "sqlite": (
+        "CREATE TRIGGER eventctx_events_no_update BEFORE UPDATE ON eventctx_events "
+        f"BEGIN SELECT RAISE(ABORT, '{_APPEND_ONLY}'); END",
+    ),
+    "postgresql": (
+        "CREATE FUNCTION eventctx_reject_update() RETURNS trigger LANGUAGE plpgsql AS $$ "
+        f"BEGIN RAISE EXCEPTION '{_APPEND_ONLY}' USING ERRCODE = 'restrict_violation'; END $$",
+        "CREATE TRIGGER eventctx_events_no_update BEFORE UPDATE ON eventctx_events "
+        "FOR EACH STATEMENT EXECUTE FUNCTION eventctx_reject_update()",
+    ),
+}
+
+
+def create_statements(dialect: Dialect) -> list[str]:
+    """Every DDL statement that creates the schema on ``dialect``, in order."""
+    statements: list[str] = []
+    for table in metadata.sorted_tables:
+        statements.append(str(CreateTable(table).compile(dialect=dialect)).strip())
+        statements.extend(
+            str(CreateIndex(index).compile(dialect=dialect)).strip() for index in table.indexes
+        )
+    statements.extend(TRIGGERS[dialect.name])
+    return statements

@@ -1,0 +1,95 @@
+"""SQLite: WAL, a busy timeout, and BEGIN IMMEDIATE for every write so that concurrent
+processes queue for the write lock instead of failing with "database is locked"."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
+from sqlalchemy.engine import URL, Engine
+
+from eventctx.errors import ConcurrencyError, EventCtxError, StorageError
+from eventctx.store.dialect import Cursor, Dialect, StoreOptions, fetch_value
+from eventctx.store.statements import Statements
+
+_CONSTRAINT_UNIQUE = 2067  # SQLITE_CONSTRAINT_UNIQUE: the (session_id, version) key
+
+
+class SQLiteDialect(Dialect):
+    """SQLite through the stdlib ``sqlite3`` driver."""
+
+    name = "sqlite"
+    sql_dialect = SQLiteDialect_pysqlite(paramstyle="named")
+
+    def create_engine(self, url: URL, options: StoreOptions) -> Engine:
+        database = url.database or ""
+        if database in ("", ":memory:") or "mode=memory" in str(url.query):
+            raise ValueError(
+                "an in-memory SQLite database is private to one connection; "
+                "use a file, e.g. sqlite:///eventctx.db (a temporary directory works for tests)"
+            )
+        engine = sa.create_engine(
+            url,
+            connect_args={"check_same_thread": False, "timeout": options.busy_timeout_s},
+            pool_size=8,
+            max_overflow=16,
+        )
+        self.prepare_engine(engine, options)
+        return engine
+
+    def prepare_engine(self, engine: Engine, options: StoreOptions) -> None:
+        busy_ms = int(options.busy_timeout_s * 1000)
+
+        def on_connect(dbapi_conn: sqlite3.Connection, _record: object) -> None:
+            # Transactions are begun explicitly (BEGIN IMMEDIATE for writes), never by the driver.
+            dbapi_conn.isolation_level = None
+            dbapi_conn.execute(f"PRAGMA busy_timeout = {busy_ms}")
+            dbapi_conn.execute("PRAGMA journal_mode = WAL")
+            dbapi_conn.execute(f"PRAGMA synchronous = {options.synchronous}")
+
+        event.listen(engine, "connect", on_connect)
+        engine.dispose()  # connections made before the listener must not be reused
+
+    def begin_write(self, cur: Cursor) -> None:
+        cur.execute("BEGIN IMMEDIATE")
+
+    def begin_read(self, cur: Cursor) -> None:
+        cur.execute("BEGIN")
+
+    def table_names(self, cur: Cursor) -> set[str]:
+        cur.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        return {row[0] for row in cur.fetchall()}
+
+    def insert_events(
+        self, cur: Cursor, sql: Statements, rows: Sequence[dict[str, Any]]
+    ) -> list[int]:
+        if len(rows) == 1:
+            cur.execute(sql.insert_event, rows[0])
+            return [_lastrowid(cur)]
+        cur.executemany(sql.insert_event, rows)
+        # Under the write lock AUTOINCREMENT hands out consecutive rowids, ending at the last one.
+        cur.execute("SELECT last_insert_rowid()")
+        last = int(fetch_value(cur))
+        return list(range(last - len(rows) + 1, last + 1))
+
+    def insert_ignore(self, table: sa.Table) -> sa.Insert:
+        return sqlite_insert(table).on_conflict_do_nothing()
+
+    def classify(self, exc: Exception) -> type[EventCtxError] | None:
+        if not isinstance(exc, sqlite3.Error):
+            return None
+        if getattr(exc, "sqlite_errorcode", None) == _CONSTRAINT_UNIQUE:
+            return ConcurrencyError
+        return StorageError
+
+
+def _lastrowid(cur: Cursor) -> int:
+    rowid = getattr(cur, "lastrowid", None)
+    if rowid is None:  # pragma: no cover - sqlite3 always sets it after an INSERT
+        raise StorageError("SQLite did not report the inserted row's position")
+    return int(rowid)

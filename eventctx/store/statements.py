@@ -1,0 +1,133 @@
+"""The store's SQL, built from the Core tables and compiled once per dialect."""
+
+from __future__ import annotations
+
+from typing import Final
+
+import sqlalchemy as sa
+from sqlalchemy import bindparam, func
+
+from eventctx.store import schema
+from eventctx.store.dialect import Dialect
+
+EVENT_COLUMNS: Final = (
+    "session_id",
+    "version",
+    "type",
+    "key",
+    "phase",
+    "execution_id",
+    "payload",
+    "recorded_at",
+    "hash",
+    "prev_hash",
+)
+_ZERO: Final = sa.literal_column("0", sa.Integer)
+_SESSION_COLUMNS: Final = (
+    schema.sessions.c.session_id,
+    schema.sessions.c.version,
+    schema.sessions.c.head_hash,
+    schema.sessions.c.created_at,
+    schema.sessions.c.last_activity,
+    schema.sessions.c.ttl_ms,
+    schema.sessions.c.status,
+)
+
+
+class Statements:
+    """The store's SQL, compiled once for one dialect."""
+
+    def __init__(self, dialect: Dialect) -> None:
+        ev, se, sv = schema.events, schema.sessions, schema.schema_version
+        c = dialect.compile
+        sid: sa.BindParameter[str] = bindparam("session_id")
+        insert_event = sa.insert(ev).values({n: bindparam(n) for n in EVENT_COLUMNS})
+        self.insert_event = c(insert_event)
+        self.insert_event_returning = c(insert_event.returning(ev.c.position))
+        self.head_for_update = c(
+            sa.select(se.c.version, se.c.head_hash, se.c.last_activity, se.c.status)
+            .where(se.c.session_id == sid)
+            .with_for_update()
+        )
+        self.advance_head = c(
+            sa.update(se)
+            .where(
+                se.c.session_id == sid,
+                se.c.version == bindparam("base_version"),
+                se.c.head_hash == bindparam("base_hash"),
+                se.c.status == bindparam("active"),
+            )
+            .values(
+                version=bindparam("new_version"),
+                head_hash=bindparam("new_hash"),
+                last_activity=bindparam("now"),
+                status=bindparam("status"),
+            )
+        )
+        self.insert_head = c(
+            dialect.insert_ignore(se).values(
+                session_id=sid,
+                version=bindparam("new_version"),
+                head_hash=bindparam("new_hash"),
+                created_at=bindparam("now"),
+                last_activity=bindparam("now"),
+                ttl_ms=bindparam("ttl_ms"),
+                status=bindparam("status"),
+            )
+        )
+        self.recreate_head = c(
+            sa.update(se)
+            .where(se.c.session_id == sid)
+            .values(
+                version=bindparam("new_version"),
+                head_hash=bindparam("new_hash"),
+                created_at=bindparam("now"),
+                last_activity=bindparam("now"),
+                ttl_ms=bindparam("ttl_ms"),
+                status=bindparam("status"),
+            )
+        )
+        self.touch = c(
+            sa.update(se)
+            .where(se.c.session_id == sid, se.c.last_activity < bindparam("now"))
+            .values(last_activity=bindparam("now"))
+        )
+        self.session = c(sa.select(*_SESSION_COLUMNS).where(se.c.session_id == sid))
+        self.sessions = c(sa.select(*_SESSION_COLUMNS).order_by(se.c.session_id))
+        read_cols = (ev.c.position, ev.c.version, ev.c.type, ev.c.key, ev.c.phase)
+        in_range = (
+            ev.c.session_id == sid,
+            ev.c.version >= bindparam("low"),
+            ev.c.version <= bindparam("high"),
+        )
+        self.read_chunk = c(
+            sa.select(*read_cols, ev.c.execution_id, ev.c.payload, ev.c.recorded_at, ev.c.hash)
+            .where(*in_range)
+            .order_by(ev.c.version)
+            .limit(bindparam("limit", type_=sa.Integer))
+            .offset(_ZERO)
+        )
+        self.read_chain = c(
+            sa.select(
+                ev.c.version,
+                ev.c.type,
+                ev.c.key,
+                ev.c.phase,
+                ev.c.execution_id,
+                ev.c.payload,
+                ev.c.recorded_at,
+                ev.c.hash,
+                ev.c.prev_hash,
+            )
+            .where(*in_range)
+            .order_by(ev.c.version)
+            .limit(bindparam("limit", type_=sa.Integer))
+            .offset(_ZERO)
+        )
+        self.delete_events = c(sa.delete(ev).where(ev.c.session_id == sid))
+        self.delete_snapshots = c(
+            sa.delete(schema.snapshots).where(schema.snapshots.c.session_id == sid)
+        )
+        self.delete_head = c(sa.delete(se).where(se.c.session_id == sid))
+        self.schema_version = c(sa.select(func.max(sv.c.version)))
+        self.stamp = c(sa.insert(sv).values(version=bindparam("version")))

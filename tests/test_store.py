@@ -1,0 +1,317 @@
+"""Conformance suite for EventStore: every test runs on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from datetime import UTC
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from eventctx import (
+    ConcurrencyError,
+    EventStore,
+    IntegrityError,
+    InvalidInputError,
+    NewEvent,
+    SchemaError,
+    SerializationError,
+    SessionExistsError,
+    SessionNotFoundError,
+    StorageError,
+)
+from eventctx.store import Head
+from eventctx.store.core import READ_CHUNK
+
+WORKERS = str(Path(__file__).with_name("workers.py"))
+
+
+@pytest.fixture
+def store(db_url: str) -> Iterator[EventStore]:
+    s = EventStore.open(db_url)
+    yield s
+    s.close()
+
+
+def created(ttl_ms: int | None = 60_000) -> NewEvent:
+    return NewEvent.create("ContextCreated", {"ttl_ms": ttl_ms})
+
+
+def key_set(key: str, value: object, **kw: str) -> NewEvent:
+    return NewEvent.create("KeySet", {"value": value}, key=key, **kw)
+
+
+def versions(store: EventStore, session_id: str) -> list[int]:
+    return [e.version for e in store.read(session_id)]
+
+
+def test_append_read_round_trip(store: EventStore) -> None:
+    value = {"files": ["a.go", "b.go"], "n": 3, "ratio": 0.5, "ok": True, "none": None}
+    store.append("s", [created()])
+    appended = store.append(
+        "s", [key_set("plan", value, phase="planning", execution_id="e1"), key_set("x", "y")]
+    )
+    read = list(store.read("s"))
+    assert [e.version for e in read] == [1, 2, 3]
+    assert read[1:] == appended
+    assert read[1].payload == {"value": value}
+    assert (read[1].key, read[1].phase, read[1].execution_id) == ("plan", "planning", "e1")
+    assert (read[2].phase, read[2].execution_id) == (None, None)
+    assert read[0].type == "ContextCreated" and read[0].payload == {"ttl_ms": 60_000}
+    assert read[1].position < read[2].position
+    assert all(e.recorded_at.tzinfo is UTC for e in read)
+    assert read[1].recorded_at_us == read[2].recorded_at_us  # one transaction, one time
+    assert read[0].recorded_at_us <= read[1].recorded_at_us
+
+
+def test_read_ranges_stream_across_chunks(store: EventStore) -> None:
+    total = READ_CHUNK * 2 + 17
+    store.append("s", [created()])
+    store.append("s", [key_set(f"k{i}", i) for i in range(total - 1)])
+    assert versions(store, "s") == list(range(1, total + 1))
+    assert [e.version for e in store.read("s", 5, 7)] == [5, 6, 7]
+    assert [e.version for e in store.read("s", READ_CHUNK - 1, READ_CHUNK + 1)] == [
+        READ_CHUNK - 1,
+        READ_CHUNK,
+        READ_CHUNK + 1,
+    ]
+    assert list(store.read("s", total + 1)) == []
+    assert list(store.read("missing")) == []
+
+
+def test_head_row_tracks_the_log(store: EventStore) -> None:
+    store.append("s", [created(ttl_ms=5000)])
+    last = store.append("s", [key_set("a", 1), key_set("b", 2)])[-1]
+    head = store.session("s")
+    assert head is not None
+    assert (head.version, head.head_hash, head.status, head.ttl_ms) == (
+        3,
+        last.hash,
+        "active",
+        5000,
+    )
+    assert head.last_activity_us == last.recorded_at_us
+    assert head.expires_at == head.last_activity + head.ttl  # type: ignore[operator]
+    assert store.session("other") is None
+    assert [h.session_id for h in store.sessions()] == ["s"]
+
+
+def test_expected_version_conflict_appends_nothing(store: EventStore) -> None:
+    store.append("s", [created()])
+    store.append("s", [key_set("a", 1)], expected_version=1)
+    with pytest.raises(ConcurrencyError, match="version 2, not 1"):
+        store.append("s", [key_set("a", 2)], expected_version=1)
+    assert versions(store, "s") == [1, 2]
+    store.append("s", [key_set("a", 3)], expected_version=2)
+    assert versions(store, "s") == [1, 2, 3]
+
+
+def test_stale_head_hint_appends_at_the_real_head(store: EventStore) -> None:
+    first = store.append("s", [created()])[-1]
+    stale = Head(first.version, first.hash, first.recorded_at_us)
+    store.append("s", [key_set("a", 1)], head=stale)
+    appended = store.append("s", [key_set("b", 2)], head=stale)  # head moved: falls back
+    assert appended[0].version == 3
+    wrong_hash = Head(3, b"\x01" * 32, 0)
+    assert store.append("s", [key_set("c", 3)], head=wrong_hash)[0].version == 4
+    assert store.verify("s") == 4
+
+
+def test_create_missing_and_deleted_sessions(store: EventStore) -> None:
+    with pytest.raises(SessionNotFoundError):
+        store.append("s", [key_set("a", 1)])
+    store.append("s", [created()])
+    with pytest.raises(SessionExistsError):
+        store.append("s", [created()])
+    store.append("s", [NewEvent.create("ContextDeleted")])
+    head = store.session("s")
+    assert head is not None and head.status == "deleted"
+    with pytest.raises(SessionNotFoundError, match="deleted"):
+        store.append("s", [key_set("a", 1)])
+    again = store.append("s", [created(ttl_ms=None)])
+    assert again[0].version == 3  # versions continue over the delete
+    head = store.session("s")
+    assert head is not None and (head.status, head.ttl_ms) == ("active", None)
+    assert store.verify("s") == 3
+
+
+def test_purge_removes_everything(store: EventStore) -> None:
+    store.append("s", [created(), key_set("a", 1)])
+    store.append("t", [created()])
+    assert store.purge("s") == 2
+    assert store.session("s") is None and list(store.read("s")) == []
+    assert versions(store, "t") == [1]
+    assert store.append("s", [created()])[0].version == 1
+
+
+def test_versions_gapless_under_four_racing_processes(store: EventStore, db_url: str) -> None:
+    store.append("race", [created()])
+    per_process = 60
+    procs = [
+        subprocess.Popen(
+            [sys.executable, WORKERS, "append", db_url, "race", str(per_process), f"p{n}"]
+        )
+        for n in range(4)
+    ]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0, 0, 0]
+    events = list(store.read("race"))
+    assert [e.version for e in events] == list(range(1, 4 * per_process + 2))
+    assert len({e.key for e in events[1:]}) == 4 * per_process  # no write lost or duplicated
+    assert store.verify("race") == 4 * per_process + 1
+
+
+def test_events_are_immutable(store: EventStore, db_url: str) -> None:
+    store.append("s", [created(), key_set("a", 1)])
+    with store.engine.connect() as conn:
+        for sql in (
+            "UPDATE eventctx_events SET version = version",  # a no-op is refused too
+            "UPDATE eventctx_events SET payload = payload WHERE session_id = 's'",
+        ):
+            with pytest.raises(sa.exc.DBAPIError, match="append-only"):
+                conn.exec_driver_sql(sql)
+            conn.rollback()
+    assert store.verify("s") == 2
+
+
+def _drop_update_trigger(store: EventStore, conn: sa.Connection) -> None:
+    suffix = " ON eventctx_events" if store.dialect_name == "postgresql" else ""
+    conn.exec_driver_sql(f"DROP TRIGGER eventctx_events_no_update{suffix}")
+
+
+def test_hash_chain_catches_tampering(store: EventStore) -> None:
+    store.append("s", [created()])
+    for i in range(5):
+        store.append("s", [key_set(f"k{i}", i)])
+    assert store.verify("s") == 6
+    with store.engine.begin() as conn:
+        _drop_update_trigger(store, conn)
+        conn.execute(
+            sa.text(
+                "UPDATE eventctx_events SET payload = :p WHERE session_id = 's' AND version = 3"
+            ),
+            {"p": b'{"value":999}'},
+        )
+    with pytest.raises(IntegrityError, match="version 3: stored hash"):
+        store.verify("s")
+
+
+def test_hash_chain_catches_a_truncated_tail(store: EventStore) -> None:
+    store.append("s", [created(), key_set("a", 1), key_set("b", 2)])
+    with store.engine.begin() as conn:
+        conn.execute(sa.text("DELETE FROM eventctx_events WHERE session_id = 's' AND version = 3"))
+    with pytest.raises(IntegrityError, match="ends at version 2"):
+        store.verify("s")
+
+
+def test_failed_batch_appends_nothing(store: EventStore) -> None:
+    store.append("s", [created()])
+    # A row planted at version 3 makes the second insert of the next batch clash.
+    planted = store.append("p", [created()])[0]
+    with store.engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "INSERT INTO eventctx_events (session_id, version, type, payload, recorded_at, "
+                "hash, prev_hash) VALUES ('s', 3, 'KeySet', :p, 0, :h, :h)"
+            ),
+            {"p": b"{}", "h": planted.hash},
+        )
+    with pytest.raises(ConcurrencyError):
+        store.append("s", [key_set("a", 1), key_set("b", 2)])
+    head = store.session("s")
+    assert head is not None and head.version == 1
+    assert versions(store, "s") == [1, 3]  # only the planted row: the batch left no trace
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (float("nan"), "not finite"),
+        (float("inf"), "not finite"),
+        ({1, 2}, "builtins.set is not JSON"),
+        (2**70, "outside the signed 64-bit range"),
+        ({1: "a"}, "dict key 1 is a int"),
+        (b"bytes", "builtins.bytes is not JSON"),
+        ({"deep": [1, {"x": float("-inf")}]}, r"'k'\['deep'\]\[1\]\['x'\]"),
+        (object(), "builtins.object is not JSON"),
+    ],
+)
+def test_values_outside_json_are_refused(store: EventStore, value: object, message: str) -> None:
+    store.append("s", [created()])
+    with pytest.raises(SerializationError, match=message):
+        store.append("s", [key_set("ok", 1), key_set("k", value)])
+    assert versions(store, "s") == [1]
+
+
+HOSTILE_IDS = [
+    "it's",
+    'say "hi"',
+    "'; DROP TABLE eventctx_events; --",
+    "Robert'); DELETE FROM eventctx_sessions WHERE ('1'='1",
+    "ключ 鍵 🔑",
+    "  leading and trailing  ",
+    "tab\tnew\nline",
+    "%s %(x)s ? :name $1",
+    "\\backslash\\",
+    "x" * 255,
+    "y" * 512,
+]
+
+
+def test_hostile_session_ids_are_plain_data(store: EventStore) -> None:
+    for sid in HOSTILE_IDS:
+        store.append(sid, [created(), key_set("k", sid)])
+    assert sorted(h.session_id for h in store.sessions()) == sorted(HOSTILE_IDS)
+    for sid in HOSTILE_IDS:
+        events = list(store.read(sid))
+        assert [e.session_id for e in events] == [sid, sid]
+        assert events[1].payload == {"value": sid}
+        assert store.verify(sid) == 2
+
+
+@pytest.mark.parametrize("bad", ["", "z" * 513, "nul\x00inside", "\ud800", 42, None])
+def test_invalid_session_ids_are_refused(store: EventStore, bad: object) -> None:
+    with pytest.raises(InvalidInputError, match="session id"):
+        store.append(bad, [created()])  # type: ignore[arg-type]
+    assert store.sessions() == []
+
+
+def test_open_is_idempotent_and_safe_across_processes(db_url: str) -> None:
+    procs = [subprocess.Popen([sys.executable, WORKERS, "open", db_url]) for _ in range(4)]
+    assert [p.wait(timeout=60) for p in procs] == [0, 0, 0, 0]
+    with EventStore.open(db_url) as store, store.engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT COUNT(*) FROM eventctx_schema").scalar() == 1
+
+
+def _stamp(db_url: str, version: int) -> None:
+    with EventStore.open(db_url) as store, store.engine.begin() as conn:
+        conn.exec_driver_sql(f"UPDATE eventctx_schema SET version = {version}")
+
+
+def test_newer_schema_is_refused(db_url: str) -> None:
+    _stamp(db_url, 99)
+    with pytest.raises(SchemaError, match="newer"):
+        EventStore.open(db_url)
+
+
+def test_older_schema_asks_for_upgrade(db_url: str) -> None:
+    _stamp(db_url, 0)
+    with pytest.raises(SchemaError, match="eventctx upgrade"):
+        EventStore.open(db_url)
+
+
+def test_foreign_tables_without_a_version_are_refused(db_url: str) -> None:
+    with EventStore.open(db_url) as store, store.engine.begin() as conn:
+        conn.exec_driver_sql("DROP TABLE eventctx_schema")
+    with pytest.raises(SchemaError, match="no schema version"):
+        EventStore.open(db_url)
+
+
+def test_driver_errors_are_translated(tmp_path: Path) -> None:
+    with pytest.raises(StorageError, match="nothing was committed") as info:
+        EventStore.open(f"sqlite:///{tmp_path / 'no' / 'such' / 'dir.db'}")
+    assert info.value.__cause__ is not None
+    with pytest.raises(StorageError):
+        EventStore.open("postgresql+psycopg://postgres@127.0.0.1:1/none?connect_timeout=2")

@@ -1,0 +1,35 @@
+"""Child-process programs for tests that really race and really kill: ``python workers.py CMD``."""
+
+from __future__ import annotations
+
+import sys
+
+from eventctx import EventStore, NewEvent
+from eventctx.store import Head
+
+
+def append_many(url: str, session_id: str, count: int, tag: str) -> None:
+    """Append ``count`` single-event transactions, half with a (possibly stale) head hint."""
+    store = EventStore.open(url)
+    head: Head | None = None
+    for i in range(count):
+        event = NewEvent.create("KeySet", {"value": i}, key=f"{tag}-{i}")
+        recorded = store.append(session_id, [event], head=head if i % 2 else None)
+        last = recorded[-1]
+        head = Head(last.version, b"stale" if i % 3 == 0 else last.hash, last.recorded_at_us)
+    store.close()
+
+
+def open_store(url: str) -> None:
+    """Open (creating) the store at ``url``."""
+    EventStore.open(url).close()
+
+
+if __name__ == "__main__":
+    command, *args = sys.argv[1:]
+    if command == "append":
+        append_many(args[0], args[1], int(args[2]), args[3])
+    elif command == "open":
+        open_store(args[0])
+    else:
+        raise SystemExit(f"unknown command {command}")

@@ -1,0 +1,167 @@
+"""Store-level append throughput next to the raw driver doing the same inserts.
+
+``python -m tools.bench.append`` prints, for SQLite (NORMAL) and PostgreSQL: one event per
+transaction, and batches of 100 events per transaction, as events per second (median of the
+rounds, min–max) and the ratio to the raw driver.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+import sys
+from collections.abc import Callable
+from itertools import count
+
+import orjson
+import psycopg
+import sqlalchemy as sa
+
+from eventctx import EventStore, NewEvent
+from eventctx.store import Head
+from tools.bench.common import (
+    PAYLOAD,
+    PG_URL,
+    Figure,
+    measure,
+    pg_available,
+    pg_schema,
+    sqlite_file,
+    table,
+)
+
+SINGLE = 2000
+BATCHES = 40
+BATCH = 100
+
+RAW_DDL = """CREATE TABLE raw_events (
+    position {pk}, session_id VARCHAR(512) NOT NULL, version BIGINT NOT NULL,
+    type VARCHAR(64) NOT NULL, key TEXT, phase TEXT, execution_id VARCHAR(64),
+    payload {blob} NOT NULL, recorded_at BIGINT NOT NULL, hash {blob} NOT NULL,
+    prev_hash {blob} NOT NULL, UNIQUE (session_id, version))"""
+RAW_INSERT = (
+    "INSERT INTO raw_events (session_id, version, type, key, phase, execution_id, payload, "
+    "recorded_at, hash, prev_hash) VALUES ({p})"
+)
+
+
+def _raw_row(session: str, version: int) -> tuple[object, ...]:
+    digest = hashlib.sha256(b"%d" % version).digest()
+    payload = orjson.dumps(PAYLOAD, option=orjson.OPT_SORT_KEYS)
+    return (session, version, "KeySet", "k", None, None, payload, 1, digest, digest)
+
+
+class _Store:
+    """Appends through EventStore the way a context does: with its head as the hint."""
+
+    def __init__(self, url: str) -> None:
+        self.store = EventStore.open(url)
+        self.sessions = count()
+
+    def runner(self, batch: int, times: int) -> Callable[[], None]:
+        def run() -> None:
+            session = f"s{next(self.sessions)}"
+            first = self.store.append(session, [NewEvent.create("ContextCreated")])[-1]
+            head = Head(first.version, first.hash, first.recorded_at_us)
+            for _ in range(times):
+                events = [NewEvent.create("KeySet", PAYLOAD, key="k") for _ in range(batch)]
+                last = self.store.append(session, events, head=head)[-1]
+                head = Head(last.version, last.hash, last.recorded_at_us)
+
+        return run
+
+
+def _raw_sqlite(path: str) -> Callable[[int, int], Callable[[], None]]:
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = NORMAL")
+    conn.execute(RAW_DDL.format(pk="INTEGER PRIMARY KEY AUTOINCREMENT", blob="BLOB"))
+    sql = RAW_INSERT.format(p=", ".join("?" * 10))
+    sessions = count()
+
+    def runner(batch: int, times: int) -> Callable[[], None]:
+        def run() -> None:
+            session, version = f"s{next(sessions)}", 0
+            for _ in range(times):
+                rows = [_raw_row(session, version + i + 1) for i in range(batch)]
+                version += batch
+                conn.execute("BEGIN")
+                if batch == 1:
+                    conn.execute(sql, rows[0])
+                else:
+                    conn.executemany(sql, rows)
+                conn.execute("COMMIT")
+
+        return run
+
+    return runner
+
+
+def _raw_pg(schema: str) -> Callable[[int, int], Callable[[], None]]:
+    url = sa.make_url(PG_URL)
+    conn = psycopg.connect(
+        host=url.host,
+        port=url.port,
+        user=url.username,
+        dbname=url.database,
+        options=f"-csearch_path={schema}",
+    )
+    conn.execute(RAW_DDL.format(pk="BIGSERIAL PRIMARY KEY", blob="BYTEA"))
+    conn.commit()
+    sql = RAW_INSERT.format(p=", ".join(["%s"] * 10))
+    sessions = count()
+
+    def runner(batch: int, times: int) -> Callable[[], None]:
+        def run() -> None:
+            session, version = f"s{next(sessions)}", 0
+            with conn.cursor() as cur:
+                for _ in range(times):
+                    rows = [_raw_row(session, version + i + 1) for i in range(batch)]
+                    version += batch
+                    if batch == 1:
+                        cur.execute(sql, rows[0])
+                    else:
+                        cur.executemany(sql, rows)
+                    conn.commit()
+
+        return run
+
+    return runner
+
+
+def _pair(
+    label: str, ours: _Store, raw: Callable[[int, int], Callable[[], None]], times: int, batch: int
+) -> list[str]:
+    n = times * batch
+    mine: Figure = measure(f"{label} eventctx", "ev/s", n, ours.runner(batch, times))
+    theirs: Figure = measure(f"{label} raw", "ev/s", n, raw(batch, times))
+    return [label, mine.cell(), theirs.cell(), f"{mine.median / theirs.median:.2f}×"]
+
+
+def run() -> str:
+    """Run the append benchmarks; return the result table."""
+    rows = []
+    with sqlite_file() as ours_path, sqlite_file() as raw_path:
+        store = _Store(f"sqlite:///{ours_path}")
+        raw = _raw_sqlite(str(raw_path))
+        rows.append(_pair("SQLite NORMAL, 1 event/txn", store, raw, SINGLE, 1))
+        rows.append(_pair(f"SQLite NORMAL, {BATCH} events/txn", store, raw, BATCHES, BATCH))
+        store.store.close()
+    if pg_available():
+        with pg_schema() as (_, url), pg_schema() as (raw_schema, _):
+            store = _Store(url)
+            raw = _raw_pg(raw_schema)
+            rows.append(_pair("PostgreSQL, 1 event/txn", store, raw, SINGLE // 2, 1))
+            rows.append(_pair(f"PostgreSQL, {BATCH} events/txn", store, raw, BATCHES, BATCH))
+            store.store.close()
+    else:
+        print("PostgreSQL not reachable: its rows are left out", file=sys.stderr)
+    return table(
+        "Append throughput: EventStore.append vs the raw driver (same rows, same settings)",
+        ["workload", "eventctx", "raw driver", "ratio"],
+        rows,
+    )
+
+
+if __name__ == "__main__":
+    print(run())

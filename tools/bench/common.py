@@ -1,0 +1,88 @@
+"""Shared benchmark plumbing: databases to run on, timing rounds, and result tables."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import sqlalchemy as sa
+
+PG_URL = os.environ.get(
+    "EVENTCTX_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+ROUNDS = int(os.environ.get("EVENTCTX_BENCH_ROUNDS", "5"))
+PAYLOAD = {"value": {"summary": "x" * 80, "files": ["a.go", "b.go", "c.go"], "score": 0.75}}
+"""A ~150-byte payload, the size the raw-driver comparison uses."""
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One measured rate: the median of the rounds, with min and max."""
+
+    name: str
+    median: float
+    low: float
+    high: float
+    unit: str
+
+    def cell(self) -> str:
+        return f"{self.median:,.0f} {self.unit} ({self.low:,.0f}–{self.high:,.0f})"
+
+
+def measure(name: str, unit: str, count: int, run: Callable[[], None]) -> Figure:
+    """Run ``run`` ``ROUNDS`` times (after one warm-up); rate = count / seconds per round."""
+    run()
+    rates = []
+    for _ in range(ROUNDS):
+        start = time.perf_counter()
+        run()
+        rates.append(count / (time.perf_counter() - start))
+    return Figure(name, statistics.median(rates), min(rates), max(rates), unit)
+
+
+@contextmanager
+def sqlite_file() -> Iterator[Path]:
+    """A path for a fresh SQLite database file, removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix="eventctx-bench-") as tmp:
+        yield Path(tmp) / "bench.db"
+
+
+@contextmanager
+def pg_schema() -> Iterator[tuple[str, str]]:
+    """A fresh PostgreSQL schema: (its name, a URL whose search path starts with it)."""
+    name = f"bench_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(PG_URL, poolclass=sa.pool.NullPool)
+    with admin.begin() as conn:
+        conn.exec_driver_sql(f'CREATE SCHEMA "{name}"')
+    url = sa.make_url(PG_URL).update_query_dict({"options": f"-csearch_path={name}"})
+    try:
+        yield name, url.render_as_string(hide_password=False)
+    finally:
+        with admin.begin() as conn:
+            conn.exec_driver_sql(f'DROP SCHEMA "{name}" CASCADE')
+        admin.dispose()
+
+
+def pg_available() -> bool:
+    """Whether the benchmark PostgreSQL server answers."""
+    try:
+        engine = sa.create_engine(PG_URL, poolclass=sa.pool.NullPool)
+        with engine.connect():
+            return True
+    except sa.exc.OperationalError:
+        return False
+
+
+def table(title: str, header: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table (it also reads well in a terminal)."""
+    lines = [f"### {title}", "", "| " + " | ".join(header) + " |"]
+    lines.append("|" + "|".join("---" for _ in header) + "|")
+    lines.extend("| " + " | ".join(row) + " |" for row in rows)
+    return "\n".join(lines) + "\n"
