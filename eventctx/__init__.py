@@ -1,5 +1,10 @@
-"""eventctx: event-sourced, thread-safe phase context for plugins, in SQLite or PostgreSQL."""
+"""eventctx: event-sourced, thread-safe phase context for plugins, in SQLite or PostgreSQL.
 
+Every context mutation is an immutable, hash-chained event; the current context is a fold of
+the events on top of the latest snapshot. See README.md and docs/ for the tour.
+"""
+
+from eventctx.context import PluginContext, current_context, use_context
 from eventctx.errors import (
     ConcurrencyError,
     ContextKeyError,
@@ -16,17 +21,22 @@ from eventctx.errors import (
     StorageError,
 )
 from eventctx.events import NewEvent, RecordedEvent
+from eventctx.manager import ContextManager, SessionInfo
+from eventctx.state import Provenance, State
 from eventctx.store import EventStore, SessionHead
 
 __all__ = [
     "ConcurrencyError",
     "ContextKeyError",
+    "ContextManager",
     "ContextTypeError",
     "EventCtxError",
     "EventStore",
     "IntegrityError",
     "InvalidInputError",
     "NewEvent",
+    "PluginContext",
+    "Provenance",
     "RecordedEvent",
     "RunInProgressError",
     "SchemaError",
@@ -34,6 +44,10 @@ __all__ = [
     "SessionExistsError",
     "SessionExpiredError",
     "SessionHead",
+    "SessionInfo",
     "SessionNotFoundError",
+    "State",
     "StorageError",
+    "current_context",
+    "use_context",
 ]

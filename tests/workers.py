@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from eventctx import EventStore, NewEvent
+from eventctx import ContextManager, EventStore, NewEvent
 from eventctx.store import Head
 
 
@@ -20,6 +20,21 @@ def append_many(url: str, session_id: str, count: int, tag: str) -> None:
     store.close()
 
 
+def context_set(url: str, session_id: str, count: int, tag: str) -> None:
+    """``count`` blind ``ctx.set`` calls on one session, each its own committed event."""
+    with ContextManager(url) as manager:
+        ctx = manager.get_or_create_context(session_id)
+        for i in range(count):
+            ctx.set(f"{tag}-{i}", {"writer": tag, "i": i})
+
+
+def context_dump(url: str, session_id: str) -> None:
+    """Print the restored context as JSON, then its version on a line of its own."""
+    with ContextManager(url) as manager:
+        ctx = manager.get_context(session_id)
+        sys.stdout.buffer.write(ctx.to_json() + b"\n" + str(ctx.version).encode() + b"\n")
+
+
 def open_store(url: str) -> None:
     """Open (creating) the store at ``url``."""
     EventStore.open(url).close()
@@ -29,6 +44,10 @@ if __name__ == "__main__":
     command, *args = sys.argv[1:]
     if command == "append":
         append_many(args[0], args[1], int(args[2]), args[3])
+    elif command == "ctx-set":
+        context_set(args[0], args[1], int(args[2]), args[3])
+    elif command == "ctx-dump":
+        context_dump(args[0], args[1])
     elif command == "open":
         open_store(args[0])
     else:

@@ -380,11 +380,48 @@ class EventStore:
         version, head_hash, last_activity, status = row
         return Head(int(version), bytes(head_hash), int(last_activity)), str(status)
 
-    def touch(self, session_id: str) -> None:
-        """Record activity on a session now (its ttl counts from here)."""
+    def touch(self, session_id: str) -> SessionHead | None:
+        """Record activity on a live, unexpired session now; return its head row (or None).
+
+        The ttl counts from here. A deleted or expired session is left as it is.
+        """
         check_session_id(session_id)
+        params = {"session_id": session_id, "now": now_us(), "active": ACTIVE}
         with self._transaction(write=True) as cur:
-            cur.execute(self._sql.touch, {"session_id": session_id, "now": now_us()})
+            cur.execute(self._sql.touch, params)
+            cur.execute(self._sql.session, params)
+            row = cur.fetchone()
+        return None if row is None else _session_head(row)
+
+    def save_snapshot(
+        self, session_id: str, version: int, fold_version: int, head_hash: bytes, state: bytes
+    ) -> None:
+        """Store a snapshot of a session's folded state at ``version`` (a cache: idempotent)."""
+        params = {
+            "session_id": session_id,
+            "version": version,
+            "fold_version": fold_version,
+            "head_hash": head_hash,
+            "state": state,
+            "now": now_us(),
+        }
+        with self._transaction(write=True) as cur:
+            cur.execute(self._sql.insert_snapshot, params)
+
+    def latest_snapshot(
+        self, session_id: str, fold_version: int, max_version: int | None = None
+    ) -> tuple[int, bytes, bytes] | None:
+        """(version, head hash, state bytes) of the newest snapshot written under
+        ``fold_version`` at or below ``max_version``, or None."""
+        params = {
+            "session_id": session_id,
+            "fold_version": fold_version,
+            "high": _NO_UPPER if max_version is None else max_version,
+        }
+        with self._transaction(write=False) as cur:
+            cur.execute(self._sql.latest_snapshot, params)
+            row = cur.fetchone()
+        return None if row is None else (int(row[0]), bytes(row[1]), bytes(row[2]))
 
     def purge(self, session_id: str) -> int:
         """Physically remove a session: events, snapshots and head row. Returns events removed."""

@@ -89,7 +89,12 @@ class Dialect:
 
     def compile(self, stmt: ClauseElement) -> str:
         """SQL text of a Core statement for this backend's driver."""
-        return str(stmt.compile(dialect=self.sql_dialect))
+        compiled = stmt.compile(dialect=self.sql_dialect)
+        binds = getattr(compiled, "binds", {})
+        fixed = [name for name, bind in binds.items() if bind.value is not None]
+        if fixed:  # a literal became a bind parameter that callers would not know to pass
+            raise ValueError(f"statement has unnamed parameters {fixed}: {compiled}")
+        return str(compiled)
 
     @contextmanager
     def translate_errors(self) -> Iterator[None]:

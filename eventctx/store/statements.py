@@ -23,6 +23,7 @@ EVENT_COLUMNS: Final = (
     "prev_hash",
 )
 _ZERO: Final = sa.literal_column("0", sa.Integer)
+_THOUSAND: Final = sa.literal_column("1000", sa.BigInteger)
 _SESSION_COLUMNS: Final = (
     schema.sessions.c.session_id,
     schema.sessions.c.version,
@@ -87,10 +88,38 @@ class Statements:
                 status=bindparam("status"),
             )
         )
+        # Activity counts only for a live session that has not expired yet: opening an expired
+        # session must not bring it back.
         self.touch = c(
             sa.update(se)
-            .where(se.c.session_id == sid, se.c.last_activity < bindparam("now"))
+            .where(
+                se.c.session_id == sid,
+                se.c.status == bindparam("active"),
+                se.c.last_activity < bindparam("now"),
+                sa.or_(
+                    se.c.ttl_ms.is_(None),
+                    se.c.last_activity + se.c.ttl_ms * _THOUSAND >= bindparam("now"),
+                ),
+            )
             .values(last_activity=bindparam("now"))
+        )
+        sn = schema.snapshots
+        self.insert_snapshot = c(
+            dialect.insert_ignore(sn).values(
+                {n: bindparam(n) for n in ("session_id", "version", "fold_version", "head_hash")}
+                | {"state": bindparam("state"), "created_at": bindparam("now")}
+            )
+        )
+        self.latest_snapshot = c(
+            sa.select(sn.c.version, sn.c.head_hash, sn.c.state)
+            .where(
+                sn.c.session_id == sid,
+                sn.c.fold_version == bindparam("fold_version"),
+                sn.c.version <= bindparam("high"),
+            )
+            .order_by(sn.c.version.desc())
+            .limit(sa.literal_column("1", sa.Integer))
+            .offset(_ZERO)
         )
         self.session = c(sa.select(*_SESSION_COLUMNS).where(se.c.session_id == sid))
         self.sessions = c(sa.select(*_SESSION_COLUMNS).order_by(se.c.session_id))

@@ -1,0 +1,134 @@
+"""The ``eventctx`` command: inspect and maintain a store from the shell.
+
+Global options come before the command. Tables are for people; ``--json`` prints one JSON
+document for scripts. Errors are one line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+
+from eventctx import demo
+from eventctx.errors import EventCtxError, SessionNotFoundError
+from eventctx.manager import DEFAULT_URL
+from eventctx.store import EventStore
+
+DEMO_URL = "sqlite:///eventctx-demo.db"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="eventctx", description=__doc__)
+    parser.add_argument("--url", help=f"database URL (default: $EVENTCTX_URL, else {DEFAULT_URL})")
+    parser.add_argument("--json", action="store_true", help="print one JSON document")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands.add_parser("demo", help=f"run the demo (default database {DEMO_URL})")
+    commands.add_parser("sessions", help="list live sessions")
+    history = commands.add_parser("history", help="print a session's events")
+    history.add_argument("session")
+    verify = commands.add_parser("verify", help="check hash chains (one session or all)")
+    verify.add_argument("session", nargs="?")
+    commands.add_parser("upgrade", help="migrate the database schema to this version")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    args = _parser().parse_args(argv)
+    url = args.url or os.environ.get("EVENTCTX_URL") or DEFAULT_URL
+    try:
+        if args.command == "demo":
+            demo.run(args.url or DEMO_URL)
+            return 0
+        opener = EventStore.upgrade if args.command == "upgrade" else EventStore.open
+        with opener(url) as store:
+            _emit(args.json, *_COMMANDS[args.command](store, args))
+        return 0
+    except (EventCtxError, ValueError) as exc:
+        print(f"eventctx: {exc}", file=sys.stderr)
+        return 1
+
+
+def _emit(as_json: bool, document: Any, lines: list[str]) -> None:
+    if as_json:
+        sys.stdout.buffer.write(orjson.dumps(document, option=orjson.OPT_INDENT_2) + b"\n")
+    else:
+        print("\n".join(lines))
+
+
+def _sessions(store: EventStore, args: argparse.Namespace) -> tuple[Any, list[str]]:
+    live = [h for h in store.sessions() if h.status == "active"]
+    doc = [
+        {
+            "session_id": h.session_id,
+            "version": h.version,
+            "created_at": h.created_at.isoformat(),
+            "last_activity": h.last_activity.isoformat(),
+            "expires_at": h.expires_at.isoformat() if h.expires_at else None,
+        }
+        for h in live
+    ]
+    lines = [f"{'SESSION':<30} {'VERSION':>7}  {'LAST ACTIVITY':<32} EXPIRES"]
+    lines += [
+        f"{d['session_id']:<30} {d['version']:>7}  {d['last_activity']:<32} "
+        f"{d['expires_at'] or '-'}"
+        for d in doc
+    ]
+    return doc, lines
+
+
+def _history(store: EventStore, args: argparse.Namespace) -> tuple[Any, list[str]]:
+    if store.session(args.session) is None:
+        raise SessionNotFoundError(f"session {args.session!r} does not exist")
+    doc, lines = (
+        [],
+        [f"{'VERSION':>7}  {'RECORDED AT':<32} {'TYPE':<15} {'PHASE':<12} KEY / PAYLOAD"],
+    )
+    for e in store.read(args.session):
+        doc.append(
+            {
+                "version": e.version,
+                "recorded_at": e.recorded_at.isoformat(),
+                "type": e.type,
+                "key": e.key,
+                "phase": e.phase,
+                "execution_id": e.execution_id,
+                "payload": e.payload,
+            }
+        )
+        payload = orjson.dumps(e.payload).decode()
+        payload = payload if len(payload) <= 60 else payload[:57] + "..."
+        lines.append(
+            f"{e.version:>7}  {e.recorded_at.isoformat():<32} {e.type:<15} {e.phase or '-':<12} "
+            f"{e.key + ' ' if e.key else ''}{payload}"
+        )
+    return doc, lines
+
+
+def _verify(store: EventStore, args: argparse.Namespace) -> tuple[Any, list[str]]:
+    ids = [args.session] if args.session else [h.session_id for h in store.sessions()]
+    doc = {sid: store.verify(sid) for sid in ids}
+    return doc, [f"{sid}: {n} events verified" for sid, n in doc.items()] or ["no sessions"]
+
+
+def _upgrade(store: EventStore, args: argparse.Namespace) -> tuple[Any, list[str]]:
+    return {"url": store.url.render_as_string()}, [
+        f"{store.url.render_as_string()}: schema is current"
+    ]
+
+
+_COMMANDS = {
+    "sessions": _sessions,
+    "history": _history,
+    "verify": _verify,
+    "upgrade": _upgrade,
+}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

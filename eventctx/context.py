@@ -1,0 +1,407 @@
+"""PluginContext: one session's key-value context, read from memory, every write appended.
+
+Writes are blind (appended at the session's head, last writer wins) unless an
+``expected_version`` makes them conditional. Each is committed before it returns. Reads come
+from the folded state in memory, so they never touch the database and never go backwards;
+another process's writes show up on this object's next write, on ``refresh()`` or when the
+manager hands it out again.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any, Final, TypeVar
+
+import orjson
+from pydantic import BaseModel, ValidationError
+
+from eventctx.errors import (
+    ContextKeyError,
+    ContextTypeError,
+    EventCtxError,
+    IntegrityError,
+    InvalidInputError,
+    SessionNotFoundError,
+)
+from eventctx.events import NewEvent
+from eventctx.snapshots import SnapshotPolicy, restore
+from eventctx.state import State, advance
+from eventctx.store import EventStore, Head
+
+__all__ = ["Limits", "PhaseScope", "PluginContext", "Runtime", "current_context", "use_context"]
+
+M = TypeVar("M", bound=BaseModel)
+_MISSING: Final = object()
+_CONTAINERS: Final = (dict, list)
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Size limits on what a context accepts."""
+
+    max_key_length: int = 1024
+    max_value_bytes: int = 16 * 1024 * 1024
+
+
+class Gate:
+    """Lets operations run until closed; closing waits for those in flight to finish."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._inflight = 0
+        self.closed = False
+
+    def check(self) -> None:
+        """Raise if closed."""
+        if self.closed:
+            raise EventCtxError("manager stopped: start a new ContextManager to continue")
+
+    @contextmanager
+    def operation(self) -> Iterator[None]:
+        """Run one operation; refused once closed."""
+        with self._cond:
+            self.check()
+            self._inflight += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._inflight -= 1
+                if not self._inflight:
+                    self._cond.notify_all()
+
+    def close(self) -> None:
+        """Refuse new operations and wait for those in flight."""
+        with self._cond:
+            self.closed = True
+            self._cond.wait_for(lambda: self._inflight == 0)
+
+
+@dataclass(frozen=True, slots=True)
+class Runtime:
+    """What every context of one manager shares."""
+
+    store: EventStore
+    gate: Gate
+    limits: Limits
+    snapshot_every: int
+
+
+@dataclass(slots=True)
+class PhaseScope:
+    """The phase running in this task: writes carry its name and execution id, and the keys
+    it reads of its session are collected for its end event."""
+
+    session_id: str
+    phase: str
+    execution_id: str
+    keys_read: set[str] = field(default_factory=set)
+
+
+_phase: ContextVar[PhaseScope | None] = ContextVar("eventctx_phase", default=None)
+_current: ContextVar[PluginContext | None] = ContextVar("eventctx_context", default=None)
+
+
+@contextmanager
+def phase_scope(scope: PhaseScope) -> Iterator[PhaseScope]:
+    """Mark ``scope`` as the running phase for the duration of the block."""
+    token = _phase.set(scope)
+    try:
+        yield scope
+    finally:
+        _phase.reset(token)
+
+
+def active_phase() -> PhaseScope | None:
+    """The phase running in this task, if any."""
+    return _phase.get()
+
+
+@contextmanager
+def use_context(ctx: PluginContext) -> Iterator[PluginContext]:
+    """Make ``ctx`` what ``current_context()`` returns inside the block (per thread and task)."""
+    token = _current.set(ctx)
+    try:
+        yield ctx
+    finally:
+        _current.reset(token)
+
+
+def current_context() -> PluginContext:
+    """The context made current by ``use_context`` (or by the runner inside a phase)."""
+    ctx = _current.get()
+    if ctx is None:
+        raise EventCtxError("no current context: wrap the call in eventctx.use_context(ctx)")
+    return ctx
+
+
+def _copy(value: Any) -> Any:
+    """An independent copy of a stored value (scalars are immutable and returned as they are)."""
+    if type(value) in _CONTAINERS:
+        return orjson.loads(orjson.dumps(value))
+    return value
+
+
+class PluginContext:
+    """A session's shared key-value context. Thread-safe; get one from a ContextManager."""
+
+    def __init__(
+        self, runtime: Runtime, session_id: str, state: State, policy: SnapshotPolicy
+    ) -> None:
+        """Wrap a restored ``state``; ContextManager builds these, one per session."""
+        self._runtime = runtime
+        self._session_id = session_id
+        self._state = state
+        self._policy = policy
+        self._lock = threading.RLock()
+        self._gone: str | None = None
+
+    def __repr__(self) -> str:
+        return f"<PluginContext {self._session_id!r} v{self._state.version}, {len(self)} keys>"
+
+    @property
+    def session_id(self) -> str:
+        """The session this context belongs to."""
+        return self._session_id
+
+    @property
+    def version(self) -> int:
+        """Version of the last event this object reflects."""
+        return self._state.version
+
+    # --- reading ------------------------------------------------------------------------------
+
+    def _usable(self) -> None:
+        self._runtime.gate.check()
+        if self._gone is not None:
+            raise SessionNotFoundError(self._gone)
+
+    def _lookup(self, key: str) -> Any:
+        self._usable()
+        scope = _phase.get()
+        if scope is not None and scope.session_id == self._session_id:
+            scope.keys_read.add(key)
+        return self._state.data.get(key, _MISSING)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """The value of ``key`` (a copy: mutating it never changes the context), or ``default``."""
+        value = self._lookup(key)
+        return default if value is _MISSING else _copy(value)
+
+    def __getitem__(self, key: str) -> Any:
+        value = self._lookup(key)
+        if value is _MISSING:
+            raise ContextKeyError(f"key {key!r} is not in session {self._session_id!r}")
+        return _copy(value)
+
+    def __contains__(self, key: object) -> bool:
+        self._usable()
+        return key in self._state.data
+
+    def __len__(self) -> int:
+        self._usable()
+        return len(self._state.data)
+
+    def keys(self) -> list[str]:
+        """The keys, in the order they were first set."""
+        self._usable()
+        with self._lock:
+            return list(self._state.data)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A copy of the whole context."""
+        self._usable()
+        with self._lock:
+            result: dict[str, Any] = orjson.loads(orjson.dumps(self._state.data))
+        return result
+
+    def to_json(self) -> bytes:
+        """The whole context as canonical JSON bytes (sorted keys)."""
+        self._usable()
+        with self._lock:
+            return orjson.dumps(self._state.data, option=orjson.OPT_SORT_KEYS)
+
+    def _typed(self, key: str, default: Any, kinds: tuple[type, ...], name: str) -> Any:
+        value = self._lookup(key)
+        if value is _MISSING:
+            if default is _MISSING:
+                raise ContextKeyError(f"key {key!r} is not in session {self._session_id!r}")
+            return default
+        if type(value) not in kinds:
+            raise ContextTypeError(
+                f"key {key!r} holds a {type(value).__name__}, not a {name}: {_preview(value)}"
+            )
+        return _copy(value)
+
+    def get_int(self, key: str, default: Any = _MISSING) -> int:
+        """The int at ``key`` (a bool is not an int here); ContextKeyError/ContextTypeError."""
+        result: int = self._typed(key, default, (int,), "int")
+        return result
+
+    def get_float(self, key: str, default: Any = _MISSING) -> float:
+        """The number at ``key`` as a float (ints are widened)."""
+        value = self._typed(key, default, (float, int), "float")
+        return float(value) if type(value) is int else value
+
+    def get_str(self, key: str, default: Any = _MISSING) -> str:
+        """The str at ``key``."""
+        result: str = self._typed(key, default, (str,), "str")
+        return result
+
+    def get_bool(self, key: str, default: Any = _MISSING) -> bool:
+        """The bool at ``key``."""
+        result: bool = self._typed(key, default, (bool,), "bool")
+        return result
+
+    def get_list(self, key: str, default: Any = _MISSING) -> list[Any]:
+        """A copy of the list at ``key``."""
+        result: list[Any] = self._typed(key, default, (list,), "list")
+        return result
+
+    def get_dict(self, key: str, default: Any = _MISSING) -> dict[str, Any]:
+        """A copy of the dict at ``key``."""
+        result: dict[str, Any] = self._typed(key, default, (dict,), "dict")
+        return result
+
+    def get_model(self, key: str, model: type[M]) -> M:
+        """The value at ``key`` validated as ``model``; ContextTypeError when it doesn't fit."""
+        value = self._lookup(key)
+        if value is _MISSING:
+            raise ContextKeyError(f"key {key!r} is not in session {self._session_id!r}")
+        try:
+            return model.model_validate(value)
+        except ValidationError as exc:
+            raise ContextTypeError(
+                f"key {key!r} does not validate as {model.__name__}: {exc.error_count()} errors, "
+                f"first: {exc.errors()[0]['msg']}"
+            ) from exc
+
+    # --- writing ------------------------------------------------------------------------------
+
+    def _key(self, key: object) -> str:
+        if type(key) is not str:
+            raise InvalidInputError(f"context keys are str, not {type(key).__name__}")
+        limit = self._runtime.limits.max_key_length
+        if not key or len(key) > limit:
+            raise InvalidInputError(
+                f"context keys are 1 to {limit} characters (got {len(key)}); "
+                "raise ContextManager(max_key_length=…) for longer ones"
+            )
+        return key
+
+    def _key_set(self, key: object, value: Any) -> NewEvent:
+        event = NewEvent.create(
+            "KeySet", {"value": value}, key=self._key(key), **_envelope(self._session_id)
+        )
+        limit = self._runtime.limits.max_value_bytes
+        if len(event.data) > limit:
+            raise InvalidInputError(
+                f"value for key {key!r} is {len(event.data)} bytes encoded, over the {limit}-byte "
+                "limit; raise ContextManager(max_value_bytes=…) or store a reference instead"
+            )
+        return event
+
+    def set(self, key: str, value: Any) -> None:
+        """Store ``value`` at ``key``; committed when this returns."""
+        self._write([self._key_set(key, value)])
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.set(key, value)
+
+    def update(self, values: Mapping[str, Any], expected_version: int | None = None) -> None:
+        """Store every item in one transaction; with ``expected_version``, only if the session's
+        head is still there (else ConcurrencyError and nothing is written)."""
+        events = [self._key_set(key, value) for key, value in values.items()]
+        if events:
+            self._write(events, expected_version)
+
+    def delete(self, key: str) -> bool:
+        """Remove ``key``; False (and nothing appended) when it is absent."""
+        self._key(key)
+        with self._lock:
+            self._usable()
+            if key not in self._state.data:
+                return False
+            self._write([NewEvent.create("KeyDeleted", key=key, **_envelope(self._session_id))])
+            return True
+
+    def __delitem__(self, key: str) -> None:
+        if not self.delete(key):
+            raise ContextKeyError(f"key {key!r} is not in session {self._session_id!r}")
+
+    def clear(self) -> None:
+        """Remove every key (one event)."""
+        self._write([NewEvent.create("ContextCleared", **_envelope(self._session_id))])
+
+    def refresh(self) -> None:
+        """Catch up with writes other processes appended since this object last saw the log."""
+        with self._runtime.gate.operation(), self._lock:
+            self._usable()
+            head = self._runtime.store.session(self._session_id)
+            self._sync(head)
+
+    def _write(self, events: list[NewEvent], expected_version: int | None = None) -> None:
+        runtime = self._runtime
+        with runtime.gate.operation(), self._lock:
+            self._usable()
+            state = self._state
+            recorded = runtime.store.append(
+                self._session_id,
+                events,
+                expected_version=expected_version,
+                head=Head(state.version, state.head_hash, state.recorded_at_us),
+            )
+            first = recorded[0].version
+            if first != state.version + 1:  # another writer got in first: fold its events too
+                self._catch_up(first - 1)
+            advance(self._state, recorded)
+            self._policy.after_append(
+                runtime.store,
+                self._session_id,
+                self._state,
+                len(events),
+                sum(len(e.data) for e in events),
+            )
+
+    def _catch_up(self, version: int) -> None:
+        """Bring the state to ``version`` from the log (falling back to a full restore)."""
+        store = self._runtime.store
+        try:
+            advance(self._state, store.read(self._session_id, self._state.version + 1, version))
+        except IntegrityError:
+            self._state = restore(store, self._session_id, version)[0]
+        if self._state.version != version:
+            self._state = restore(store, self._session_id, version)[0]
+
+    def _sync(self, head: Any) -> None:
+        """Follow the head row ``head`` (a SessionHead or None); called under the lock."""
+        if head is None or head.status != "active":
+            self._gone = f"session {self._session_id!r} was deleted"
+            raise SessionNotFoundError(self._gone)
+        if head.version > self._state.version:
+            self._catch_up(head.version)
+        elif head.version < self._state.version or (
+            head.version == self._state.version and head.head_hash != self._state.head_hash
+        ):  # the session was purged and created anew elsewhere
+            self._state = restore(self._runtime.store, self._session_id, head.version)[0]
+
+    def _forget(self, reason: str) -> None:
+        """Mark the session gone: every later call raises SessionNotFoundError(reason)."""
+        with self._lock:
+            self._gone = reason
+
+
+def _envelope(session_id: str) -> dict[str, Any]:
+    scope = _phase.get()
+    if scope is None or scope.session_id != session_id:
+        return {}
+    return {"phase": scope.phase, "execution_id": scope.execution_id}
+
+
+def _preview(value: Any) -> str:
+    text = orjson.dumps(value).decode()
+    return text if len(text) <= 60 else text[:57] + "..."

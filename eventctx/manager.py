@@ -1,0 +1,220 @@
+"""ContextManager: sessions, their contexts (one object per session), TTL and lifecycle."""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Final
+
+from eventctx.context import Gate, Limits, PluginContext, Runtime
+from eventctx.errors import (
+    InvalidInputError,
+    SessionExistsError,
+    SessionExpiredError,
+    SessionNotFoundError,
+)
+from eventctx.events import NewEvent
+from eventctx.snapshots import SnapshotPolicy, restore
+from eventctx.state import fold
+from eventctx.store import EventStore, SessionHead
+from eventctx.store.core import now_us
+
+__all__ = ["DEFAULT_URL", "ContextManager", "SessionInfo"]
+
+DEFAULT_URL: Final = "sqlite:///eventctx.db"
+
+
+class _Default:
+    def __repr__(self) -> str:
+        return "<manager default>"
+
+
+_DEFAULT: Final = _Default()
+
+
+@dataclass(frozen=True, slots=True)
+class SessionInfo:
+    """A live session as listed by ``ContextManager.sessions()``."""
+
+    session_id: str
+    version: int
+    created_at: datetime
+    last_activity: datetime
+    expires_at: datetime | None
+
+
+def _expired(head: SessionHead, now: int) -> bool:
+    return head.ttl_ms is not None and head.last_activity_us + head.ttl_ms * 1000 < now
+
+
+def _ttl_ms(ttl: timedelta | None) -> int | None:
+    if ttl is None:
+        return None
+    if not isinstance(ttl, timedelta) or ttl <= timedelta(0):
+        raise InvalidInputError(f"ttl must be a positive timedelta or None, not {ttl!r}")
+    return max(1, int(ttl / timedelta(milliseconds=1)))
+
+
+class ContextManager:
+    """Hands out one PluginContext per session and owns their lifecycle.
+
+    ``store`` is an EventStore, a database URL, or None for ``$EVENTCTX_URL`` (default
+    ``sqlite:///eventctx.db``). ``ttl`` is the default lifetime of a session without activity
+    (None: for ever). Use ``with manager:`` (or ``start()``/``stop()``); after ``stop()`` every
+    method of the manager and its contexts raises EventCtxError.
+    """
+
+    def __init__(
+        self,
+        store: EventStore | str | None = None,
+        *,
+        ttl: timedelta | None = timedelta(hours=24),
+        snapshot_every: int = 1000,
+        max_key_length: int = 1024,
+        max_value_bytes: int = 16 * 1024 * 1024,
+    ) -> None:
+        """Open (or adopt) the store; a store opened here from a URL is closed by ``stop()``."""
+        if snapshot_every < 1:
+            raise InvalidInputError(f"snapshot_every must be at least 1, not {snapshot_every}")
+        self._ttl_ms = _ttl_ms(ttl)
+        self._owns_store = not isinstance(store, EventStore)
+        if not isinstance(store, EventStore):
+            store = EventStore.open(store or os.environ.get("EVENTCTX_URL") or DEFAULT_URL)
+        self._runtime = Runtime(
+            store, Gate(), Limits(max_key_length, max_value_bytes), snapshot_every
+        )
+        self._contexts: dict[str, PluginContext] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def store(self) -> EventStore:
+        """The event store this manager writes to."""
+        return self._runtime.store
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> ContextManager:
+        """Start background work; returns self."""
+        self._runtime.gate.check()
+        return self
+
+    def stop(self) -> None:
+        """Wait for in-flight writes, then close: later calls on it or its contexts raise."""
+        if self._runtime.gate.closed:
+            return
+        self._runtime.gate.close()
+        with self._lock:
+            self._contexts.clear()
+        if self._owns_store:
+            self._runtime.store.close()
+
+    def __enter__(self) -> ContextManager:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # --- sessions -----------------------------------------------------------------------------
+
+    def create_context(
+        self, session_id: str, ttl: timedelta | _Default | None = _DEFAULT
+    ) -> PluginContext:
+        """Create a session (SessionExistsError if it is live); a deleted id may be reused."""
+        ttl_ms = self._ttl_ms if isinstance(ttl, _Default) else _ttl_ms(ttl)
+        runtime = self._runtime
+        with runtime.gate.operation():
+            created = NewEvent.create("ContextCreated", {"ttl_ms": ttl_ms})
+            recorded = runtime.store.append(session_id, [created])
+            ctx = PluginContext(
+                runtime, session_id, fold(recorded), SnapshotPolicy(runtime.snapshot_every)
+            )
+            with self._lock:
+                old = self._contexts.get(session_id)
+                if old is not None:
+                    old._forget(f"session {session_id!r} was deleted and created again")
+                self._contexts[session_id] = ctx
+            return ctx
+
+    def get_context(self, session_id: str) -> PluginContext:
+        """The session's context, restored from the store if this manager hasn't got it yet.
+
+        Counts as activity (the ttl starts again). SessionNotFoundError for an unknown or
+        deleted session, SessionExpiredError for one past its ttl.
+        """
+        runtime = self._runtime
+        with runtime.gate.operation():
+            head = runtime.store.touch(session_id)
+            if head is None or head.status != "active":
+                self._evict(session_id)
+                raise SessionNotFoundError(
+                    f"session {session_id!r} does not exist; create it with create_context"
+                )
+            if _expired(head, now_us()):
+                self._evict(session_id)
+                raise SessionExpiredError(
+                    f"session {session_id!r} expired at {head.expires_at}; create it again"
+                )
+            with self._lock:
+                ctx = self._contexts.get(session_id)
+            if ctx is not None:
+                with ctx._lock:
+                    ctx._sync(head)
+                return ctx
+            state, size, tail = restore(runtime.store, session_id, head.version, head.head_hash)
+            fresh = PluginContext(
+                runtime, session_id, state, SnapshotPolicy(runtime.snapshot_every, size, tail)
+            )
+            with self._lock:
+                return self._contexts.setdefault(session_id, fresh)
+
+    def get_or_create_context(
+        self, session_id: str, ttl: timedelta | _Default | None = _DEFAULT
+    ) -> PluginContext:
+        """The session's context, creating the session if it doesn't exist (or has expired)."""
+        while True:
+            try:
+                return self.get_context(session_id)
+            except SessionExpiredError:
+                self.delete_context(session_id)
+            except SessionNotFoundError:
+                pass
+            try:
+                return self.create_context(session_id, ttl)
+            except SessionExistsError:
+                continue  # another writer created it first: open theirs
+
+    def delete_context(self, session_id: str, purge: bool = False) -> None:
+        """Delete a session: append ContextDeleted, keeping its history, or with ``purge``
+        remove every row of it. SessionNotFoundError if there is no such live session."""
+        runtime = self._runtime
+        with runtime.gate.operation():
+            if purge:
+                if runtime.store.purge(session_id) == 0:
+                    raise SessionNotFoundError(f"session {session_id!r} does not exist")
+            else:
+                runtime.store.append(session_id, [NewEvent.create("ContextDeleted")])
+            self._evict(session_id, f"session {session_id!r} was deleted")
+
+    def sessions(self) -> list[SessionInfo]:
+        """Every live session, ordered by id."""
+        with self._runtime.gate.operation():
+            heads = self._runtime.store.sessions()
+        return [
+            SessionInfo(
+                h.session_id,
+                h.version,
+                h.created_at,
+                h.last_activity,
+                h.expires_at,
+            )
+            for h in heads
+            if h.status == "active"
+        ]
+
+    def _evict(self, session_id: str, reason: str | None = None) -> None:
+        with self._lock:
+            ctx = self._contexts.pop(session_id, None)
+        if ctx is not None:
+            ctx._forget(reason or f"session {session_id!r} no longer exists")

@@ -1,0 +1,171 @@
+"""The fold: a session's state as a pure function of its events; no I/O, no clock.
+
+``apply(state, event)`` is the reference definition and never mutates its input. ``fold``
+copies its base once and then updates that private copy, so rebuilding costs one pass.
+A snapshot is this state encoded; ``FOLD_VERSION`` names the rules, and a snapshot written
+under other rules is ignored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Final, NamedTuple, Protocol
+
+import orjson
+
+from eventctx.errors import IntegrityError
+from eventctx.events import GENESIS_HASH
+
+__all__ = ["FOLD_VERSION", "Provenance", "State", "advance", "apply", "decode_state", "fold"]
+
+FOLD_VERSION: Final = 1
+"""Version of the fold rules; bump it when ``advance`` changes meaning."""
+
+
+class FoldableEvent(Protocol):
+    """What the fold reads of an event (``RecordedEvent`` has it all)."""
+
+    @property
+    def version(self) -> int: ...
+    @property
+    def type(self) -> str: ...
+    @property
+    def key(self) -> str | None: ...
+    @property
+    def phase(self) -> str | None: ...
+    @property
+    def execution_id(self) -> str | None: ...
+    @property
+    def payload(self) -> dict[str, Any]: ...
+    @property
+    def recorded_at_us(self) -> int: ...
+    @property
+    def hash(self) -> bytes: ...
+
+
+class Provenance(NamedTuple):
+    """The last write of a key: who wrote it, at which version and time, and how."""
+
+    phase: str | None
+    execution_id: str | None
+    version: int
+    recorded_at_us: int
+    op: str  # "set" | "delete"
+
+
+@dataclass(slots=True)
+class State:
+    """A session as of ``version``: its data, per-key provenance, phase outputs and metadata."""
+
+    version: int = 0
+    head_hash: bytes = GENESIS_HASH
+    recorded_at_us: int = 0
+    deleted: bool = False
+    data: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Provenance] = field(default_factory=dict)
+    outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Phase outputs per execution id, then per phase name."""
+    metadata: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Helper metadata per execution id, then per key."""
+
+    def copy(self) -> State:
+        """An independent copy (values are never mutated in place, so sharing them is safe)."""
+        return State(
+            self.version,
+            self.head_hash,
+            self.recorded_at_us,
+            self.deleted,
+            dict(self.data),
+            dict(self.provenance),
+            {run: dict(phases) for run, phases in self.outputs.items()},
+            {run: dict(values) for run, values in self.metadata.items()},
+        )
+
+    def encode(self) -> bytes:
+        """The snapshot bytes of this state."""
+        return orjson.dumps(
+            {
+                "version": self.version,
+                "head_hash": self.head_hash.hex(),
+                "recorded_at_us": self.recorded_at_us,
+                "deleted": self.deleted,
+                "data": self.data,
+                "provenance": {key: list(p) for key, p in self.provenance.items()},
+                "outputs": self.outputs,
+                "metadata": self.metadata,
+            }
+        )
+
+
+def decode_state(data: bytes) -> State:
+    """A state from its snapshot bytes."""
+    raw = orjson.loads(data)
+    return State(
+        raw["version"],
+        bytes.fromhex(raw["head_hash"]),
+        raw["recorded_at_us"],
+        raw["deleted"],
+        raw["data"],
+        {key: Provenance(*p) for key, p in raw["provenance"].items()},
+        raw["outputs"],
+        raw["metadata"],
+    )
+
+
+def apply(state: State, event: FoldableEvent) -> State:
+    """The state after ``event``; ``state`` is left untouched."""
+    return fold((event,), state)
+
+
+def fold(events: Iterable[FoldableEvent], base: State | None = None) -> State:
+    """The state after ``events`` on top of ``base`` (empty if None); ``base`` is left untouched."""
+    state = State() if base is None else base.copy()
+    advance(state, events)
+    return state
+
+
+def advance(state: State, events: Iterable[FoldableEvent]) -> None:
+    """Apply ``events`` to ``state`` in place; only for a state the caller owns.
+
+    Versions must follow on from the state's; a gap means events are missing (IntegrityError).
+    """
+    data, provenance = state.data, state.provenance
+    for event in events:
+        version = event.version
+        if version != state.version + 1 and state.version:
+            raise IntegrityError(
+                f"event version {version} does not follow version {state.version}: "
+                "the log has a gap"
+            )
+        kind = event.type
+        if kind == "KeySet":
+            key = event.key
+            data[key] = event.payload["value"]  # type: ignore[index]
+            provenance[key] = Provenance(  # type: ignore[index]
+                event.phase, event.execution_id, version, event.recorded_at_us, "set"
+            )
+        elif kind == "KeyDeleted":
+            key = event.key
+            data.pop(key, None)  # type: ignore[arg-type]
+            provenance[key] = Provenance(  # type: ignore[index]
+                event.phase, event.execution_id, version, event.recorded_at_us, "delete"
+            )
+        elif kind == "ContextCleared":
+            gone = Provenance(
+                event.phase, event.execution_id, version, event.recorded_at_us, "delete"
+            )
+            for key in data:
+                provenance[key] = gone
+            data.clear()
+        elif kind == "ContextCreated":
+            data.clear()
+            provenance.clear()
+            state.outputs.clear()
+            state.metadata.clear()
+            state.deleted = False
+        elif kind == "ContextDeleted":
+            state.deleted = True
+        state.version = version
+        state.head_hash = event.hash
+        state.recorded_at_us = event.recorded_at_us

@@ -1,0 +1,144 @@
+"""Property tests of the fold: snapshot + tail == full fold, at every version, on every backend."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from eventctx import ContextManager, EventStore, RecordedEvent
+from eventctx.snapshots import restore
+from eventctx.state import FOLD_VERSION, State, apply, decode_state, fold
+
+KEYS = st.sampled_from(["a", "b", "c", "plan", "ключ"])
+JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**63 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("set"), KEYS, JSON),
+        st.tuples(st.just("update"), st.dictionaries(KEYS, JSON, max_size=3)),
+        st.tuples(st.just("delete"), KEYS),
+        st.tuples(st.just("clear")),
+        st.tuples(st.just("recreate")),
+    ),
+    min_size=1,
+    max_size=25,
+)
+
+
+@pytest.fixture
+def store(db_url: str) -> Iterator[EventStore]:
+    with EventStore.open(db_url) as s:
+        yield s
+
+
+def _run(manager: ContextManager, session_id: str, ops: list[tuple[Any, ...]]) -> dict[str, Any]:
+    """Apply ``ops`` through a context; return the data a model dict says it should hold."""
+    ctx = manager.create_context(session_id)
+    model: dict[str, Any] = {}
+    for op in ops:
+        if op[0] == "set":
+            ctx.set(op[1], op[2])
+            model[op[1]] = op[2]
+        elif op[0] == "update":
+            ctx.update(op[1])
+            model.update(op[1])
+        elif op[0] == "delete":
+            present = op[1] in model
+            model.pop(op[1], None)
+            assert ctx.delete(op[1]) is present
+        elif op[0] == "clear":
+            ctx.clear()
+            model.clear()
+        else:
+            manager.delete_context(session_id)
+            ctx = manager.create_context(session_id)
+            model.clear()
+    assert ctx.to_dict() == model
+    return model
+
+
+@settings(
+    max_examples=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(ops=OPS, every=st.integers(min_value=1, max_value=6), data=st.data())
+def test_snapshot_plus_tail_equals_full_fold(
+    store: EventStore, ops: list[Any], every: int, data: st.DataObject
+) -> None:
+    session_id = f"prop-{uuid.uuid4().hex}"
+    manager = ContextManager(store, snapshot_every=every)  # the policy takes some snapshots
+    model = _run(manager, session_id, ops)
+    events = list(store.read(session_id))
+    full = fold(events)
+    assert full.data == model and full.version == len(events)
+    extra = data.draw(st.sets(st.integers(min_value=1, max_value=len(events)), max_size=4))
+    for version in extra:  # and snapshots at arbitrary versions
+        state = fold(events[:version])
+        store.save_snapshot(session_id, version, FOLD_VERSION, state.head_hash, state.encode())
+    for version in range(1, len(events) + 1):
+        expected = fold(events[:version])
+        restored, _, _ = restore(store, session_id, version, events[version - 1].hash)
+        assert restored == expected
+        assert decode_state(expected.encode()) == expected
+    with ContextManager(store) as fresh:
+        assert fresh.get_context(session_id).to_dict() == model
+
+
+def _event(version: int, type_: str, key: str | None, payload: dict[str, Any]) -> RecordedEvent:
+    return RecordedEvent(
+        version,
+        "s",
+        version,
+        type_,
+        key,
+        "p",
+        "e",
+        payload,
+        version * 10,
+        bytes([version % 256]) * 32,
+    )
+
+
+@given(
+    st.lists(
+        st.one_of(
+            st.tuples(st.just("KeySet"), KEYS, JSON.map(lambda v: {"value": v})),
+            st.tuples(st.just("KeyDeleted"), KEYS, st.just({})),
+            st.tuples(st.just("ContextCleared"), st.none(), st.just({})),
+        ),
+        max_size=30,
+    ),
+    st.data(),
+)
+def test_fold_is_pure_and_apply_agrees(
+    ops: list[tuple[str, str | None, dict[str, Any]]], data: st.DataObject
+) -> None:
+    events = [_event(i + 1, t, k, p) for i, (t, k, p) in enumerate(ops)]
+    step = State()
+    for event in events:
+        before = step.copy()
+        after = apply(step, event)
+        assert step == before  # apply never mutates its input
+        step = after
+    assert step == fold(events)
+    cut = data.draw(st.integers(min_value=0, max_value=len(events)))
+    base = fold(events[:cut])
+    snapshot = base.copy()
+    assert fold(events[cut:], base) == step
+    assert base == snapshot  # fold never mutates its base
+    assert fold(events[cut:], decode_state(base.encode())) == step
