@@ -269,12 +269,12 @@ def test_stopped_manager_refuses_everything(db_url: str) -> None:
     for call in (
         lambda: ctx.set("a", 2),
         lambda: ctx.get("a"),
-        lambda: ctx.to_dict(),
+        ctx.to_dict,
         lambda: len(ctx),
-        lambda: ctx.refresh(),
+        ctx.refresh,
         lambda: manager.get_context("s"),
         lambda: manager.create_context("t"),
-        lambda: manager.sessions(),
+        manager.sessions,
     ):
         with pytest.raises(EventCtxError, match="manager stopped"):
             call()

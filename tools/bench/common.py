@@ -33,7 +33,9 @@ class Figure:
     unit: str
 
     def cell(self) -> str:
-        return f"{self.median:,.0f} {self.unit} ({self.low:,.0f}–{self.high:,.0f})"
+        """``median unit (min–max)``, with decimals where the numbers are small."""
+        d = 2 if self.high < 100 else 0
+        return f"{self.median:,.{d}f} {self.unit} ({self.low:,.{d}f}–{self.high:,.{d}f})"
 
 
 def measure(name: str, unit: str, count: int, run: Callable[[], None]) -> Figure:
