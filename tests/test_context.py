@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -419,3 +421,24 @@ def test_unusable_snapshots_are_ignored(db_url: str) -> None:
         )
     with ContextManager(db_url) as manager:
         assert manager.get_context("s").to_dict() == {"a": 1, "b": 2}
+
+
+def test_sigkill_loses_no_acknowledged_write(manager: ContextManager, db_url: str) -> None:
+    child = subprocess.Popen(
+        [sys.executable, WORKERS, "ctx-ack", db_url, "killed"], stdout=subprocess.PIPE, text=True
+    )
+    assert child.stdout is not None
+    acknowledged = -1
+    for line in child.stdout:
+        acknowledged = int(line)
+        if acknowledged >= 300:
+            break
+    os.kill(child.pid, signal.SIGKILL)  # mid-write, no chance to clean up
+    child.wait(timeout=30)
+    for line in child.stdout:  # acknowledgements already in the pipe count too
+        acknowledged = int(line)
+    ctx = manager.get_context("killed")
+    data = ctx.to_dict()
+    assert all(data[f"k{i}"] == i for i in range(acknowledged + 1))
+    assert ctx.version in (acknowledged + 2, acknowledged + 3)  # at most one unacknowledged
+    assert manager.store.verify("killed") == ctx.version

@@ -300,6 +300,8 @@ def test_older_schema_asks_for_upgrade(db_url: str) -> None:
     _stamp(db_url, 0)
     with pytest.raises(SchemaError, match="eventctx upgrade"):
         EventStore.open(db_url)
+    with pytest.raises(SchemaError, match="no migration from schema version 0"):
+        EventStore.upgrade(db_url)  # version 1 is the first: nothing upgrades to it
 
 
 def test_foreign_tables_without_a_version_are_refused(db_url: str) -> None:

@@ -35,6 +35,17 @@ def context_dump(url: str, session_id: str) -> None:
         sys.stdout.buffer.write(ctx.to_json() + b"\n" + str(ctx.version).encode() + b"\n")
 
 
+def context_ack(url: str, session_id: str) -> None:
+    """Set keys until killed, printing each index once its write has returned."""
+    with ContextManager(url) as manager:
+        ctx = manager.get_or_create_context(session_id)
+        i = 0
+        while True:
+            ctx.set(f"k{i}", i)
+            print(i, flush=True)
+            i += 1
+
+
 def open_store(url: str) -> None:
     """Open (creating) the store at ``url``."""
     EventStore.open(url).close()
@@ -48,6 +59,8 @@ if __name__ == "__main__":
         context_set(args[0], args[1], int(args[2]), args[3])
     elif command == "ctx-dump":
         context_dump(args[0], args[1])
+    elif command == "ctx-ack":
+        context_ack(args[0], args[1])
     elif command == "open":
         open_store(args[0])
     else:

@@ -212,6 +212,15 @@ class EventStore:
                     f"database schema version {found} is older than {schema.SCHEMA_VERSION}; "
                     "back it up, then run `eventctx upgrade` or EventStore.upgrade(url)"
                 )
+            for version in range(found, schema.SCHEMA_VERSION):
+                steps = schema.MIGRATIONS.get(version, {}).get(self._dialect.name)
+                if steps is None:
+                    raise SchemaError(
+                        f"no migration from schema version {version} to {version + 1}"
+                    )
+                for statement in steps:
+                    cur.execute(statement)
+                cur.execute(self._sql.restamp, {"version": version + 1})
 
     @property
     def url(self) -> URL:

@@ -29,6 +29,9 @@ SCHEMA_VERSION: Final = 1
 
 MAX_SESSION_ID: Final = 512
 
+MIGRATIONS: Final[dict[int, dict[str, tuple[str, ...]]]] = {}
+"""Statements that take a database from version N to N + 1, per dialect name."""
+
 metadata = MetaData()
 
 events = Table(

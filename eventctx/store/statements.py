@@ -160,3 +160,4 @@ class Statements:
         self.delete_head = c(sa.delete(se).where(se.c.session_id == sid))
         self.schema_version = c(sa.select(func.max(sv.c.version)))
         self.stamp = c(sa.insert(sv).values(version=bindparam("version")))
+        self.restamp = c(sa.update(sv).values(version=bindparam("version")))
