@@ -22,11 +22,20 @@ from eventctx.errors import (
 )
 from eventctx.events import NewEvent, RecordedEvent
 from eventctx.manager import ContextManager, SessionInfo
+from eventctx.phases import (
+    ContextAwarePhase,
+    PhaseContextHelper,
+    RetryPolicy,
+    helper,
+    wrap_phases_with_context,
+)
+from eventctx.runner import PluginRunner, RunResult
 from eventctx.state import Provenance, State
 from eventctx.store import EventStore, SessionHead
 
 __all__ = [
     "ConcurrencyError",
+    "ContextAwarePhase",
     "ContextKeyError",
     "ContextManager",
     "ContextTypeError",
@@ -35,10 +44,14 @@ __all__ = [
     "IntegrityError",
     "InvalidInputError",
     "NewEvent",
+    "PhaseContextHelper",
     "PluginContext",
+    "PluginRunner",
     "Provenance",
     "RecordedEvent",
+    "RetryPolicy",
     "RunInProgressError",
+    "RunResult",
     "SchemaError",
     "SerializationError",
     "SessionExistsError",
@@ -49,5 +62,7 @@ __all__ = [
     "State",
     "StorageError",
     "current_context",
+    "helper",
     "use_context",
+    "wrap_phases_with_context",
 ]

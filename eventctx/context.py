@@ -100,6 +100,8 @@ class PhaseScope:
     phase: str
     execution_id: str
     keys_read: set[str] = field(default_factory=set)
+    previous: str | None = None
+    """The phase before this one in the run."""
 
 
 _phase: ContextVar[PhaseScope | None] = ContextVar("eventctx_phase", default=None)
@@ -279,6 +281,13 @@ class PluginContext:
                 f"key {key!r} does not validate as {model.__name__}: {exc.error_count()} errors, "
                 f"first: {exc.errors()[0]['msg']}"
             ) from exc
+
+    def _run_value(self, kind: str, execution_id: str, key: str, default: Any) -> Any:
+        """A copy of a phase output or metadata value of one run (for the phase helper)."""
+        self._usable()
+        per_run = self._state.outputs if kind == "outputs" else self._state.metadata
+        value = per_run.get(execution_id, {}).get(key, _MISSING)
+        return default if value is _MISSING else _copy(value)
 
     # --- writing ------------------------------------------------------------------------------
 

@@ -72,9 +72,76 @@ class ContextDeleted(_Payload):
     """The session was deleted; its history stays until compaction or purge."""
 
 
+class MetadataSet(_Payload):
+    """A phase helper stored ``value`` as metadata ``key`` (envelope column) of its execution."""
+
+    value: JsonValue
+
+
+class RunStarted(_Payload):
+    """A run (execution id in the envelope) starts with ``input`` over ``phases``."""
+
+    input: JsonValue
+    phases: list[str]
+
+
+class RunCompleted(_Payload):
+    """Every phase of the run completed."""
+
+    duration_ms: float
+
+
+class RunFailed(_Payload):
+    """The run stopped at ``phase`` after its last attempt failed."""
+
+    phase: str | None
+    error_type: str
+    message: str
+    duration_ms: float
+
+
+class PhaseStarted(_Payload):
+    """Attempt ``attempt`` (from 1) of the phase in the envelope starts."""
+
+    attempt: int
+
+
+class PhaseCompleted(_Payload):
+    """The phase returned ``output``; ``keys_read`` are the context keys it read."""
+
+    output: JsonValue
+    duration_ms: float
+    attempt: int
+    keys_read: list[str]
+
+
+class PhaseFailed(_Payload):
+    """An attempt of the phase raised (``error_type`` "interrupted" when its process died)."""
+
+    error_type: str
+    message: str
+    traceback: str
+    duration_ms: float
+    attempt: int
+    keys_read: list[str]
+
+
 EVENT_MODELS: Final[dict[str, type[_Payload]]] = {
     model.__name__: model
-    for model in (ContextCreated, KeySet, KeyDeleted, ContextCleared, ContextDeleted)
+    for model in (
+        ContextCreated,
+        KeySet,
+        KeyDeleted,
+        ContextCleared,
+        ContextDeleted,
+        MetadataSet,
+        RunStarted,
+        RunCompleted,
+        RunFailed,
+        PhaseStarted,
+        PhaseCompleted,
+        PhaseFailed,
+    )
 }
 """Payload model of each event type, by type name."""
 

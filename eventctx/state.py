@@ -9,7 +9,7 @@ under other rules is ignored.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Final, NamedTuple, Protocol
 
 import orjson
@@ -17,9 +17,18 @@ import orjson
 from eventctx.errors import IntegrityError
 from eventctx.events import GENESIS_HASH
 
-__all__ = ["FOLD_VERSION", "Provenance", "State", "advance", "apply", "decode_state", "fold"]
+__all__ = [
+    "FOLD_VERSION",
+    "Provenance",
+    "RunState",
+    "State",
+    "advance",
+    "apply",
+    "decode_state",
+    "fold",
+]
 
-FOLD_VERSION: Final = 1
+FOLD_VERSION: Final = 2
 """Version of the fold rules; bump it when ``advance`` changes meaning."""
 
 
@@ -55,6 +64,34 @@ class Provenance(NamedTuple):
 
 
 @dataclass(slots=True)
+class RunState:
+    """The session's latest run: what resuming it needs to know."""
+
+    execution_id: str
+    input: Any
+    phases: list[str]
+    status: str = "running"  # "running" | "completed" | "failed"
+    completed: dict[str, float] = field(default_factory=dict)
+    """Duration in ms of each completed phase."""
+    open_phase: str | None = None
+    """A phase started without an end: its process died (or it is still running)."""
+    attempts: dict[str, int] = field(default_factory=dict)
+    """The last attempt number of each phase started."""
+
+    def copy(self) -> RunState:
+        """An independent copy."""
+        return RunState(
+            self.execution_id,
+            self.input,
+            list(self.phases),
+            self.status,
+            dict(self.completed),
+            self.open_phase,
+            dict(self.attempts),
+        )
+
+
+@dataclass(slots=True)
 class State:
     """A session as of ``version``: its data, per-key provenance, phase outputs and metadata."""
 
@@ -68,6 +105,7 @@ class State:
     """Phase outputs per execution id, then per phase name."""
     metadata: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Helper metadata per execution id, then per key."""
+    run: RunState | None = None
 
     def copy(self) -> State:
         """An independent copy (values are never mutated in place, so sharing them is safe)."""
@@ -80,6 +118,7 @@ class State:
             dict(self.provenance),
             {run: dict(phases) for run, phases in self.outputs.items()},
             {run: dict(values) for run, values in self.metadata.items()},
+            None if self.run is None else self.run.copy(),
         )
 
     def encode(self) -> bytes:
@@ -94,6 +133,7 @@ class State:
                 "provenance": {key: list(p) for key, p in self.provenance.items()},
                 "outputs": self.outputs,
                 "metadata": self.metadata,
+                "run": None if self.run is None else asdict(self.run),
             }
         )
 
@@ -110,6 +150,7 @@ def decode_state(data: bytes) -> State:
         {key: Provenance(*p) for key, p in raw["provenance"].items()},
         raw["outputs"],
         raw["metadata"],
+        None if raw["run"] is None else RunState(**raw["run"]),
     )
 
 
@@ -158,14 +199,57 @@ def advance(state: State, events: Iterable[FoldableEvent]) -> None:
             for key in data:
                 provenance[key] = gone
             data.clear()
+        elif kind in _RUN_EVENTS:
+            _run_event(state, event)
         elif kind == "ContextCreated":
             data.clear()
             provenance.clear()
             state.outputs.clear()
             state.metadata.clear()
+            state.run = None
             state.deleted = False
         elif kind == "ContextDeleted":
             state.deleted = True
         state.version = version
         state.head_hash = event.hash
         state.recorded_at_us = event.recorded_at_us
+
+
+_RUN_EVENTS: Final = frozenset(
+    {
+        "MetadataSet",
+        "RunStarted",
+        "RunCompleted",
+        "RunFailed",
+        "PhaseStarted",
+        "PhaseCompleted",
+        "PhaseFailed",
+    }
+)
+
+
+def _run_event(state: State, event: FoldableEvent) -> None:
+    """Fold an event of the run/phase lifecycle (MetadataSet included)."""
+    kind, execution_id, payload = event.type, event.execution_id or "", event.payload
+    if kind == "MetadataSet":
+        state.metadata.setdefault(execution_id, {})[event.key or ""] = payload["value"]
+        return
+    if kind == "RunStarted":
+        state.run = RunState(execution_id, payload["input"], list(payload["phases"]))
+        return
+    run = state.run if state.run is not None and state.run.execution_id == execution_id else None
+    phase = event.phase or ""
+    if kind == "PhaseCompleted":
+        state.outputs.setdefault(execution_id, {})[phase] = payload["output"]
+    if run is None:
+        return
+    if kind == "PhaseStarted":
+        run.open_phase = phase
+        run.attempts[phase] = payload["attempt"]
+    elif kind == "PhaseCompleted":
+        run.completed[phase] = payload["duration_ms"]
+        run.open_phase = None
+    elif kind == "PhaseFailed":
+        run.open_phase = None
+    else:
+        run.status = "completed" if kind == "RunCompleted" else "failed"

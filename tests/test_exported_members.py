@@ -6,6 +6,7 @@ import eventctx
 
 EXPECTED = {
     "ConcurrencyError",
+    "ContextAwarePhase",
     "ContextKeyError",
     "ContextManager",
     "ContextTypeError",
@@ -14,9 +15,13 @@ EXPECTED = {
     "IntegrityError",
     "InvalidInputError",
     "NewEvent",
+    "PhaseContextHelper",
     "PluginContext",
+    "PluginRunner",
     "Provenance",
     "RecordedEvent",
+    "RetryPolicy",
+    "RunResult",
     "RunInProgressError",
     "SchemaError",
     "SerializationError",
@@ -28,7 +33,9 @@ EXPECTED = {
     "State",
     "StorageError",
     "current_context",
+    "helper",
     "use_context",
+    "wrap_phases_with_context",
 }
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 
-from eventctx import ContextManager, EventStore, NewEvent
+import eventctx
+from eventctx import ContextManager, EventStore, NewEvent, PluginRunner
 from eventctx.store import Head
 
 
@@ -46,6 +49,31 @@ def context_ack(url: str, session_id: str) -> None:
             i += 1
 
 
+def analysis(run_input: dict[str, object]) -> dict[str, object]:
+    """Phase 1 of the crash test: writes a key and returns an output."""
+    eventctx.current_context().set("language", "go")
+    eventctx.helper().set_metadata("files", 3)
+    return {"files": 3, "input": run_input}
+
+
+def planning(run_input: dict[str, object]) -> dict[str, object]:
+    """Phase 2: commits a write, then hangs when EVENTCTX_TEST_HANG=1 (to be killed)."""
+    h = eventctx.helper()
+    ctx = h.context
+    ctx.set("planned-from", h.get_output("analysis"))
+    if os.environ.get("EVENTCTX_TEST_HANG") == "1":
+        print("hanging", flush=True)
+        time.sleep(600)
+    ctx.set("plan", ["lint", "test"])
+    return {"steps": 2, "language": ctx.get("language"), "files": h.get_metadata("files")}
+
+
+def run_plugin(url: str, session_id: str) -> None:
+    """Run analysis → planning on a session (the child that gets killed)."""
+    with ContextManager(url) as manager:
+        PluginRunner(manager, [analysis, planning]).run(session_id, input={"repo": "x"})
+
+
 def open_store(url: str) -> None:
     """Open (creating) the store at ``url``."""
     EventStore.open(url).close()
@@ -61,6 +89,8 @@ if __name__ == "__main__":
         context_dump(args[0], args[1])
     elif command == "ctx-ack":
         context_ack(args[0], args[1])
+    elif command == "run-plugin":
+        run_plugin(args[0], args[1])
     elif command == "open":
         open_store(args[0])
     else:

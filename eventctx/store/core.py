@@ -402,6 +402,40 @@ class EventStore:
             row = cur.fetchone()
         return None if row is None else _session_head(row)
 
+    def take_lease(
+        self, session_id: str, owner: str, ttl: timedelta, *, previous: str | None = None
+    ) -> tuple[str, datetime] | None:
+        """Take (or renew) the run lease of a live session for ``ttl``.
+
+        Succeeds when the lease is free, expired, already ``owner``'s, or held by ``previous``
+        (a holder known to be dead). Returns None on success, else (holder, expires_at).
+        """
+        check_session_id(session_id)
+        now = now_us()
+        params = {
+            "session_id": session_id,
+            "owner": owner,
+            "previous": previous or "",
+            "now": now,
+            "expires": now + ttl // timedelta(microseconds=1),
+            "active": ACTIVE,
+        }
+        with self._transaction(write=True) as cur:
+            cur.execute(self._sql.take_lease, params)
+            if cur.rowcount == 1:
+                return None
+            cur.execute(self._sql.read_lease, params)
+            row = cur.fetchone()
+        if row is None or row[0] is None:
+            raise SessionNotFoundError(f"session {session_id!r} does not exist or was deleted")
+        return str(row[0]), from_us(int(row[1]))
+
+    def release_lease(self, session_id: str, owner: str) -> None:
+        """Give up ``owner``'s run lease (a no-op if it no longer holds it)."""
+        check_session_id(session_id)
+        with self._transaction(write=True) as cur:
+            cur.execute(self._sql.release_lease, {"session_id": session_id, "owner": owner})
+
     def save_snapshot(
         self, session_id: str, version: int, fold_version: int, head_hash: bytes, state: bytes
     ) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final
 
 import sqlalchemy as sa
 from sqlalchemy import bindparam, func
@@ -102,6 +102,32 @@ class Statements:
                 ),
             )
             .values(last_activity=bindparam("now"))
+        )
+        lease: dict[str, Any] = {
+            "lease_owner": bindparam("owner"),
+            "lease_expires_at": bindparam("expires"),
+        }
+        self.take_lease = c(
+            sa.update(se)
+            .where(
+                se.c.session_id == sid,
+                se.c.status == bindparam("active"),
+                sa.or_(
+                    se.c.lease_owner.is_(None),
+                    se.c.lease_owner == bindparam("owner"),
+                    se.c.lease_owner == bindparam("previous"),
+                    se.c.lease_expires_at < bindparam("now"),
+                ),
+            )
+            .values(lease)
+        )
+        self.read_lease = c(
+            sa.select(se.c.lease_owner, se.c.lease_expires_at).where(se.c.session_id == sid)
+        )
+        self.release_lease = c(
+            sa.update(se)
+            .where(se.c.session_id == sid, se.c.lease_owner == bindparam("owner"))
+            .values(lease_owner=sa.null(), lease_expires_at=sa.null())
         )
         sn = schema.snapshots
         self.insert_snapshot = c(

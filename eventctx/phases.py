@@ -1,0 +1,211 @@
+"""Phases: ContextAwarePhase records each attempt as events; the helper shares phase outputs
+and metadata within a run.
+
+A phase is any callable (its name is ``__name__``) or an object with ``.name`` and
+``.execute(input)``; either may be ``async``. While it runs, its session's context is
+current, every write carries the phase name and execution id, and the keys it reads are
+collected in memory and stored once, in its end event.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+import traceback
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from eventctx.context import (
+    PhaseScope,
+    PluginContext,
+    active_phase,
+    current_context,
+    phase_scope,
+    use_context,
+)
+from eventctx.errors import EventCtxError, InvalidInputError
+from eventctx.events import NewEvent
+
+__all__ = [
+    "ContextAwarePhase",
+    "PhaseContextHelper",
+    "RetryPolicy",
+    "helper",
+    "wrap_phases_with_context",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How often a phase is tried: ``attempts`` in all, waiting ``backoff`` seconds before the
+    second and ``multiplier`` times longer before each next, for exceptions in ``retry_on``."""
+
+    attempts: int = 1
+    backoff: float = 0.0
+    multiplier: float = 2.0
+    retry_on: tuple[type[BaseException], ...] = (Exception,)
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1 or self.backoff < 0 or self.multiplier < 1:
+            raise InvalidInputError(
+                "RetryPolicy needs attempts >= 1, backoff >= 0 and multiplier >= 1"
+            )
+
+    @classmethod
+    def of(cls, retries: int | RetryPolicy) -> RetryPolicy:
+        """A policy from a number of retries (attempts - 1) or a policy."""
+        if isinstance(retries, RetryPolicy):
+            return retries
+        if type(retries) is not int or retries < 0:
+            raise InvalidInputError(
+                f"retries must be an int >= 0 or a RetryPolicy, not {retries!r}"
+            )
+        return cls(attempts=retries + 1)
+
+    def retries(self, exc: BaseException, attempt: int) -> bool:
+        """Whether ``attempt`` (from 1, in this run) failing with ``exc`` is tried again."""
+        return attempt < self.attempts and isinstance(exc, self.retry_on)
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt ``attempt``."""
+        return self.backoff * self.multiplier ** (attempt - 1)
+
+
+class ContextAwarePhase:
+    """Wraps a phase so that each attempt is recorded: PhaseStarted, then PhaseCompleted
+    (output, duration, keys read) or PhaseFailed (error, traceback, duration, attempt, keys read).
+    """
+
+    def __init__(
+        self, phase: Any, *, name: str | None = None, retry: int | RetryPolicy | None = None
+    ) -> None:
+        """``retry`` overrides the runner's policy for this phase."""
+        self.phase = phase
+        execute = getattr(phase, "execute", None)
+        self._call = execute if callable(execute) else phase
+        if not callable(self._call):
+            raise InvalidInputError(
+                f"a phase is a callable or has .execute(input), not {type(phase).__name__}"
+            )
+        found = name or getattr(phase, "name", None) or getattr(phase, "__name__", None)
+        if not found or not isinstance(found, str):
+            raise InvalidInputError(f"phase {phase!r} has no name: give it .name or name=")
+        self.name: str = found
+        self.retry = None if retry is None else RetryPolicy.of(retry)
+
+    def __repr__(self) -> str:
+        return f"<ContextAwarePhase {self.name!r}>"
+
+    async def attempt(
+        self,
+        ctx: PluginContext,
+        execution_id: str,
+        run_input: Any,
+        attempt: int,
+        previous: str | None,
+    ) -> tuple[Any, float]:
+        """Run one attempt on ``ctx``; return (output as stored, duration in ms)."""
+        envelope = {"phase": self.name, "execution_id": execution_id}
+        ctx._write([NewEvent.create("PhaseStarted", {"attempt": attempt}, **envelope)])
+        scope = PhaseScope(ctx.session_id, self.name, execution_id, previous=previous)
+        start = time.perf_counter_ns()
+        try:
+            with phase_scope(scope), use_context(ctx):
+                result = self._call(run_input)
+                if inspect.isawaitable(result):
+                    result = await result
+            duration = (time.perf_counter_ns() - start) / 1e6
+            completed = NewEvent.create(
+                "PhaseCompleted",
+                {
+                    "output": result,
+                    "duration_ms": duration,
+                    "attempt": attempt,
+                    "keys_read": sorted(scope.keys_read),
+                },
+                **envelope,
+            )
+        except BaseException as exc:
+            duration = (time.perf_counter_ns() - start) / 1e6
+            failed = {
+                "error_type": type(exc).__qualname__,
+                "message": str(exc),
+                "traceback": "".join(traceback.format_exception(exc)),
+                "duration_ms": duration,
+                "attempt": attempt,
+                "keys_read": sorted(scope.keys_read),
+            }
+            ctx._write([NewEvent.create("PhaseFailed", failed, **envelope)])
+            raise
+        ctx._write([completed])
+        return completed.payload["output"], duration
+
+
+def wrap_phases_with_context(phases: Iterable[Any]) -> list[ContextAwarePhase]:
+    """Wrap every phase (already wrapped ones are kept); names must be unique."""
+    wrapped = [p if isinstance(p, ContextAwarePhase) else ContextAwarePhase(p) for p in phases]
+    names = [p.name for p in wrapped]
+    if len(set(names)) != len(names):
+        raise InvalidInputError(f"phase names must be unique within a runner: {names}")
+    if not wrapped:
+        raise InvalidInputError("a runner needs at least one phase")
+    return wrapped
+
+
+class PhaseContextHelper:
+    """What a running phase shares with the other phases of its run: their outputs and
+    metadata, stored as events like everything else."""
+
+    def __init__(self, ctx: PluginContext, scope: PhaseScope) -> None:
+        """Use ``eventctx.helper()`` inside a phase instead."""
+        self._ctx = ctx
+        self._scope = scope
+
+    @property
+    def context(self) -> PluginContext:
+        """The session's context."""
+        return self._ctx
+
+    @property
+    def phase(self) -> str:
+        """The running phase's name."""
+        return self._scope.phase
+
+    @property
+    def execution_id(self) -> str:
+        """The run's execution id."""
+        return self._scope.execution_id
+
+    def set_metadata(self, key: str, value: Any) -> None:
+        """Store metadata for this run (a ``MetadataSet`` event, committed on return)."""
+        ctx = self._ctx
+        event = NewEvent.create(
+            "MetadataSet",
+            {"value": value},
+            key=ctx._key(key),
+            phase=self.phase,
+            execution_id=self.execution_id,
+        )
+        ctx._write([event])
+
+    def get_metadata(self, key: str, default: Any = None) -> Any:
+        """Metadata ``key`` of this run, or ``default``."""
+        return self._ctx._run_value("metadata", self.execution_id, key, default)
+
+    def get_output(self, phase: str, default: Any = None) -> Any:
+        """The output ``phase`` returned in this run, or ``default`` if it hasn't completed."""
+        return self._ctx._run_value("outputs", self.execution_id, phase, default)
+
+    def previous_output(self) -> Any:
+        """The output of the phase before this one in the run (None for the first)."""
+        previous = self._scope.previous
+        return None if previous is None else self.get_output(previous)
+
+
+def helper() -> PhaseContextHelper:
+    """The helper of the phase running in this thread or task; EventCtxError outside one."""
+    scope = active_phase()
+    if scope is None:
+        raise EventCtxError("eventctx.helper() works only inside a phase run by PluginRunner")
+    return PhaseContextHelper(current_context(), scope)
