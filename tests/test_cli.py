@@ -52,7 +52,12 @@ def test_demo_tells_the_story(tmp_path: Path) -> None:
             text=True,
             check=True,
         ).stdout
-    assert "a second process restored it from the database at version 6" in out
-    assert "hash chain verified over 6 events" in out
-    assert 'plan = {"reviewers":2,"steps":["lint","test","review"]}' in out
-    assert "draft =" not in out and url in out
+    assert "killed pid" in out and "with SIGKILL" in out
+    assert "status completed" in out
+    timeline = [line.split()[:3] for line in out.splitlines() if line.startswith("  ")]
+    assert ["execution", "1", "interrupted"] in timeline
+    assert ["execution", "2", "completed"] in timeline
+    assert sum(1 for row in timeline if row[:2] == ["analysis", "1"]) == 1  # not run again
+    assert "plan                   planning at v8           execution, report" in out
+    assert 'report = "Share context between phases: 2/3 checks passed' in out
+    assert "hash chain verified" in out and str(tmp_path / "demo.db") in out
