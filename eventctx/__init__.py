@@ -4,6 +4,7 @@ Every context mutation is an immutable, hash-chained event; the current context 
 the events on top of the latest snapshot. See README.md and docs/ for the tour.
 """
 
+from eventctx.compaction import CompactionReport
 from eventctx.context import PluginContext, current_context, use_context
 from eventctx.errors import (
     ConcurrencyError,
@@ -34,6 +35,7 @@ from eventctx.state import Provenance, State
 from eventctx.store import EventStore, SessionHead
 
 __all__ = [
+    "CompactionReport",
     "ConcurrencyError",
     "ContextAwarePhase",
     "ContextKeyError",

@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 
 from eventctx import demo
+from eventctx.compaction import compact
 from eventctx.errors import EventCtxError, SessionNotFoundError
 from eventctx.manager import DEFAULT_URL
 from eventctx.store import EventStore
@@ -33,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     history.add_argument("session")
     verify = commands.add_parser("verify", help="check hash chains (one session or all)")
     verify.add_argument("session", nargs="?")
+    compact = commands.add_parser("compact", help="remove sessions past their ttl, once")
+    compact.add_argument("--dry-run", action="store_true", help="only list what would go")
     commands.add_parser("upgrade", help="migrate the database schema to this version")
     return parser
 
@@ -116,6 +119,30 @@ def _verify(store: EventStore, args: argparse.Namespace) -> tuple[Any, list[str]
     return doc, [f"{sid}: {n} events verified" for sid, n in doc.items()] or ["no sessions"]
 
 
+def _compact(store: EventStore, args: argparse.Namespace) -> tuple[Any, list[str]]:
+    report = compact(store, dry_run=args.dry_run)
+    doc = {
+        "dry_run": report.dry_run,
+        "sessions": report.sessions,
+        "sessions_removed": report.sessions_removed,
+        "events_removed": report.events_removed,
+        "snapshots_removed": report.snapshots_removed,
+        "kept": report.kept,
+        "skipped": report.skipped,
+        "duration_s": round(report.duration_s, 6),
+    }
+    verb = "would remove" if report.dry_run else "removed"
+    lines = [
+        f"{verb} {report.sessions_removed} expired sessions ({report.events_removed} events, "
+        f"{report.snapshots_removed} snapshots) in {report.duration_s:.3f}s"
+    ]
+    if report.kept:
+        lines.append(f"kept {report.kept} sessions written while the job ran")
+    if report.skipped:
+        lines.append(f"skipped: {report.skipped}")
+    return doc, lines
+
+
 def _upgrade(store: EventStore, args: argparse.Namespace) -> tuple[Any, list[str]]:
     return {"url": store.url.render_as_string()}, [
         f"{store.url.render_as_string()}: schema is current"
@@ -126,6 +153,7 @@ _COMMANDS = {
     "sessions": _sessions,
     "history": _history,
     "verify": _verify,
+    "compact": _compact,
     "upgrade": _upgrade,
 }
 

@@ -25,12 +25,14 @@ from eventctx.errors import (
     EventCtxError,
     IntegrityError,
     InvalidInputError,
+    SessionExpiredError,
     SessionNotFoundError,
 )
 from eventctx.events import NewEvent
 from eventctx.snapshots import SnapshotPolicy, restore
 from eventctx.state import State, advance
 from eventctx.store import EventStore, Head
+from eventctx.store.core import now_us
 
 __all__ = ["Limits", "PhaseScope", "PluginContext", "Runtime", "current_context", "use_context"]
 
@@ -160,7 +162,8 @@ class PluginContext:
         self._state = state
         self._policy = policy
         self._lock = threading.RLock()
-        self._gone: str | None = None
+        self._gone: EventCtxError | None = None
+        self._seen_activity_us = 0
 
     def __repr__(self) -> str:
         return f"<PluginContext {self._session_id!r} v{self._state.version}, {len(self)} keys>"
@@ -180,7 +183,7 @@ class PluginContext:
     def _usable(self) -> None:
         self._runtime.gate.check()
         if self._gone is not None:
-            raise SessionNotFoundError(self._gone)
+            raise type(self._gone)(*self._gone.args)
 
     def _lookup(self, key: str) -> Any:
         self._usable()
@@ -358,12 +361,20 @@ class PluginContext:
         with runtime.gate.operation(), self._lock:
             self._usable()
             state = self._state
-            recorded = runtime.store.append(
-                self._session_id,
-                events,
-                expected_version=expected_version,
-                head=Head(state.version, state.head_hash, state.recorded_at_us),
-            )
+            try:
+                recorded = runtime.store.append(
+                    self._session_id,
+                    events,
+                    expected_version=expected_version,
+                    head=Head(state.version, state.head_hash, state.recorded_at_us),
+                )
+            except SessionNotFoundError as exc:
+                if self._outlived_ttl():  # compaction removed it: say why
+                    raise SessionExpiredError(
+                        f"session {self._session_id!r} expired and was removed; "
+                        "nothing was written. Create it again to go on"
+                    ) from exc
+                raise
             first = recorded[0].version
             if first != state.version + 1:  # another writer got in first: fold its events too
                 self._catch_up(first - 1)
@@ -375,6 +386,12 @@ class PluginContext:
                 len(events),
                 sum(len(e.data) for e in events),
             )
+
+    def _outlived_ttl(self) -> bool:
+        """Whether the session's ttl ran out since the last activity this object saw."""
+        ttl_ms = self._state.ttl_ms
+        seen = max(self._state.recorded_at_us, self._seen_activity_us)
+        return ttl_ms is not None and now_us() - seen > ttl_ms * 1000
 
     def _catch_up(self, version: int) -> None:
         """Bring the state to ``version`` from the log (falling back to a full restore)."""
@@ -389,8 +406,9 @@ class PluginContext:
     def _sync(self, head: Any) -> None:
         """Follow the head row ``head`` (a SessionHead or None); called under the lock."""
         if head is None or head.status != "active":
-            self._gone = f"session {self._session_id!r} was deleted"
-            raise SessionNotFoundError(self._gone)
+            self._forget(f"session {self._session_id!r} was deleted or removed")
+            raise SessionNotFoundError(f"session {self._session_id!r} was deleted or removed")
+        self._seen_activity_us = max(self._seen_activity_us, head.last_activity_us)
         if head.version > self._state.version:
             self._catch_up(head.version)
         elif head.version < self._state.version or (
@@ -398,10 +416,11 @@ class PluginContext:
         ):  # the session was purged and created anew elsewhere
             self._state = restore(self._runtime.store, self._session_id, head.version)[0]
 
-    def _forget(self, reason: str) -> None:
-        """Mark the session gone: every later call raises SessionNotFoundError(reason)."""
+    def _forget(self, reason: str, expired: bool = False) -> None:
+        """Mark the session gone: every later call raises SessionNotFoundError(reason)
+        (SessionExpiredError if it expired)."""
         with self._lock:
-            self._gone = reason
+            self._gone = (SessionExpiredError if expired else SessionNotFoundError)(reason)
 
 
 def _envelope(session_id: str) -> dict[str, Any]:

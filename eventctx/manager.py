@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
+import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Final
 
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from eventctx.compaction import CompactionReport, compact
 from eventctx.context import Gate, Limits, PluginContext, Runtime
 from eventctx.errors import (
     InvalidInputError,
@@ -24,6 +29,7 @@ from eventctx.store.core import now_us
 __all__ = ["DEFAULT_URL", "ContextManager", "SessionInfo"]
 
 DEFAULT_URL: Final = "sqlite:///eventctx.db"
+log = logging.getLogger("eventctx")
 
 
 class _Default:
@@ -62,8 +68,9 @@ class ContextManager:
 
     ``store`` is an EventStore, a database URL, or None for ``$EVENTCTX_URL`` (default
     ``sqlite:///eventctx.db``). ``ttl`` is the default lifetime of a session without activity
-    (None: for ever). Use ``with manager:`` (or ``start()``/``stop()``); after ``stop()`` every
-    method of the manager and its contexts raises EventCtxError.
+    (None: for ever). While started, a background job runs ``cleanup_expired()`` every
+    ``cleanup_interval`` (None: never). Use ``with manager:`` (or ``start()``/``stop()``);
+    after ``stop()`` every method of the manager and its contexts raises EventCtxError.
     """
 
     def __init__(
@@ -71,6 +78,7 @@ class ContextManager:
         store: EventStore | str | None = None,
         *,
         ttl: timedelta | None = timedelta(hours=24),
+        cleanup_interval: timedelta | None = timedelta(hours=1),
         snapshot_every: int = 1000,
         max_key_length: int = 1024,
         max_value_bytes: int = 16 * 1024 * 1024,
@@ -79,6 +87,12 @@ class ContextManager:
         if snapshot_every < 1:
             raise InvalidInputError(f"snapshot_every must be at least 1, not {snapshot_every}")
         self._ttl_ms = _ttl_ms(ttl)
+        if cleanup_interval is not None and cleanup_interval <= timedelta(0):
+            raise InvalidInputError(
+                f"cleanup_interval must be positive or None, not {cleanup_interval}"
+            )
+        self._cleanup_interval = cleanup_interval
+        self._scheduler: BackgroundScheduler | None = None
         self._owns_store = not isinstance(store, EventStore)
         if not isinstance(store, EventStore):
             store = EventStore.open(store or os.environ.get("EVENTCTX_URL") or DEFAULT_URL)
@@ -96,14 +110,32 @@ class ContextManager:
     # --- lifecycle ----------------------------------------------------------------------------
 
     def start(self) -> ContextManager:
-        """Start background work; returns self."""
+        """Start the cleanup job (if it has an interval); returns self. Idempotent."""
         self._runtime.gate.check()
+        with self._lock:
+            if self._cleanup_interval is not None and self._scheduler is None:
+                scheduler = BackgroundScheduler(daemon=True)
+                scheduler.add_job(
+                    self._scheduled_cleanup,
+                    "interval",
+                    seconds=self._cleanup_interval.total_seconds(),
+                    id="eventctx-cleanup",
+                    max_instances=1,  # a run never overlaps the previous one
+                    coalesce=True,
+                )
+                scheduler.start()
+                self._scheduler = scheduler
         return self
 
     def stop(self) -> None:
-        """Wait for in-flight writes, then close: later calls on it or its contexts raise."""
+        """Stop the cleanup job, wait for in-flight writes, then close: later calls on the
+        manager or its contexts raise EventCtxError. Idempotent."""
         if self._runtime.gate.closed:
             return
+        with self._lock:
+            scheduler, self._scheduler = self._scheduler, None
+        if scheduler is not None:
+            scheduler.shutdown(wait=True)
         self._runtime.gate.close()
         with self._lock:
             self._contexts.clear()
@@ -152,7 +184,7 @@ class ContextManager:
                     f"session {session_id!r} does not exist; create it with create_context"
                 )
             if _expired(head, now_us()):
-                self._evict(session_id)
+                self._evict(session_id, f"session {session_id!r} expired", expired=True)
                 raise SessionExpiredError(
                     f"session {session_id!r} expired at {head.expires_at}; create it again"
                 )
@@ -172,18 +204,25 @@ class ContextManager:
     def get_or_create_context(
         self, session_id: str, ttl: timedelta | _Default | None = _DEFAULT
     ) -> PluginContext:
-        """The session's context, creating the session if it doesn't exist (or has expired)."""
+        """The session's context, creating the session if it doesn't exist (or has expired).
+
+        While compaction is removing an expired session (a large one takes a few chunks) this
+        waits for it, up to the store's busy timeout, and then creates it afresh.
+        """
+        deadline = time.monotonic() + self._runtime.store.busy_timeout.total_seconds()
         while True:
             try:
                 return self.get_context(session_id)
-            except SessionExpiredError:
-                self.delete_context(session_id)
-            except SessionNotFoundError:
-                pass
+            except (SessionNotFoundError, SessionExpiredError):
+                pass  # an expired session starts again (its versions continue)
             try:
                 return self.create_context(session_id, ttl)
             except SessionExistsError:
                 continue  # another writer created it first: open theirs
+            except SessionExpiredError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)  # compaction is removing its rows: wait for it
 
     def delete_context(self, session_id: str, purge: bool = False) -> None:
         """Delete a session: append ContextDeleted, keeping its history, or with ``purge``
@@ -196,6 +235,32 @@ class ContextManager:
             else:
                 runtime.store.append(session_id, [NewEvent.create("ContextDeleted")])
             self._evict(session_id, f"session {session_id!r} was deleted")
+
+    def cleanup_expired(self, *, dry_run: bool = False) -> CompactionReport:
+        """Remove every session whose last activity is older than its ttl (what the
+        scheduled job runs); see ``eventctx.compaction``. Their contexts here are closed."""
+        with self._runtime.gate.operation():
+            report = compact(self._runtime.store, dry_run=dry_run)
+        if not dry_run:
+            for session_id in report.sessions:
+                self._evict(
+                    session_id, f"session {session_id!r} expired and was removed", expired=True
+                )
+        return report
+
+    def _scheduled_cleanup(self) -> None:
+        try:
+            report = self.cleanup_expired()
+        except Exception:
+            log.exception("eventctx cleanup failed; it runs again at the next interval")
+            return
+        log.info(
+            "eventctx cleanup: %d sessions, %d events removed in %.3fs%s",
+            report.sessions_removed,
+            report.events_removed,
+            report.duration_s,
+            f" ({report.skipped})" if report.skipped else "",
+        )
 
     def sessions(self) -> list[SessionInfo]:
         """Every live session, ordered by id."""
@@ -213,8 +278,8 @@ class ContextManager:
             if h.status == "active"
         ]
 
-    def _evict(self, session_id: str, reason: str | None = None) -> None:
+    def _evict(self, session_id: str, reason: str | None = None, expired: bool = False) -> None:
         with self._lock:
             ctx = self._contexts.pop(session_id, None)
         if ctx is not None:
-            ctx._forget(reason or f"session {session_id!r} no longer exists")
+            ctx._forget(reason or f"session {session_id!r} no longer exists", expired)

@@ -28,7 +28,7 @@ __all__ = [
     "fold",
 ]
 
-FOLD_VERSION: Final = 2
+FOLD_VERSION: Final = 3
 """Version of the fold rules; bump it when ``advance`` changes meaning."""
 
 
@@ -99,6 +99,8 @@ class State:
     head_hash: bytes = GENESIS_HASH
     recorded_at_us: int = 0
     deleted: bool = False
+    ttl_ms: int | None = None
+    """The ttl the session was created with (None: never expires)."""
     data: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Provenance] = field(default_factory=dict)
     outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -114,6 +116,7 @@ class State:
             self.head_hash,
             self.recorded_at_us,
             self.deleted,
+            self.ttl_ms,
             dict(self.data),
             dict(self.provenance),
             {run: dict(phases) for run, phases in self.outputs.items()},
@@ -129,6 +132,7 @@ class State:
                 "head_hash": self.head_hash.hex(),
                 "recorded_at_us": self.recorded_at_us,
                 "deleted": self.deleted,
+                "ttl_ms": self.ttl_ms,
                 "data": self.data,
                 "provenance": {key: list(p) for key, p in self.provenance.items()},
                 "outputs": self.outputs,
@@ -146,6 +150,7 @@ def decode_state(data: bytes) -> State:
         bytes.fromhex(raw["head_hash"]),
         raw["recorded_at_us"],
         raw["deleted"],
+        raw["ttl_ms"],
         raw["data"],
         {key: Provenance(*p) for key, p in raw["provenance"].items()},
         raw["outputs"],
@@ -208,6 +213,7 @@ def advance(state: State, events: Iterable[FoldableEvent]) -> None:
             state.metadata.clear()
             state.run = None
             state.deleted = False
+            state.ttl_ms = event.payload.get("ttl_ms")
         elif kind == "ContextDeleted":
             state.deleted = True
         state.version = version

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
@@ -56,12 +57,8 @@ def backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-@pytest.fixture
-def db_url(backend: str, tmp_path: Path) -> Iterator[str]:
-    """A fresh, empty database URL on the backend under test, removed afterwards."""
-    if backend == "sqlite":
-        yield f"sqlite:///{tmp_path / 'eventctx.db'}"
-        return
+@contextmanager
+def _pg_schema() -> Iterator[str]:
     schema = f"ectx_{uuid.uuid4().hex[:12]}"
     admin = sa.create_engine(PG_URL, poolclass=sa.pool.NullPool)
     with admin.begin() as conn:
@@ -72,3 +69,25 @@ def db_url(backend: str, tmp_path: Path) -> Iterator[str]:
         with admin.begin() as conn:
             conn.exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')
         admin.dispose()
+
+
+@pytest.fixture
+def db_url(backend: str, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty database URL on the backend under test, removed afterwards."""
+    if backend == "sqlite":
+        yield f"sqlite:///{tmp_path / 'eventctx.db'}"
+        return
+    with _pg_schema() as url:
+        yield url
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh, empty PostgreSQL schema's URL (for PostgreSQL-only tests)."""
+    problem = _pg_unavailable()
+    if problem:
+        if REQUIRE_PG:
+            pytest.fail(f"{problem} (EVENTCTX_REQUIRE_POSTGRES=1)")
+        pytest.skip(problem)
+    with _pg_schema() as url:
+        yield url

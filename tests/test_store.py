@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections.abc import Iterator
-from datetime import UTC
+from datetime import UTC, timedelta
 from pathlib import Path
 
 import pytest
@@ -13,6 +13,7 @@ import sqlalchemy as sa
 
 from eventctx import (
     ConcurrencyError,
+    ContextManager,
     EventStore,
     IntegrityError,
     InvalidInputError,
@@ -317,3 +318,41 @@ def test_driver_errors_are_translated(tmp_path: Path) -> None:
     assert info.value.__cause__ is not None
     with pytest.raises(StorageError):
         EventStore.open("postgresql+psycopg://postgres@127.0.0.1:1/none?connect_timeout=2")
+
+
+DATA = Path(__file__).with_name("data")
+
+
+def test_upgrade_of_a_committed_version_1_sqlite_file(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite"
+    path.write_bytes((DATA / "eventctx-v1.sqlite").read_bytes())
+    url = f"sqlite:///{path}"
+    with pytest.raises(SchemaError, match="older than 2"):
+        EventStore.open(url)
+    with EventStore.upgrade(url) as store:
+        assert store.verify("legacy") == 9  # the history survives, chain intact
+        assert store.take_named_lease("compaction", "me", timedelta(seconds=1)) is None
+    with EventStore.open(url) as store, ContextManager(store) as manager:
+        data = manager.get_context("legacy").to_dict()
+        assert data == {
+            f"k{i}": {"i": i, "note": "written by schema version 1"} for i in range(1, 7)
+        }
+        manager.get_context("legacy").set("after", "upgrade")
+        assert store.verify("legacy") == 10
+
+
+def test_upgrade_of_a_version_1_postgresql_schema(pg_url: str) -> None:
+    text = (DATA / "postgresql-v1.sql").read_text()
+    sql = "\n".join(line for line in text.splitlines() if not line.startswith("--"))
+    engine = sa.create_engine(pg_url)
+    with engine.begin() as conn:
+        for statement in filter(str.strip, sql.split(";\n\n")):
+            conn.exec_driver_sql(statement)
+        conn.exec_driver_sql("INSERT INTO eventctx_schema (version) VALUES (1)")
+    engine.dispose()
+    with pytest.raises(SchemaError, match="older than 2"):
+        EventStore.open(pg_url)
+    with EventStore.upgrade(pg_url) as store:
+        store.append("s", [created(), key_set("a", 1)])
+        assert store.take_named_lease("compaction", "me", timedelta(seconds=1)) is None
+        assert store.verify("s") == 2

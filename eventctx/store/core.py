@@ -23,6 +23,7 @@ from eventctx.errors import (
     InvalidInputError,
     SchemaError,
     SessionExistsError,
+    SessionExpiredError,
     SessionNotFoundError,
 )
 from eventctx.events import (
@@ -48,6 +49,10 @@ __all__ = ["EventStore", "Head", "SessionHead"]
 
 ACTIVE: Final = "active"
 DELETED: Final = "deleted"
+EXPIRING: Final = "expiring"
+"""Head-row status while compaction removes an expired session's rows."""
+EXPIRED: Final = "expired"
+"""Not stored: an active session past its ttl, as ``_locked_head`` reports it."""
 READ_CHUNK: Final = 1000
 _NO_UPPER: Final = 2**62
 
@@ -123,10 +128,14 @@ class EventStore:
     Thread-safe; share one per process and database. Open with :meth:`open`.
     """
 
-    def __init__(self, engine: Engine, dialect: Dialect) -> None:
+    def __init__(
+        self, engine: Engine, dialect: Dialect, busy_timeout: timedelta = timedelta(seconds=30)
+    ) -> None:
         """Wrap a prepared engine; use :meth:`open`, which also checks the schema."""
         self._engine = engine
         self._dialect = dialect
+        self.busy_timeout = busy_timeout
+        """How long an operation waits for locks held by others before it gives up."""
         self._sql = Statements(dialect)
 
     # --- opening ------------------------------------------------------------------------------
@@ -180,10 +189,10 @@ class EventStore:
         if isinstance(target, Engine):
             dialect = for_url(target.url)
             dialect.prepare_engine(target, options)
-            return cls(target, dialect)
+            return cls(target, dialect, busy_timeout)
         url = sa.make_url(target)
         dialect = for_url(url)
-        return cls(dialect.create_engine(url, options), dialect)
+        return cls(dialect.create_engine(url, options), dialect, busy_timeout)
 
     def _ensure_schema(self, *, upgrade: bool) -> None:
         with self._transaction(write=True) as cur:
@@ -213,7 +222,7 @@ class EventStore:
                     "back it up, then run `eventctx upgrade` or EventStore.upgrade(url)"
                 )
             for version in range(found, schema.SCHEMA_VERSION):
-                steps = schema.MIGRATIONS.get(version, {}).get(self._dialect.name)
+                steps = schema.migration_statements(version, self._dialect.sql_dialect)
                 if steps is None:
                     raise SchemaError(
                         f"no migration from schema version {version} to {version + 1}"
@@ -325,10 +334,14 @@ class EventStore:
         cur.execute(self._sql.insert_head, params)
         if cur.rowcount == 1:
             return rows
-        found, status = self._locked_head(cur, session_id)
+        found, status = self._locked_head(cur, session_id, now)
         if status == ACTIVE:
             raise SessionExistsError(
                 f"session {session_id!r} already exists; use get_context to open it"
+            )
+        if status == EXPIRING:
+            raise SessionExpiredError(
+                f"session {session_id!r} expired and is being removed; create it again shortly"
             )
         rows = _chain(session_id, events, found, now)
         params.update(_head_params(session_id, rows, events))
@@ -353,9 +366,14 @@ class EventStore:
             rows = _chain(session_id, events, head, now)
             if self._move_head(cur, session_id, rows, events, head):
                 return rows
-        found, status = self._locked_head(cur, session_id)
-        if status != ACTIVE:
+        found, status = self._locked_head(cur, session_id, now)
+        if status == DELETED:
             raise SessionNotFoundError(f"session {session_id!r} was deleted")
+        if status != ACTIVE:
+            raise SessionExpiredError(
+                f"session {session_id!r} outlived its ttl; nothing was written. "
+                "Create it again to go on"
+            )
         if expected_version is not None and found.version != expected_version:
             raise ConcurrencyError(
                 f"session {session_id!r} is at version {found.version}, "
@@ -379,14 +397,18 @@ class EventStore:
         cur.execute(self._sql.advance_head, params)
         return bool(cur.rowcount == 1)
 
-    def _locked_head(self, cur: Cursor, session_id: str) -> tuple[Head, str]:
+    def _locked_head(self, cur: Cursor, session_id: str, now: int) -> tuple[Head, str]:
+        """The head row, locked until the transaction ends, and its status at ``now``
+        (EXPIRED for an active session past its ttl)."""
         cur.execute(self._sql.head_for_update, {"session_id": session_id})
         row = cur.fetchone()
         if row is None:
             raise SessionNotFoundError(
                 f"session {session_id!r} does not exist; create it with create_context"
             )
-        version, head_hash, last_activity, status = row
+        version, head_hash, last_activity, status, ttl_ms = row
+        if status == ACTIVE and ttl_ms is not None and last_activity + ttl_ms * 1000 < now:
+            status = EXPIRED
         return Head(int(version), bytes(head_hash), int(last_activity)), str(status)
 
     def touch(self, session_id: str) -> SessionHead | None:
@@ -435,6 +457,96 @@ class EventStore:
         check_session_id(session_id)
         with self._transaction(write=True) as cur:
             cur.execute(self._sql.release_lease, {"session_id": session_id, "owner": owner})
+
+    def take_named_lease(
+        self, name: str, owner: str, ttl: timedelta
+    ) -> tuple[str, datetime] | None:
+        """Take (or renew) the store-wide lease ``name`` for ``ttl``: None on success, else
+        (holder, expires_at). One holder at a time across processes and hosts."""
+        now = now_us()
+        params = {
+            "name": name,
+            "owner": owner,
+            "now": now,
+            "expires": now + ttl // timedelta(microseconds=1),
+        }
+        with self._transaction(write=True) as cur:
+            cur.execute(self._sql.insert_named_lease, params)
+            if cur.rowcount == 1:
+                return None
+            cur.execute(self._sql.take_named_lease, params)
+            if cur.rowcount == 1:
+                return None
+            cur.execute(self._sql.read_named_lease, params)
+            row = cur.fetchone()
+        if row is None:  # released between our statements: try again
+            return self.take_named_lease(name, owner, ttl)
+        return str(row[0]), from_us(int(row[1]))
+
+    def release_named_lease(self, name: str, owner: str) -> None:
+        """Give up the lease ``name`` if ``owner`` still holds it."""
+        with self._transaction(write=True) as cur:
+            cur.execute(self._sql.release_named_lease, {"name": name, "owner": owner})
+
+    # --- compaction ---------------------------------------------------------------------------
+
+    def expired_sessions(self, now: int, limit: int) -> list[tuple[str, int]]:
+        """Up to ``limit`` sessions past their ttl at ``now`` (µs), or being removed, with their
+        versions (which bound their event counts), least recently active first."""
+        params = {"now": now, "limit": limit, "expiring": EXPIRING}
+        with self._transaction(write=False) as cur:
+            cur.execute(self._sql.expired, params)
+            return [(str(sid), int(version)) for sid, version in cur.fetchall()]
+
+    def remove_expired(self, session_ids: Sequence[str], now: int) -> tuple[list[str], int, int]:
+        """In one transaction, remove every listed session that is still expired at ``now``.
+
+        Each head row is re-checked under its lock, so a session written since it was listed
+        is kept whole. Returns (removed ids, events removed, snapshots removed).
+        """
+        removed: list[str] = []
+        events = snapshots = 0
+        sql = self._sql
+        with self._transaction(write=True) as cur:
+            for session_id in session_ids:
+                params = {"session_id": session_id, "now": now, "expiring": EXPIRING}
+                cur.execute(sql.mark_expiring, params)
+                if cur.rowcount != 1:
+                    continue
+                cur.execute(sql.delete_events, params)
+                events += cur.rowcount
+                cur.execute(sql.delete_snapshots, params)
+                snapshots += cur.rowcount
+                cur.execute(sql.delete_expiring_head, params)
+                removed.append(session_id)
+        return removed, events, snapshots
+
+    def mark_expiring(self, session_id: str, now: int) -> bool:
+        """Mark a session still expired at ``now`` as being removed (appends then refuse it
+        with SessionExpiredError); False if it was written since and so is kept."""
+        with self._transaction(write=True) as cur:
+            cur.execute(
+                self._sql.mark_expiring,
+                {"session_id": session_id, "now": now, "expiring": EXPIRING},
+            )
+            return bool(cur.rowcount == 1)
+
+    def delete_events_upto(self, session_id: str, version: int) -> int:
+        """Delete a marked session's events up to ``version`` (one bounded transaction)."""
+        with self._transaction(write=True) as cur:
+            cur.execute(self._sql.delete_events_upto, {"session_id": session_id, "upto": version})
+            return int(cur.rowcount)
+
+    def finish_removal(self, session_id: str) -> tuple[int, int]:
+        """Remove the rest of a marked session: (events, snapshots) removed."""
+        params = {"session_id": session_id, "expiring": EXPIRING}
+        with self._transaction(write=True) as cur:
+            cur.execute(self._sql.delete_events, params)
+            events = int(cur.rowcount)
+            cur.execute(self._sql.delete_snapshots, params)
+            snapshots = int(cur.rowcount)
+            cur.execute(self._sql.delete_expiring_head, params)
+        return events, snapshots
 
     def save_snapshot(
         self, session_id: str, version: int, fold_version: int, head_hash: bytes, state: bytes

@@ -24,13 +24,11 @@ from sqlalchemy import (
 from sqlalchemy.engine import Dialect
 from sqlalchemy.schema import CreateIndex, CreateTable
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 """The schema version this code writes; stamped in ``eventctx_schema``."""
 
 MAX_SESSION_ID: Final = 512
 
-MIGRATIONS: Final[dict[int, dict[str, tuple[str, ...]]]] = {}
-"""Statements that take a database from version N to N + 1, per dialect name."""
 
 metadata = MetaData()
 
@@ -87,6 +85,15 @@ snapshots = Table(
     PrimaryKeyConstraint("session_id", "version", name="eventctx_snapshots_pk"),
 )
 
+leases = Table(
+    "eventctx_leases",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("owner", String(128), nullable=False),
+    Column("expires_at", BigInteger, nullable=False),
+)
+"""Named leases held across processes and hosts (the compaction job's, one at a time)."""
+
 schema_version = Table(
     "eventctx_schema",
     metadata,
@@ -108,6 +115,18 @@ TRIGGERS: Final[dict[str, tuple[str, ...]]] = {
         "FOR EACH STATEMENT EXECUTE FUNCTION eventctx_reject_update()",
     ),
 }
+
+
+_ADDED_TABLES: Final[dict[int, tuple[Table, ...]]] = {1: (leases,)}
+"""Tables each upgrade from version N to N + 1 adds."""
+
+
+def migration_statements(from_version: int, dialect: Dialect) -> list[str] | None:
+    """DDL that takes a database from ``from_version`` to the next, or None if none exists."""
+    added = _ADDED_TABLES.get(from_version)
+    if added is None:
+        return None
+    return [str(CreateTable(table).compile(dialect=dialect)).strip() for table in added]
 
 
 def create_statements(dialect: Dialect) -> list[str]:

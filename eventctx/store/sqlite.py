@@ -4,6 +4,7 @@ processes queue for the write lock instead of failing with "database is locked".
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -49,7 +50,7 @@ class SQLiteDialect(Dialect):
             # Transactions are begun explicitly (BEGIN IMMEDIATE for writes), never by the driver.
             dbapi_conn.isolation_level = None
             dbapi_conn.execute(f"PRAGMA busy_timeout = {busy_ms}")
-            dbapi_conn.execute("PRAGMA journal_mode = WAL")
+            _use_wal(dbapi_conn, options.busy_timeout_s)
             dbapi_conn.execute(f"PRAGMA synchronous = {options.synchronous}")
 
         event.listen(engine, "connect", on_connect)
@@ -86,6 +87,22 @@ class SQLiteDialect(Dialect):
         if getattr(exc, "sqlite_errorcode", None) == _CONSTRAINT_UNIQUE:
             return ConcurrencyError
         return StorageError
+
+
+def _use_wal(conn: sqlite3.Connection, timeout_s: float) -> None:
+    """Put the database in WAL mode (persistent: normally only its first connection does).
+
+    Switching modes needs a moment alone with the file and SQLite reports "locked" at once
+    instead of waiting, so a connection that finds it not yet WAL retries for a while.
+    """
+    deadline = time.monotonic() + timeout_s
+    while conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+        except sqlite3.OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.005)
 
 
 def _lastrowid(cur: Cursor) -> int:

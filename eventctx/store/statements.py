@@ -35,6 +35,12 @@ _SESSION_COLUMNS: Final = (
 )
 
 
+def _alive_at(now: sa.BindParameter[int]) -> sa.ColumnElement[bool]:
+    """The session has not outlived its ttl at ``now`` (no ttl: never expires)."""
+    se = schema.sessions
+    return sa.or_(se.c.ttl_ms.is_(None), se.c.last_activity + se.c.ttl_ms * _THOUSAND >= now)
+
+
 class Statements:
     """The store's SQL, compiled once for one dialect."""
 
@@ -46,7 +52,7 @@ class Statements:
         self.insert_event = c(insert_event)
         self.insert_event_returning = c(insert_event.returning(ev.c.position))
         self.head_for_update = c(
-            sa.select(se.c.version, se.c.head_hash, se.c.last_activity, se.c.status)
+            sa.select(se.c.version, se.c.head_hash, se.c.last_activity, se.c.status, se.c.ttl_ms)
             .where(se.c.session_id == sid)
             .with_for_update()
         )
@@ -57,6 +63,7 @@ class Statements:
                 se.c.version == bindparam("base_version"),
                 se.c.head_hash == bindparam("base_hash"),
                 se.c.status == bindparam("active"),
+                _alive_at(bindparam("now")),
             )
             .values(
                 version=bindparam("new_version"),
@@ -96,10 +103,7 @@ class Statements:
                 se.c.session_id == sid,
                 se.c.status == bindparam("active"),
                 se.c.last_activity < bindparam("now"),
-                sa.or_(
-                    se.c.ttl_ms.is_(None),
-                    se.c.last_activity + se.c.ttl_ms * _THOUSAND >= bindparam("now"),
-                ),
+                _alive_at(bindparam("now")),
             )
             .values(last_activity=bindparam("now"))
         )
@@ -128,6 +132,56 @@ class Statements:
             sa.update(se)
             .where(se.c.session_id == sid, se.c.lease_owner == bindparam("owner"))
             .values(lease_owner=sa.null(), lease_expires_at=sa.null())
+        )
+        self.expired = c(
+            sa.select(se.c.session_id, se.c.version)
+            .where(
+                sa.or_(
+                    se.c.status == bindparam("expiring"),
+                    sa.not_(_alive_at(bindparam("now"))),
+                )
+            )
+            .order_by(se.c.last_activity)
+            .limit(bindparam("limit", type_=sa.Integer))
+            .offset(_ZERO)
+        )
+        # The re-check under the head-row lock: only a session still past its ttl is marked.
+        self.mark_expiring = c(
+            sa.update(se)
+            .where(
+                se.c.session_id == sid,
+                sa.or_(
+                    se.c.status == bindparam("expiring"),
+                    sa.not_(_alive_at(bindparam("now"))),
+                ),
+            )
+            .values(status=bindparam("expiring"))
+        )
+        self.delete_events_upto = c(
+            sa.delete(ev).where(ev.c.session_id == sid, ev.c.version <= bindparam("upto"))
+        )
+        self.delete_expiring_head = c(
+            sa.delete(se).where(se.c.session_id == sid, se.c.status == bindparam("expiring"))
+        )
+        le = schema.leases
+        self.insert_named_lease = c(
+            dialect.insert_ignore(le).values(
+                name=bindparam("name"), owner=bindparam("owner"), expires_at=bindparam("expires")
+            )
+        )
+        self.take_named_lease = c(
+            sa.update(le)
+            .where(
+                le.c.name == bindparam("name"),
+                sa.or_(le.c.owner == bindparam("owner"), le.c.expires_at < bindparam("now")),
+            )
+            .values(owner=bindparam("owner"), expires_at=bindparam("expires"))
+        )
+        self.read_named_lease = c(
+            sa.select(le.c.owner, le.c.expires_at).where(le.c.name == bindparam("name"))
+        )
+        self.release_named_lease = c(
+            sa.delete(le).where(le.c.name == bindparam("name"), le.c.owner == bindparam("owner"))
         )
         sn = schema.snapshots
         self.insert_snapshot = c(

@@ -1,0 +1,149 @@
+"""TTL cleanup: physically remove sessions whose last activity is older than their ttl.
+
+``compact(store)`` is a plain function returning a report; the manager's scheduled job only
+calls it. It works in bounded chunks, each its own transaction, so writers to other sessions
+wait for one chunk at most. Every session is re-checked under its head-row lock before it is
+touched: one written since it was listed is kept whole, and a writer that comes after it was
+marked gets SessionExpiredError, so no acknowledged write ever vanishes and no session is
+left half-removed (a large one is marked first, then emptied chunk by chunk).
+
+After compaction nothing of a removed session remains: its history, snapshots, blame and
+replay are gone with it. Sessions without a ttl, and live ones, are never touched.
+One compactor runs at a time across processes and hosts (a lease row, renewed per chunk).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Final
+
+from eventctx.store import EventStore
+from eventctx.store.core import now_us
+
+__all__ = ["CompactionReport", "compact"]
+
+LEASE: Final = "compaction"
+CHUNK_EVENTS: Final = 5000
+"""Events removed per transaction (many small sessions share one; a large one takes several)."""
+_LIST: Final = 1000
+
+
+@dataclass(slots=True)
+class CompactionReport:
+    """What a compaction run did (or, with ``dry_run``, would do)."""
+
+    dry_run: bool = False
+    sessions: list[str] = field(default_factory=list)
+    """Ids of the sessions removed (or that would be)."""
+    events_removed: int = 0
+    snapshots_removed: int = 0
+    kept: int = 0
+    """Sessions listed as expired but written before they could be removed."""
+    skipped: str | None = None
+    """Why the run did nothing or stopped early (another compactor holds the lease)."""
+    duration_s: float = 0.0
+
+    @property
+    def sessions_removed(self) -> int:
+        """How many sessions were removed."""
+        return len(self.sessions)
+
+
+def compact(
+    store: EventStore,
+    *,
+    dry_run: bool = False,
+    chunk_events: int = CHUNK_EVENTS,
+    lease: timedelta = timedelta(seconds=60),
+) -> CompactionReport:
+    """Remove every expired session from ``store``; with ``dry_run`` only list them."""
+    started = time.perf_counter()
+    report = CompactionReport(dry_run=dry_run)
+    if dry_run:
+        for session_id, version in store.expired_sessions(now_us(), 2**31 - 1):
+            report.sessions.append(session_id)
+            report.events_removed += version
+        report.duration_s = time.perf_counter() - started
+        return report
+    owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+    holder = store.take_named_lease(LEASE, owner, lease)
+    if holder is not None:
+        report.skipped = f"another compactor ({holder[0]}) holds the lease until {holder[1]}"
+        report.duration_s = time.perf_counter() - started
+        return report
+    try:
+        _Compactor(store, report, owner, chunk_events, lease).run()
+    finally:
+        store.release_named_lease(LEASE, owner)
+        report.duration_s = time.perf_counter() - started
+    return report
+
+
+@dataclass(slots=True)
+class _Compactor:
+    store: EventStore
+    report: CompactionReport
+    owner: str
+    chunk: int
+    lease: timedelta
+
+    def run(self) -> None:
+        seen: set[str] = set()
+        while True:
+            listed = [c for c in self.store.expired_sessions(now_us(), _LIST) if c[0] not in seen]
+            if not listed:
+                return
+            batch: list[str] = []
+            size = 0
+            for session_id, version in listed:
+                seen.add(session_id)
+                if version > self.chunk:
+                    if not self._remove_large(session_id, version):
+                        return
+                    continue
+                if size + version > self.chunk and batch:
+                    if not self._remove_small(batch):
+                        return
+                    batch, size = [], 0
+                batch.append(session_id)
+                size += version
+            if batch and not self._remove_small(batch):
+                return
+
+    def _renew(self) -> bool:
+        """Keep the lease for the next chunk; False (and the reason reported) if it was lost."""
+        holder = self.store.take_named_lease(LEASE, self.owner, self.lease)
+        if holder is not None:
+            self.report.skipped = f"lost the lease to {holder[0]}; stopped between chunks"
+        return holder is None
+
+    def _remove_small(self, batch: list[str]) -> bool:
+        if not self._renew():
+            return False
+        removed, events, snapshots = self.store.remove_expired(batch, now_us())
+        self.report.sessions.extend(removed)
+        self.report.events_removed += events
+        self.report.snapshots_removed += snapshots
+        self.report.kept += len(batch) - len(removed)
+        return True
+
+    def _remove_large(self, session_id: str, version: int) -> bool:
+        if not self._renew():
+            return False
+        if not self.store.mark_expiring(session_id, now_us()):
+            self.report.kept += 1
+            return True
+        for upto in range(self.chunk, version, self.chunk):
+            if not self._renew():
+                return False  # marked: the next run finishes it
+            self.report.events_removed += self.store.delete_events_upto(session_id, upto)
+        events, snapshots = self.store.finish_removal(session_id)
+        self.report.events_removed += events
+        self.report.snapshots_removed += snapshots
+        self.report.sessions.append(session_id)
+        return True
