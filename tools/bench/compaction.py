@@ -60,10 +60,10 @@ def _populate(store: EventStore) -> None:
                     _rows(i, at),
                 )
         else:
-            with cur.copy(f"COPY eventctx_sessions ({_HEAD_COLS}) FROM STDIN") as copy:  # type: ignore[attr-defined]
+            with cur.copy(f"COPY eventctx_sessions ({_HEAD_COLS}) FROM STDIN") as copy:
                 for head in heads:
                     copy.write_row(head)
-            with cur.copy(f"COPY eventctx_events ({_EVENT_COLS}) FROM STDIN") as copy:  # type: ignore[attr-defined]
+            with cur.copy(f"COPY eventctx_events ({_EVENT_COLS}) FROM STDIN") as copy:
                 for i in range(SESSIONS):
                     for row in _rows(i, at):
                         copy.write_row(row)
