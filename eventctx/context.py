@@ -28,7 +28,7 @@ from eventctx.errors import (
     SessionExpiredError,
     SessionNotFoundError,
 )
-from eventctx.events import NewEvent
+from eventctx.events import NewEvent, RecordedEvent
 from eventctx.snapshots import SnapshotPolicy, restore
 from eventctx.state import State, advance
 from eventctx.store import EventStore, Head
@@ -334,12 +334,11 @@ class PluginContext:
     def delete(self, key: str) -> bool:
         """Remove ``key``; False (and nothing appended) when it is absent."""
         self._key(key)
-        with self._lock:
-            self._usable()
-            if key not in self._state.data:
-                return False
-            self._write([NewEvent.create("KeyDeleted", key=key, **_envelope(self._session_id))])
-            return True
+        self._usable()
+        if key not in self._state.data:
+            return False
+        self._write([NewEvent.create("KeyDeleted", key=key, **_envelope(self._session_id))])
+        return True
 
     def __delitem__(self, key: str) -> None:
         if not self.delete(key):
@@ -357,16 +356,24 @@ class PluginContext:
             self._sync(head)
 
     def _write(self, events: list[NewEvent], expected_version: int | None = None) -> None:
+        """Append ``events``; the state follows in ``_committed``, before this returns.
+
+        The lock is not held while the append waits for its group to commit: the group's
+        leader folds every member's events in commit order, taking each context's lock.
+        """
         runtime = self._runtime
-        with runtime.gate.operation(), self._lock:
-            self._usable()
-            state = self._state
+        with runtime.gate.operation():
+            with self._lock:
+                self._usable()
+                state = self._state
+                head = Head(state.version, state.head_hash, state.recorded_at_us)
             try:
-                recorded = runtime.store.append(
+                runtime.store.append(
                     self._session_id,
                     events,
                     expected_version=expected_version,
-                    head=Head(state.version, state.head_hash, state.recorded_at_us),
+                    head=head,
+                    on_commit=self._committed,
                 )
             except SessionNotFoundError as exc:
                 if self._outlived_ttl():  # compaction removed it: say why
@@ -375,17 +382,24 @@ class PluginContext:
                         "nothing was written. Create it again to go on"
                     ) from exc
                 raise
+            with self._lock:
+                self._policy.after_append(
+                    runtime.store,
+                    self._session_id,
+                    self._state,
+                    len(events),
+                    sum(len(e.data) for e in events),
+                )
+
+    def _committed(self, recorded: list[RecordedEvent]) -> None:
+        """Fold events this object appended, once committed (called in commit order)."""
+        with self._lock:
             first = recorded[0].version
-            if first != state.version + 1:  # another writer got in first: fold its events too
+            if first <= self._state.version:  # already folded by a catch-up: nothing to do
+                return
+            if first != self._state.version + 1:  # another process got in first: fold its too
                 self._catch_up(first - 1)
             advance(self._state, recorded)
-            self._policy.after_append(
-                runtime.store,
-                self._session_id,
-                self._state,
-                len(events),
-                sum(len(e.data) for e in events),
-            )
 
     def _outlived_ttl(self) -> bool:
         """Whether the session's ttl ran out since the last activity this object saw."""

@@ -11,7 +11,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import orjson
 from pydantic import BaseModel, ConfigDict, JsonValue
@@ -24,7 +24,6 @@ __all__ = [
     "NewEvent",
     "RecordedEvent",
     "chain_hash",
-    "decode_payload",
     "encode_payload",
     "events_json_schema",
     "from_us",
@@ -203,12 +202,6 @@ def encode_payload(payload: Mapping[str, Any]) -> bytes:
     return orjson.dumps(payload, option=orjson.OPT_SORT_KEYS)
 
 
-def decode_payload(data: bytes) -> dict[str, Any]:
-    """Parse stored payload bytes (trusted: written by eventctx, so not re-validated)."""
-    result: dict[str, Any] = orjson.loads(data)
-    return result
-
-
 def to_us(at: datetime) -> int:
     """Microseconds since the Unix epoch of an aware datetime; naive datetimes are refused."""
     if at.tzinfo is None or at.utcoffset() is None:
@@ -274,9 +267,11 @@ class NewEvent:
         return cls(type_, normalized, encode_payload(normalized), key, phase, execution_id)
 
 
-@dataclass(frozen=True, slots=True)
-class RecordedEvent:
-    """An event as stored: its global position, session version and envelope."""
+class RecordedEvent(NamedTuple):
+    """An event as stored: its global position, session version and envelope.
+
+    A tuple, so that reading and folding millions of them stays cheap.
+    """
 
     position: int
     session_id: str

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Final, NamedTuple, Protocol
+from typing import Any, Final, NamedTuple
 
 import orjson
 
 from eventctx.errors import IntegrityError
-from eventctx.events import GENESIS_HASH
+from eventctx.events import GENESIS_HASH, RecordedEvent
 
 __all__ = [
     "FOLD_VERSION",
@@ -30,27 +30,6 @@ __all__ = [
 
 FOLD_VERSION: Final = 3
 """Version of the fold rules; bump it when ``advance`` changes meaning."""
-
-
-class FoldableEvent(Protocol):
-    """What the fold reads of an event (``RecordedEvent`` has it all)."""
-
-    @property
-    def version(self) -> int: ...
-    @property
-    def type(self) -> str: ...
-    @property
-    def key(self) -> str | None: ...
-    @property
-    def phase(self) -> str | None: ...
-    @property
-    def execution_id(self) -> str | None: ...
-    @property
-    def payload(self) -> dict[str, Any]: ...
-    @property
-    def recorded_at_us(self) -> int: ...
-    @property
-    def hash(self) -> bytes: ...
 
 
 class Provenance(NamedTuple):
@@ -159,66 +138,64 @@ def decode_state(data: bytes) -> State:
     )
 
 
-def apply(state: State, event: FoldableEvent) -> State:
+def apply(state: State, event: RecordedEvent) -> State:
     """The state after ``event``; ``state`` is left untouched."""
     return fold((event,), state)
 
 
-def fold(events: Iterable[FoldableEvent], base: State | None = None) -> State:
+def fold(events: Iterable[RecordedEvent], base: State | None = None) -> State:
     """The state after ``events`` on top of ``base`` (empty if None); ``base`` is left untouched."""
     state = State() if base is None else base.copy()
     advance(state, events)
     return state
 
 
-def advance(state: State, events: Iterable[FoldableEvent]) -> None:
+def advance(state: State, events: Iterable[RecordedEvent]) -> None:
     """Apply ``events`` to ``state`` in place; only for a state the caller owns.
 
     Versions must follow on from the state's; a gap means events are missing (IntegrityError).
     """
     data, provenance = state.data, state.provenance
-    for event in events:
-        version = event.version
-        if version != state.version + 1 and state.version:
-            raise IntegrityError(
-                f"event version {version} does not follow version {state.version}: "
-                "the log has a gap"
-            )
-        kind = event.type
-        if kind == "KeySet":
-            key = event.key
-            data[key] = event.payload["value"]  # type: ignore[index]
-            provenance[key] = Provenance(  # type: ignore[index]
-                event.phase, event.execution_id, version, event.recorded_at_us, "set"
-            )
-        elif kind == "KeyDeleted":
-            key = event.key
-            data.pop(key, None)  # type: ignore[arg-type]
-            provenance[key] = Provenance(  # type: ignore[index]
-                event.phase, event.execution_id, version, event.recorded_at_us, "delete"
-            )
-        elif kind == "ContextCleared":
-            gone = Provenance(
-                event.phase, event.execution_id, version, event.recorded_at_us, "delete"
-            )
-            for key in data:
-                provenance[key] = gone
-            data.clear()
-        elif kind in _RUN_EVENTS:
-            _run_event(state, event)
-        elif kind == "ContextCreated":
-            data.clear()
-            provenance.clear()
-            state.outputs.clear()
-            state.metadata.clear()
-            state.run = None
-            state.deleted = False
-            state.ttl_ms = event.payload.get("ttl_ms")
-        elif kind == "ContextDeleted":
-            state.deleted = True
-        state.version = version
-        state.head_hash = event.hash
-        state.recorded_at_us = event.recorded_at_us
+    make = tuple.__new__  # Provenance without NamedTuple's Python-level __new__: the hot path
+    version = state.version
+    digest, at = state.head_hash, state.recorded_at_us
+    try:
+        for event in events:
+            _, _, number, kind, key, phase, run_id, payload, when, chain = event
+            if number != version + 1 and version:
+                raise IntegrityError(
+                    f"event version {number} does not follow version {version}: the log has a gap"
+                )
+            if kind == "KeySet":
+                data[key] = payload["value"]  # type: ignore[index]
+                provenance[key] = make(  # type: ignore[index]
+                    Provenance, (phase, run_id, number, when, "set")
+                )
+            elif kind == "KeyDeleted":
+                data.pop(key, None)  # type: ignore[arg-type]
+                provenance[key] = make(  # type: ignore[index]
+                    Provenance, (phase, run_id, number, when, "delete")
+                )
+            elif kind == "ContextCleared":
+                gone = make(Provenance, (phase, run_id, number, when, "delete"))
+                for cleared in data:
+                    provenance[cleared] = gone
+                data.clear()
+            elif kind in _RUN_EVENTS:
+                _run_event(state, event)
+            elif kind == "ContextCreated":
+                data.clear()
+                provenance.clear()
+                state.outputs.clear()
+                state.metadata.clear()
+                state.run = None
+                state.deleted = False
+                state.ttl_ms = payload.get("ttl_ms")
+            elif kind == "ContextDeleted":
+                state.deleted = True
+            version, digest, at = number, chain, when
+    finally:  # the state reflects exactly the events applied, even when one is refused
+        state.version, state.head_hash, state.recorded_at_us = version, digest, at
 
 
 _RUN_EVENTS: Final = frozenset(
@@ -234,7 +211,7 @@ _RUN_EVENTS: Final = frozenset(
 )
 
 
-def _run_event(state: State, event: FoldableEvent) -> None:
+def _run_event(state: State, event: RecordedEvent) -> None:
     """Fold an event of the run/phase lifecycle (MetadataSet included)."""
     kind, execution_id, payload = event.type, event.execution_id or "", event.payload
     if kind == "MetadataSet":

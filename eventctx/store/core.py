@@ -8,12 +8,13 @@ version check: writers to one session queue on that row) and then inserts the ev
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Final
 
+import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import URL, Engine
 
@@ -31,10 +32,10 @@ from eventctx.events import (
     NewEvent,
     RecordedEvent,
     chain_hash,
-    decode_payload,
     from_us,
 )
 from eventctx.store import schema
+from eventctx.store.commit import AppendRequest, GroupCommitter, Head
 from eventctx.store.dialect import (
     Cursor,
     Dialect,
@@ -53,17 +54,8 @@ EXPIRING: Final = "expiring"
 """Head-row status while compaction removes an expired session's rows."""
 EXPIRED: Final = "expired"
 """Not stored: an active session past its ttl, as ``_locked_head`` reports it."""
-READ_CHUNK: Final = 1000
+READ_CHUNK: Final = 5000
 _NO_UPPER: Final = 2**62
-
-
-@dataclass(frozen=True, slots=True)
-class Head:
-    """Where a session's log ends: its version, chain head and last event time."""
-
-    version: int
-    hash: bytes
-    recorded_at_us: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +129,7 @@ class EventStore:
         self.busy_timeout = busy_timeout
         """How long an operation waits for locks held by others before it gives up."""
         self._sql = Statements(dialect)
+        self._committer = GroupCommitter(engine, dialect, self._apply_append)
 
     # --- opening ------------------------------------------------------------------------------
 
@@ -248,6 +241,7 @@ class EventStore:
 
     def close(self) -> None:
         """Close every pooled connection; the store can't be used afterwards."""
+        self._committer.close()
         self._engine.dispose()
 
     def __enter__(self) -> EventStore:
@@ -289,6 +283,7 @@ class EventStore:
         *,
         expected_version: int | None = None,
         head: Head | None = None,
+        on_commit: Callable[[list[RecordedEvent]], None] | None = None,
     ) -> list[RecordedEvent]:
         """Append ``events`` to a session in one transaction and return them as recorded.
 
@@ -297,29 +292,46 @@ class EventStore:
         exist (SessionNotFoundError). With ``expected_version`` the head must be at that version
         (ConcurrencyError); without it the events go on top of whatever the head is. ``head`` is
         the caller's belief about the head: when right, the append costs two statements.
+        Concurrent appends share transactions (group commit); each returns once its own is
+        committed. ``on_commit`` is called with the recorded events after the commit, in
+        commit order, before this returns.
         """
         check_session_id(session_id)
         if not events:
             return []
+        request = AppendRequest(session_id, events, expected_version, head, on_commit)
+        return self._committer.submit(request)
+
+    def _apply_append(
+        self, cur: Cursor, request: AppendRequest, heads: dict[str, Head]
+    ) -> list[RecordedEvent]:
+        """One append inside the group's transaction: head row first, then the events."""
+        session_id, events = request.session_id, request.events
         now = now_us()
-        with self._transaction(write=True) as cur:
-            if events[0].type == "ContextCreated":
-                rows = self._create_head(cur, session_id, events, now)
-            else:
-                rows = self._advance_head(cur, session_id, events, now, expected_version, head)
-            positions = self._dialect.insert_events(cur, self._sql, rows)
+        if events[0].type == "ContextCreated":
+            rows = self._create_head(cur, session_id, events, now)
+        else:
+            head = heads.get(session_id, request.head)
+            rows = self._advance_head(cur, session_id, events, now, request.expected_version, head)
+        positions = self._dialect.insert_events(cur, self._sql, rows)
+        last = rows[-1]
+        heads[session_id] = Head(last["version"], last["hash"], last["recorded_at"])
+        make = tuple.__new__
         return [
-            RecordedEvent(
-                position,
-                session_id,
-                row["version"],
-                event.type,
-                event.key,
-                event.phase,
-                event.execution_id,
-                event.payload,
-                row["recorded_at"],
-                row["hash"],
+            make(
+                RecordedEvent,
+                (
+                    position,
+                    session_id,
+                    row["version"],
+                    event.type,
+                    event.key,
+                    event.phase,
+                    event.execution_id,
+                    event.payload,
+                    row["recorded_at"],
+                    row["hash"],
+                ),
             )
             for position, row, event in zip(positions, rows, events, strict=True)
         ]
@@ -623,18 +635,22 @@ class EventStore:
             with self._transaction(write=False) as cur:
                 cur.execute(self._sql.read_chunk, params)
                 rows = cur.fetchall()
+            make, loads = tuple.__new__, orjson.loads  # the hot path of every restore
             for position, version, type_, key, phase, execution_id, payload, at, hash_ in rows:
-                yield RecordedEvent(
-                    position,
-                    session_id,
-                    version,
-                    type_,
-                    key,
-                    phase,
-                    execution_id,
-                    decode_payload(payload),
-                    at,
-                    bytes(hash_),
+                yield make(
+                    RecordedEvent,
+                    (
+                        position,
+                        session_id,
+                        version,
+                        type_,
+                        key,
+                        phase,
+                        execution_id,
+                        loads(payload),
+                        at,
+                        hash_ if type(hash_) is bytes else bytes(hash_),
+                    ),
                 )
             if len(rows) < READ_CHUNK:
                 return
