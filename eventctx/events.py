@@ -24,10 +24,10 @@ __all__ = [
     "NewEvent",
     "RecordedEvent",
     "chain_hash",
+    "check_value",
     "encode_payload",
     "events_json_schema",
     "from_us",
-    "normalize_value",
     "to_us",
 ]
 
@@ -37,7 +37,6 @@ GENESIS_HASH: Final = bytes(32)
 """The ``prev_hash`` of a session's first event."""
 
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
-_SCALARS: Final = (str, bool, type(None))
 
 
 # --- payload models: the documented shape of every event type --------------------------------
@@ -148,40 +147,60 @@ EVENT_MODELS: Final[dict[str, type[_Payload]]] = {
 # --- values -----------------------------------------------------------------------------------
 
 
-def normalize_value(value: Any, key: str) -> Any:
-    """Return an independent plain-JSON copy of ``value`` or raise SerializationError.
+def check_value(value: Any, key: str) -> None:
+    """Raise SerializationError unless ``value`` is JSON as eventctx defines it.
 
-    Pydantic models become their JSON form and tuples become lists; anything outside the value
-    rules (NaN/±Inf, ints beyond 64 bits, non-string dict keys, other types) is refused, naming
-    the key and the offending path.
+    Allowed: None, bool, 64-bit int, finite float, str, lists and tuples, dicts with str keys,
+    and pydantic models. The error names the key, the offending path and why.
     """
-    return _normalize(value, key, "")
+    if not _valid(value):
+        raise _explain(value, key, "") or _refuse(key, "", "the value is not JSON")
 
 
-def _normalize(value: Any, key: str, path: str) -> Any:
+def _valid(value: Any) -> bool:
+    """The fast check: no allocation, no messages (``_explain`` finds out why)."""
     kind = type(value)
-    if kind in _SCALARS:
-        return value
+    if kind is str or kind is bool or value is None:
+        return True
     if kind is int:
-        if INT_MIN <= value <= INT_MAX:
-            return value
-        raise _refuse(key, path, f"int {value} is outside the signed 64-bit range")
+        return bool(INT_MIN <= value <= INT_MAX)
     if kind is float:
-        if math.isfinite(value):
-            return value
-        raise _refuse(key, path, f"float {value!r} is not finite; store None or a string instead")
+        return bool(value - value == 0.0)  # false for NaN and ±Inf
     if kind is dict:
-        out = {}
+        return all(type(k) is str and _valid(v) for k, v in value.items())
+    if kind is list or kind is tuple:
+        return all(map(_valid, value))
+    if isinstance(value, BaseModel):
+        return _valid(value.model_dump(mode="json"))
+    return False
+
+
+def _explain(value: Any, key: str, path: str) -> SerializationError | None:
+    """The error for the first part of ``value`` that breaks the rules, or None."""
+    kind = type(value)
+    if kind is int and not INT_MIN <= value <= INT_MAX:
+        return _refuse(key, path, f"int {value} is outside the signed 64-bit range")
+    if kind is float and not math.isfinite(value):
+        return _refuse(key, path, f"float {value!r} is not finite; store None or a string instead")
+    if kind is dict:
         for k, v in value.items():
             if type(k) is not str:
-                raise _refuse(key, path, f"dict key {k!r} is a {type(k).__name__}, not a str")
-            out[k] = _normalize(v, key, f"{path}[{k!r}]")
-        return out
+                return _refuse(key, path, f"dict key {k!r} is a {type(k).__name__}, not a str")
+            found = _explain(v, key, f"{path}[{k!r}]")
+            if found:
+                return found
+        return None
     if kind is list or kind is tuple:
-        return [_normalize(v, key, f"{path}[{i}]") for i, v in enumerate(value)]
+        for i, v in enumerate(value):
+            found = _explain(v, key, f"{path}[{i}]")
+            if found:
+                return found
+        return None
     if isinstance(value, BaseModel):
-        return _normalize(value.model_dump(mode="json"), key, path)
-    raise _refuse(
+        return _explain(value.model_dump(mode="json"), key, path)
+    if kind in (str, bool, int, float, type(None)):
+        return None
+    return _refuse(
         key,
         path,
         f"{kind.__module__}.{kind.__qualname__} is not JSON "
@@ -194,12 +213,19 @@ def _refuse(key: str, path: str, why: str) -> SerializationError:
     return SerializationError(f"cannot store value for key {where}: {why}")
 
 
+def _model_json(value: Any) -> Any:
+    """orjson's fallback: a pydantic model as its JSON form (already checked)."""
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    raise TypeError(f"{type(value).__name__} is not JSON")  # unreachable after check_value
+
+
 # --- encoding ---------------------------------------------------------------------------------
 
 
 def encode_payload(payload: Mapping[str, Any]) -> bytes:
-    """The canonical bytes of an already normalized payload: compact JSON, sorted keys."""
-    return orjson.dumps(payload, option=orjson.OPT_SORT_KEYS)
+    """The canonical bytes of a checked payload: compact JSON, sorted keys, models as JSON."""
+    return orjson.dumps(payload, default=_model_json, option=orjson.OPT_SORT_KEYS)
 
 
 def to_us(at: datetime) -> int:
@@ -237,8 +263,8 @@ def chain_hash(
 class NewEvent:
     """An event about to be appended: its type, envelope columns and canonical payload bytes.
 
-    ``payload`` is the normalized dict (an independent copy of what the caller passed) and
-    ``data`` its canonical encoding; build one with :meth:`create` so the two always agree.
+    ``payload`` is the payload as stored (plain JSON, an independent copy of what the caller
+    passed) and ``data`` its canonical encoding; build one with :meth:`create` so they agree.
     """
 
     type: str
@@ -258,13 +284,15 @@ class NewEvent:
         phase: str | None = None,
         execution_id: str | None = None,
     ) -> NewEvent:
-        """Normalize and encode ``payload``; SerializationError names the offending key."""
+        """Check and encode ``payload``; SerializationError names the offending key."""
         if type_ not in EVENT_MODELS and not type_.isidentifier():
             raise ValueError(f"event type {type_!r} is not an identifier")
-        normalized: dict[str, Any] = {}
-        for name, value in (payload or {}).items():
-            normalized[name] = normalize_value(value, key if key is not None else name)
-        return cls(type_, normalized, encode_payload(normalized), key, phase, execution_id)
+        payload = payload or {}
+        for name, value in payload.items():
+            check_value(value, key if key is not None else name)
+        data = encode_payload(payload)
+        # Decoding the bytes gives the payload as stored: plain JSON, and an independent copy.
+        return cls(type_, orjson.loads(data), data, key, phase, execution_id)
 
 
 class RecordedEvent(NamedTuple):
