@@ -71,11 +71,13 @@ class _Store:
         return run
 
 
-def raw_sqlite_writer(path: str) -> Callable[[int, int], Callable[[], None]]:
-    """sqlite3 alone (WAL, NORMAL): ``runner(batch, times)`` commits ``times`` transactions."""
+def raw_sqlite_writer(
+    path: str, synchronous: str = "NORMAL"
+) -> Callable[[int, int], Callable[[], None]]:
+    """sqlite3 alone (WAL): ``runner(batch, times)`` commits ``times`` transactions."""
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("PRAGMA journal_mode = WAL")
-    conn.execute("PRAGMA synchronous = NORMAL")
+    conn.execute(f"PRAGMA synchronous = {synchronous}")
     conn.execute(RAW_DDL.format(pk="INTEGER PRIMARY KEY AUTOINCREMENT", blob="BLOB"))
     sql = RAW_INSERT.format(p=", ".join("?" * 10))
     sessions = count()

@@ -1,0 +1,311 @@
+"""``make bench``: every benchmark in one run, side by side with the raw drivers and
+eventsourcing; prints the tables, rewrites docs/performance.md and its two plots, and exits 1
+when a target is missed."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sqlite3
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import sqlalchemy as sa
+
+from tools.bench import append, compaction, restore, throughput, writers
+from tools.bench.common import PG_URL, ROUNDS, Figure, pg_available, table
+
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+
+
+def _x(a: float, b: float) -> str:
+    return f"{a / b:.2f}×"
+
+
+def _throughput_section(
+    results: dict[str, dict[str, Figure]],
+) -> tuple[str, list[tuple[str, str, bool]]]:
+    rows, targets = [], []
+    for name, trio in results.items():
+        ours, raw, peer = trio["eventctx"], trio["raw"], trio["eventsourcing"]
+        rows.append(
+            [
+                name,
+                ours.cell(),
+                raw.cell(),
+                peer.cell(),
+                _x(ours.median, raw.median),
+                _x(ours.median, peer.median),
+            ]
+        )
+        if "FULL" in name:
+            continue
+        raw_goal, peer_goal = (0.5, 2.0) if name.startswith("set") else (0.5, 3.0)
+        targets.append(
+            (
+                f"{name}: ≥ {raw_goal}× raw",
+                _x(ours.median, raw.median),
+                ours.median >= raw_goal * raw.median,
+            )
+        )
+        targets.append(
+            (
+                f"{name}: ≥ {peer_goal}× eventsourcing",
+                _x(ours.median, peer.median),
+                ours.median >= peer_goal * peer.median,
+            )
+        )
+    text = table(
+        "Writes: committed events per second",
+        ["workload", "eventctx", "raw driver", "eventsourcing", "vs raw", "vs eventsourcing"],
+        rows,
+    )
+    return text, targets
+
+
+def _ms(fig: Figure | None) -> str:
+    return "—" if fig is None else fig.cell()
+
+
+def _restore_section(results: dict[str, Any]) -> tuple[str, list[tuple[str, str, bool]]]:
+    rows, targets = [], []
+    by_backend: dict[str, dict[int, Any]] = {}
+    for name, r in results.items():
+        if name == "memory":
+            continue
+        backend = name.split()[0]
+        by_backend.setdefault(backend, {})[r["events"]] = r
+        rows.append(
+            [
+                name + " events",
+                _ms(r["snapshots"]),
+                _ms(r["full fold"]),
+                _ms(r["raw"]),
+                _ms(r["eventsourcing snapshots"]),
+                _ms(r["eventsourcing full"]),
+            ]
+        )
+    for backend, sizes in by_backend.items():
+        small, large = sizes[min(sizes)], sizes[max(sizes)]
+        ratio = large["snapshots"].median / small["snapshots"].median
+        targets.append(
+            (
+                f"restore flat, {backend}: {max(sizes):,} ≤ 2× {min(sizes):,} events",
+                f"{ratio:.2f}×",
+                ratio <= 2,
+            )
+        )
+        if backend == "SQLite":
+            targets.append(
+                (
+                    "restore ≤ 10 ms at 1M events, SQLite",
+                    f"{large['snapshots'].median:.2f} ms",
+                    large["snapshots"].median <= 10,
+                )
+            )
+        for n in (10_000, 100_000):
+            if n in sizes:
+                r = sizes[n]
+                vs_raw = r["full fold"].median / r["raw"].median
+                targets.append(
+                    (
+                        f"full fold {n:,}, {backend}: ≤ 1.5× raw select + orjson",
+                        f"{vs_raw:.2f}×",
+                        vs_raw <= 1.5,
+                    )
+                )
+                peer = r["eventsourcing full"]
+                if peer is not None:
+                    faster = peer.median / r["full fold"].median
+                    targets.append(
+                        (
+                            f"full fold {n:,}, {backend}: ≥ 8× faster than eventsourcing",
+                            f"{faster:.1f}×",
+                            faster >= 8,
+                        )
+                    )
+    mem = results["memory"]
+    targets.append(
+        ("replaying 1M events adds < 64 MiB", f"{mem['added_mib']:.1f} MiB", mem["added_mib"] < 64)
+    )
+    text = table(
+        "Restore and fold: milliseconds (median, min–max)",
+        [
+            "session",
+            "eventctx restore (snapshots)",
+            "eventctx full fold",
+            "raw select + orjson",
+            "eventsourcing (snapshots)",
+            "eventsourcing (no snapshots)",
+        ],
+        rows,
+    )
+    text += (
+        f"\nReplaying the 1M-event session in a fresh process: peak RSS {mem['peak_mib']:.1f} MiB, "
+        f"{mem['added_mib']:.1f} MiB above the {mem['before_mib']:.1f} MiB it started with "
+        f"(the folded state itself encodes to {mem['state_mib']:.2f} MiB).\n"
+    )
+    return text, targets
+
+
+def _writers_section(results: dict[str, Any]) -> tuple[str, list[tuple[str, str, bool]]]:
+    rows = [
+        [name, f"{r['rate']:,.0f} ev/s", f"{r['p99_ms']:.2f} ms"] for name, r in results.items()
+    ]
+    targets = []
+    for backend in ("sqlite", "postgresql"):
+        one = results.get(f"{backend} threads one session 1")
+        four = results.get(f"{backend} threads one session 4")
+        if one and four:
+            gain = four["rate"] / one["rate"]
+            targets.append(
+                (
+                    f"4 writer threads on one session ≥ 1.5× one thread, {backend}",
+                    f"{gain:.2f}×",
+                    gain >= 1.5,
+                )
+            )
+    return table(
+        "Concurrent writers (ctx.set)", ["writers", "throughput", "p99 latency"], rows
+    ), targets
+
+
+def _plot_writers(results: dict[str, Any], path: Path) -> None:
+    backends = sorted({r["backend"] for r in results.values()})
+    fig, axes = plt.subplots(1, len(backends), figsize=(6 * len(backends), 4), squeeze=False)
+    for ax, backend in zip(axes[0], backends, strict=True):
+        for kind in ("threads", "processes"):
+            for shared in (True, False):
+                points = sorted(
+                    (r["writers"], r["rate"])
+                    for r in results.values()
+                    if r["backend"] == backend and r["kind"] == kind and r["shared"] == shared
+                )
+                label = f"{kind}, {'one session' if shared else 'own sessions'}"
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+        ax.set(
+            title=f"ctx.set throughput, {backend}",
+            xlabel="writers",
+            ylabel="events / s",
+            xticks=list(writers.WRITERS),
+        )
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_restore(results: dict[str, Any], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    series = {
+        "snapshots": "eventctx restore (snapshots)",
+        "full fold": "eventctx full fold",
+        "raw": "raw select + orjson",
+        "eventsourcing snapshots": "eventsourcing (snapshots)",
+        "eventsourcing full": "eventsourcing (no snapshots)",
+    }
+    for backend, style in (("SQLite", "-"), ("PostgreSQL", "--")):
+        rows = sorted(
+            (r for n, r in results.items() if n.startswith(backend)), key=lambda r: r["events"]
+        )
+        if not rows:
+            continue
+        for key, label in series.items():
+            points = [(r["events"], r[key].median) for r in rows if r[key] is not None]
+            ax.plot(
+                [p[0] for p in points],
+                [p[1] for p in points],
+                style,
+                marker="o",
+                label=f"{label}, {backend}",
+            )
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="events in the session",
+        ylabel="ms",
+        title="Restore time vs history length",
+    )
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    pg = "not reachable"
+    if pg_available():
+        with sa.create_engine(PG_URL).connect() as conn:
+            pg = str(conn.exec_driver_sql("SHOW server_version").scalar())
+    return (
+        f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, "
+        f"SQLite {sqlite3.sqlite_version}, PostgreSQL {pg}"
+    )
+
+
+def main() -> int:
+    started = time.perf_counter()
+    sections: list[str] = []
+    targets: list[tuple[str, str, bool]] = []
+    print("measuring writes…", file=sys.stderr)
+    text, found = _throughput_section(throughput.run())
+    sections.append(text)
+    targets += found
+    print("measuring restore and fold…", file=sys.stderr)
+    restore_results = restore.run()
+    text, found = _restore_section(restore_results)
+    sections.append(text)
+    targets += found
+    print("measuring concurrent writers…", file=sys.stderr)
+    writer_results = writers.run()
+    text, found = _writers_section(writer_results)
+    sections.append(text)
+    targets += found
+    print("measuring the store's append and compaction…", file=sys.stderr)
+    sections.append(append.run())
+    sections.append(compaction.run())
+    _plot_writers(writer_results, DOCS / "bench-writers.png")
+    _plot_restore(restore_results, DOCS / "bench-restore.png")
+    target_rows = [[name, got, "met" if ok else "**missed**"] for name, got, ok in targets]
+    body = "\n".join(sections)
+    report = (
+        "# Performance\n\n"
+        f"Measured by `make bench` (`python -m tools.bench`) on {datetime.now(UTC):%Y-%m-%d}: "
+        f"{_machine()}. Every figure is the median of {ROUNDS} rounds after a warm-up, min–max in "
+        "brackets; eventctx, the raw driver and eventsourcing (configured as fairly as we know "
+        "how: explicit event classes, the same `synchronous` setting) run in the same process, "
+        f"one after another. The run took {(time.perf_counter() - started) / 60:.1f} minutes.\n\n"
+        + table("Targets", ["target", "measured", ""], target_rows)
+        + "\n"
+        + body
+        + "\n![throughput vs writers](bench-writers.png)\n\n"
+        + "![restore time vs history length](bench-restore.png)\n"
+        + (DOCS / "performance-notes.md").read_text()
+    )
+    (DOCS / "performance.md").write_text(report)
+    print(report)
+    missed = [name for name, _, ok in targets if not ok]
+    if missed:
+        print(f"\n{len(missed)} target(s) missed: {'; '.join(missed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""Restore and fold: a cold manager restoring a session (snapshots on), a full fold (no
+snapshot), the raw driver's select + orjson, and eventsourcing's ``repository.get`` with and
+without snapshots; plus the peak memory of replaying 1M events.
+
+The sessions hold 200 keys written over and over, so the state stays the same size while the
+history grows: restore time with snapshots should not grow with it.
+"""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import orjson
+
+from eventctx import ContextManager, EventStore
+from eventctx.state import fold
+from tools.bench.common import PAYLOAD, ROUNDS, Figure, pg_available, pg_schema, sqlite_file
+from tools.bench.peer import PeerContext, peer_app
+
+SQLITE_SIZES = (1_000, 10_000, 100_000, 1_000_000)
+PG_SIZES = (1_000, 10_000, 100_000)
+PEER_FULL_MAX = 100_000
+"""eventsourcing replays without snapshots only up to here (1M takes it most of a minute)."""
+KEYS = 200
+PEER_SNAPSHOT_EVERY = 1000
+
+
+def timed(run: Callable[[], Any], rounds: int = ROUNDS) -> Figure:
+    """Median (min–max) milliseconds of ``rounds`` runs after a warm-up."""
+    run()
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        run()
+        times.append((time.perf_counter() - start) * 1000)
+    return Figure("", statistics.median(times), min(times), max(times), "ms")
+
+
+def _populate(manager: ContextManager, session_id: str, events: int) -> None:
+    ctx = manager.create_context(session_id, ttl=None)
+    value = PAYLOAD["value"]
+    written = 1
+    while written < events:
+        batch = min(KEYS, events - written)
+        ctx.update({f"k{i}": value for i in range(batch)})
+        written += batch
+
+
+def _peer_populate(app: Any, events: int) -> Any:
+    ctx = PeerContext()
+    app.save(ctx)
+    value = PAYLOAD["value"]
+    for start in range(1, events, 1000):
+        for i in range(start, min(start + 1000, events)):
+            ctx.set(f"k{i % KEYS}", value)
+        app.save(ctx)
+    return ctx.id
+
+
+def _raw_fold(store: EventStore, session_id: str) -> Callable[[], dict[str, Any]]:
+    param = "?" if store.dialect_name == "sqlite" else "%s"
+    sql = (
+        "SELECT type, key, payload FROM eventctx_events "
+        f"WHERE session_id = {param} ORDER BY version"
+    )
+
+    def run() -> dict[str, Any]:
+        raw = store.engine.raw_connection()
+        try:
+            cur = raw.cursor()
+            cur.execute(sql, (session_id,))
+            data: dict[str, Any] = {}
+            loads = orjson.loads
+            for type_, key, payload in cur.fetchall():
+                if type_ == "KeySet":
+                    data[key] = loads(payload)["value"]
+            raw.rollback()
+            return data
+        finally:
+            raw.close()
+
+    return run
+
+
+def _full_fold(store: EventStore, session_id: str) -> None:
+    fold(store.read(session_id))
+
+
+def _cold(store: EventStore, session_id: str) -> Callable[[], None]:
+    def run() -> None:
+        with ContextManager(store, cleanup_interval=None) as manager:
+            manager.get_context(session_id)
+
+    return run
+
+
+def _measure(
+    label: str, url: str, sizes: tuple[int, ...], peer_env: dict[str, Any]
+) -> dict[str, Any]:
+    rows: dict[str, Any] = {}
+    with ContextManager(url, cleanup_interval=None) as manager:
+        for n in sizes:
+            _populate(manager, f"h{n}", n)
+    store = EventStore.open(url)
+    with (
+        peer_app(snapshot_every=PEER_SNAPSHOT_EVERY, **peer_env) as snap_app,
+        peer_app(**peer_env) as full_app,
+    ):
+        for n in sizes:
+            sid = f"h{n}"
+            assert fold(store.read(sid)).data == _raw_fold(store, sid)()
+            peer_id = _peer_populate(snap_app, n)
+            rows[f"{label} {n}"] = {
+                "events": n,
+                "snapshots": timed(_cold(store, sid)),
+                "full fold": timed(partial(_full_fold, store, sid)),
+                "raw": timed(_raw_fold(store, sid)),
+                "eventsourcing snapshots": timed(partial(snap_app.repository.get, peer_id)),
+                "eventsourcing full": (
+                    timed(partial(full_app.repository.get, peer_id)) if n <= PEER_FULL_MAX else None
+                ),
+            }
+    store.close()
+    return rows
+
+
+def _memory(url: str) -> dict[str, float]:
+    """Peak RSS while a fresh process replays the 1M-event session, beyond the final state."""
+    script = (
+        "import resource, sys\n"
+        "from eventctx import EventStore\n"
+        "from eventctx.state import fold\n"
+        "store = EventStore.open(sys.argv[1])\n"
+        "rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
+        "before = rss()\n"
+        "state = fold(store.read('h1000000'))\n"
+        "peak = rss()\n"
+        "print(before, peak, len(state.encode()) / 2**20, state.version)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script, url], capture_output=True, text=True, check=True
+    ).stdout.split()
+    before, peak, state_mib, version = map(float, out)
+    assert version == 1_000_000
+    return {
+        "before_mib": before,
+        "peak_mib": peak,
+        "state_mib": state_mib,
+        "added_mib": peak - before,
+    }
+
+
+def run() -> dict[str, Any]:
+    """Every restore figure, keyed by ``"<backend> <events>"``, plus ``memory``."""
+    results: dict[str, Any] = {}
+    with sqlite_file() as ours, sqlite_file() as peer_path:
+        url = f"sqlite:///{ours}"
+        results |= _measure(
+            "SQLite", url, SQLITE_SIZES, {"backend": "sqlite", "sqlite_path": str(peer_path)}
+        )
+        results["memory"] = _memory(url)
+    if pg_available():
+        with pg_schema() as (_, url), pg_schema() as (peer_schema, _):
+            results |= _measure(
+                "PostgreSQL", url, PG_SIZES, {"backend": "postgresql", "pg_schema": peer_schema}
+            )
+    return results
