@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from datetime import UTC, timedelta
 from pathlib import Path
@@ -24,6 +25,7 @@ from eventctx import (
     SessionNotFoundError,
     StorageError,
 )
+from eventctx.events import RecordedEvent as RecordedEventT
 from eventctx.store import Head
 from eventctx.store.core import READ_CHUNK
 
@@ -356,3 +358,41 @@ def test_upgrade_of_a_version_1_postgresql_schema(pg_url: str) -> None:
         store.append("s", [created(), key_set("a", 1)])
         assert store.take_named_lease("compaction", "me", timedelta(seconds=1)) is None
         assert store.verify("s") == 2
+
+
+def test_group_commit_keeps_each_callers_result_and_refusals_apart(store: EventStore) -> None:
+    """Racing threads share transactions; each gets exactly its own events back, and a
+    refused conditional append in a group leaves the others committed."""
+    for sid in ("a", "b"):
+        store.append(sid, [created()])
+    results: dict[str, list[RecordedEventT]] = {}
+    refused: list[Exception] = []
+
+    def writer(tag: str, sid: str) -> None:
+        mine: list[RecordedEventT] = []
+        for i in range(40):
+            events = [key_set(f"{tag}-{i}-{j}", j) for j in range(1 + i % 3)]
+            mine += store.append(sid, events)
+            if i % 10 == 0:
+                try:
+                    store.append(sid, [key_set("never", 0)], expected_version=1)
+                except ConcurrencyError as exc:
+                    refused.append(exc)
+        results[tag] = mine
+
+    threads = [threading.Thread(target=writer, args=(f"t{n}", "ab"[n % 2])) for n in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(refused) == 6 * 4
+    stored = {(e.session_id, e.version): e for sid in "ab" for e in store.read(sid)}
+    for sid in "ab":
+        assert [v for s, v in stored if s == sid] == list(
+            range(1, len([1 for s, _ in stored if s == sid]) + 1)
+        )
+        assert store.verify(sid) == max(v for s, v in stored if s == sid)
+    for tag, mine in results.items():
+        assert all(e.key is not None and e.key.startswith(tag) for e in mine)
+        assert all(stored[(e.session_id, e.version)] == e for e in mine)
+    assert not any(e.key == "never" for e in stored.values())

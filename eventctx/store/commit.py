@@ -1,11 +1,13 @@
 """Group commit: appends that arrive while a commit is in flight share the next transaction.
 
-The first caller becomes the leader: it takes every queued append, runs each inside its own
-savepoint (so one refused append does not undo the others) in one transaction on the store's
-writer connection, commits once, hands every caller its result, and wakes them. Each caller
-returns only after the transaction holding its events has committed, so durability is that of
-one append per transaction, at the cost of one commit for the whole group. Alone, an append
-runs without a savepoint: one transaction, three statements.
+The first caller becomes the leader: it takes every queued append, runs them one after the
+other in one transaction on the store's writer connection (consecutive blind appends to one
+session as a single append), commits once, hands every caller its result, and wakes them.
+Each caller returns only after the transaction holding its events
+has committed, so durability is that of one append per transaction, at the cost of one commit
+for the whole group. An append that is refused (a version conflict, a missing or expired
+session) is refused before it changes anything, so the others go on without it; a driver
+error fails the whole group, and nothing of it is committed.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from eventctx.store.dialect import Cursor, Dialect
 __all__ = ["AppendRequest", "GroupCommitter", "Head"]
 
 log = logging.getLogger("eventctx")
+_HEADS_KEPT = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +68,8 @@ class GroupCommitter:
         self._queue: list[AppendRequest] = []
         self._leading = False
         self._conn: Any = None
+        self._heads: dict[str, Head] = {}
+        """Heads this committer last wrote, a better hint than a caller's when writers race."""
 
     def submit(self, request: AppendRequest) -> list[RecordedEvent]:
         """Append ``request`` (in the next group to commit) and return its recorded events."""
@@ -98,7 +103,6 @@ class GroupCommitter:
             conn.close()
 
     def _commit(self, batch: list[AppendRequest]) -> None:
-        single = len(batch) == 1
         try:
             with self._dialect.translate_errors():
                 conn = self._conn or self._engine.raw_connection()
@@ -106,17 +110,15 @@ class GroupCommitter:
                 cur = conn.cursor()
                 try:
                     self._dialect.begin_write(cur)
-                    heads: dict[str, Head] = {}
-                    for request in batch:
-                        if single:
-                            request.result = self._apply(cur, request, heads)
-                        else:
-                            self._apply_in_savepoint(cur, request, heads)
+                    heads = dict(self._heads)
+                    for unit in _units(batch):
+                        self._apply_unit(cur, unit, heads)
                     conn.commit()
+                    self._remember(heads)
                 except BaseException:
                     self._rollback(conn)
                     raise
-        except BaseException as exc:  # nothing of the group was committed
+        except BaseException as exc:  # a driver error: nothing of the group was committed
             for request in batch:
                 request.result, request.error = None, request.error or exc
             return
@@ -127,17 +129,30 @@ class GroupCommitter:
                 except Exception:
                     log.exception("after-commit callback failed; the events are committed")
 
-    def _apply_in_savepoint(
-        self, cur: Cursor, request: AppendRequest, heads: dict[str, Head]
-    ) -> None:
-        cur.execute("SAVEPOINT eventctx_append")
+    def _remember(self, heads: dict[str, Head]) -> None:
+        if len(heads) > _HEADS_KEPT:  # keep the most recently written ones
+            heads = dict(list(heads.items())[-_HEADS_KEPT // 2 :])
+        self._heads = heads
+
+    def _apply_unit(self, cur: Cursor, unit: list[AppendRequest], heads: dict[str, Head]) -> None:
+        """Append a unit (one request, or blind appends to one session merged into one)."""
+        first = unit[0]
+        merged = first
+        if len(unit) > 1:
+            events = [event for request in unit for event in request.events]
+            merged = AppendRequest(first.session_id, events, None, first.head, None)
         try:
-            with self._dialect.translate_errors():
-                request.result = self._apply(cur, request, heads)
+            recorded = self._apply(cur, merged, heads)
         except EventCtxError as exc:
-            cur.execute("ROLLBACK TO SAVEPOINT eventctx_append")
-            request.error = exc
-        cur.execute("RELEASE SAVEPOINT eventctx_append")
+            # Refusals are decided before the append changes anything (driver errors are not
+            # EventCtxErrors yet here), so the rest of the group goes on.
+            for request in unit:
+                request.error = exc
+            return
+        start = 0
+        for request in unit:
+            request.result = recorded[start : start + len(request.events)]
+            start += len(request.events)
 
     def _rollback(self, conn: Any) -> None:
         try:
@@ -145,3 +160,21 @@ class GroupCommitter:
         except Exception:
             conn.invalidate()  # broken: the next group opens a fresh connection
             self._conn = None
+
+
+def _units(batch: list[AppendRequest]) -> list[list[AppendRequest]]:
+    """Split a group into units: consecutive blind appends to one session become one append
+    (one head-row update, one insert of all their events); anything else stands alone."""
+    units: list[list[AppendRequest]] = []
+    for request in batch:
+        last = units[-1][0] if units else None
+        same = last is not None and last.session_id == request.session_id
+        if same and _blind(request) and _blind(last):  # type: ignore[arg-type]
+            units[-1].append(request)
+            continue
+        units.append([request])
+    return units
+
+
+def _blind(request: AppendRequest) -> bool:
+    return request.expected_version is None and request.events[0].type != "ContextCreated"

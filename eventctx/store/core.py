@@ -311,7 +311,7 @@ class EventStore:
         if events[0].type == "ContextCreated":
             rows = self._create_head(cur, session_id, events, now)
         else:
-            head = heads.get(session_id, request.head)
+            head = heads.get(session_id, request.head)  # the committer's own is fresher
             rows = self._advance_head(cur, session_id, events, now, request.expected_version, head)
         positions = self._dialect.insert_events(cur, self._sql, rows)
         last = rows[-1]

@@ -27,7 +27,7 @@ def _ctx_runner(manager: ContextManager, batch: int, times: int) -> Callable[[],
     value = PAYLOAD["value"]
 
     def run() -> None:
-        ctx = manager.create_context(f"t{next(sessions)}")
+        ctx = manager.create_context(f"t{batch}-{next(sessions)}")
         if batch == 1:
             for i in range(times):
                 ctx.set(f"k{i % 200}", value)
