@@ -50,7 +50,10 @@ class Limits:
 
 
 class Gate:
-    """Lets operations run until closed; closing waits for those in flight to finish."""
+    """Lets operations run until closed; closing waits for those in flight to finish.
+
+    ``with gate:`` is one operation (a plain context manager: it is on every write's path).
+    """
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
@@ -62,19 +65,16 @@ class Gate:
         if self.closed:
             raise EventCtxError("manager stopped: start a new ContextManager to continue")
 
-    @contextmanager
-    def operation(self) -> Iterator[None]:
-        """Run one operation; refused once closed."""
+    def __enter__(self) -> None:
         with self._cond:
             self.check()
             self._inflight += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._inflight -= 1
-                if not self._inflight:
-                    self._cond.notify_all()
+
+    def __exit__(self, *exc: object) -> None:
+        with self._cond:
+            self._inflight -= 1
+            if not self._inflight:
+                self._cond.notify_all()
 
     def close(self) -> None:
         """Refuse new operations and wait for those in flight."""
@@ -350,7 +350,7 @@ class PluginContext:
 
     def refresh(self) -> None:
         """Catch up with writes other processes appended since this object last saw the log."""
-        with self._runtime.gate.operation(), self._lock:
+        with self._runtime.gate, self._lock:
             self._usable()
             head = self._runtime.store.session(self._session_id)
             self._sync(head)
@@ -362,7 +362,7 @@ class PluginContext:
         leader folds every member's events in commit order, taking each context's lock.
         """
         runtime = self._runtime
-        with runtime.gate.operation():
+        with runtime.gate:
             with self._lock:
                 self._usable()
                 state = self._state

@@ -156,7 +156,7 @@ class ContextManager:
         """Create a session (SessionExistsError if it is live); a deleted id may be reused."""
         ttl_ms = self._ttl_ms if isinstance(ttl, _Default) else _ttl_ms(ttl)
         runtime = self._runtime
-        with runtime.gate.operation():
+        with runtime.gate:
             created = NewEvent.create("ContextCreated", {"ttl_ms": ttl_ms})
             recorded = runtime.store.append(session_id, [created])
             ctx = PluginContext(
@@ -176,7 +176,7 @@ class ContextManager:
         deleted session, SessionExpiredError for one past its ttl.
         """
         runtime = self._runtime
-        with runtime.gate.operation():
+        with runtime.gate:
             head = runtime.store.touch(session_id)
             if head is None or head.status != "active":
                 self._evict(session_id)
@@ -228,7 +228,7 @@ class ContextManager:
         """Delete a session: append ContextDeleted, keeping its history, or with ``purge``
         remove every row of it. SessionNotFoundError if there is no such live session."""
         runtime = self._runtime
-        with runtime.gate.operation():
+        with runtime.gate:
             if purge:
                 if runtime.store.purge(session_id) == 0:
                     raise SessionNotFoundError(f"session {session_id!r} does not exist")
@@ -239,7 +239,7 @@ class ContextManager:
     def cleanup_expired(self, *, dry_run: bool = False) -> CompactionReport:
         """Remove every session whose last activity is older than its ttl (what the
         scheduled job runs); see ``eventctx.compaction``. Their contexts here are closed."""
-        with self._runtime.gate.operation():
+        with self._runtime.gate:
             report = compact(self._runtime.store, dry_run=dry_run)
         if not dry_run:
             for session_id in report.sessions:
@@ -264,7 +264,7 @@ class ContextManager:
 
     def sessions(self) -> list[SessionInfo]:
         """Every live session, ordered by id."""
-        with self._runtime.gate.operation():
+        with self._runtime.gate:
             heads = self._runtime.store.sessions()
         return [
             SessionInfo(

@@ -68,6 +68,7 @@ class GroupCommitter:
         self._queue: list[AppendRequest] = []
         self._leading = False
         self._conn: Any = None
+        self._cur: Any = None
         self._heads: dict[str, Head] = {}
         """Heads this committer last wrote, a better hint than a caller's when writers race."""
 
@@ -105,9 +106,10 @@ class GroupCommitter:
     def _commit(self, batch: list[AppendRequest]) -> None:
         try:
             with self._dialect.translate_errors():
-                conn = self._conn or self._engine.raw_connection()
-                self._conn = conn
-                cur = conn.cursor()
+                if self._conn is None:  # the pool's connection, kept; its driver's used directly
+                    self._conn = self._engine.raw_connection()
+                    self._cur = self._conn.driver_connection.cursor()
+                conn, cur = self._conn.driver_connection, self._cur
                 try:
                     self._dialect.begin_write(cur)
                     heads = dict(self._heads)
@@ -158,7 +160,7 @@ class GroupCommitter:
         try:
             conn.rollback()
         except Exception:
-            conn.invalidate()  # broken: the next group opens a fresh connection
+            self._conn.invalidate()  # broken: the next group opens a fresh connection
             self._conn = None
 
 
