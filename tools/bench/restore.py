@@ -133,15 +133,17 @@ def _measure(
 def _memory(url: str) -> dict[str, float]:
     """Peak RSS while a fresh process replays the 1M-event session, beyond the final state."""
     script = (
-        "import resource, sys\n"
+        "import sys\n"
         "from eventctx import EventStore\n"
         "from eventctx.state import fold\n"
+        "def status(field):  # kB; VmHWM is this process's peak (ru_maxrss survives exec)\n"
+        "    for line in open('/proc/self/status'):\n"
+        "        if line.startswith(field):\n"
+        "            return int(line.split()[1]) / 1024\n"
         "store = EventStore.open(sys.argv[1])\n"
-        "rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
-        "before = rss()\n"
+        "before = status('VmRSS')\n"
         "state = fold(store.read('h1000000'))\n"
-        "peak = rss()\n"
-        "print(before, peak, len(state.encode()) / 2**20, state.version)\n"
+        "print(before, status('VmHWM'), len(state.encode()) / 2**20, state.version)\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", script, url], capture_output=True, text=True, check=True
