@@ -14,6 +14,8 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 
+from eventctx import ContextManager
+
 DEFAULT_PG = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 PG_URL = os.environ.get("EVENTCTX_TEST_POSTGRES_URL", DEFAULT_PG)
 REQUIRE_PG = os.environ.get("EVENTCTX_REQUIRE_POSTGRES") == "1"
@@ -91,3 +93,10 @@ def pg_url() -> Iterator[str]:
         pytest.skip(problem)
     with _pg_schema() as url:
         yield url
+
+
+@pytest.fixture
+def manager(db_url: str) -> Iterator[ContextManager]:
+    """A started ContextManager on the backend under test."""
+    with ContextManager(db_url) as m:
+        yield m

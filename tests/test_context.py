@@ -8,7 +8,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -32,12 +32,6 @@ from eventctx import (
 )
 
 WORKERS = str(Path(__file__).with_name("workers.py"))
-
-
-@pytest.fixture
-def manager(db_url: str) -> Iterator[ContextManager]:
-    with ContextManager(db_url) as m:
-        yield m
 
 
 def events_of(manager: ContextManager, session_id: str) -> list[eventctx.RecordedEvent]:
@@ -228,6 +222,15 @@ def test_four_processes_times_150_sets(manager: ContextManager, db_url: str) -> 
     assert manager.store.verify("race") == 601
 
 
+def run_threads(writer: Callable[[str], None], count: int) -> None:
+    """Run ``writer(tag)`` in ``count`` threads at once and wait for them."""
+    threads = [threading.Thread(target=writer, args=(f"t{n}",)) for n in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 def test_threads_share_one_context(manager: ContextManager) -> None:
     ctx = manager.create_context("s")
 
@@ -235,11 +238,7 @@ def test_threads_share_one_context(manager: ContextManager) -> None:
         for i in range(150):
             ctx.set(f"{tag}-{i}", i)
 
-    threads = [threading.Thread(target=writer, args=(f"t{n}",)) for n in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_threads(writer, 4)
     assert len(ctx) == 600 and ctx.version == 601
     assert [e.version for e in events_of(manager, "s")] == list(range(1, 602))
 
@@ -253,11 +252,7 @@ def test_threads_with_their_own_managers(db_url: str, manager: ContextManager) -
             for i in range(150):
                 ctx.set(f"{tag}-{i}", i)
 
-    threads = [threading.Thread(target=writer, args=(f"t{n}",)) for n in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_threads(writer, 4)
     ctx = manager.get_context("s")
     assert len(ctx) == 600 and ctx.version == 601
     assert manager.store.verify("s") == 601

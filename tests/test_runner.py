@@ -9,7 +9,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -30,12 +29,6 @@ from eventctx import (
 )
 
 WORKERS = str(Path(__file__).with_name("workers.py"))
-
-
-@pytest.fixture
-def manager(db_url: str) -> Iterator[ContextManager]:
-    with ContextManager(db_url) as m:
-        yield m
 
 
 def log(manager: ContextManager, session_id: str) -> list[RecordedEvent]:
