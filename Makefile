@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[postgres,dev]'
+	$(BIN)/python -m pip install --quiet -e '.[postgres,dev,bench]'
 	@rm -f $(VENV)/.installed-*
 	@touch $(STAMP)
 
@@ -25,7 +25,6 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 bench: $(STAMP)
-	$(BIN)/python -m pip install --quiet -e '.[postgres,dev,bench]'
 	$(BIN)/python -m tools.bench
 
 schema: $(STAMP)
