@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections import ChainMap
+from collections.abc import Callable, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,7 +54,7 @@ class AppendRequest:
     done: bool = field(default=False)
 
 
-Apply = Callable[[Cursor, AppendRequest, dict[str, Head]], list[RecordedEvent]]
+Apply = Callable[[Cursor, AppendRequest, MutableMapping[str, Head]], list[RecordedEvent]]
 """Runs one append inside the open transaction; updates the batch's view of session heads."""
 
 
@@ -112,11 +113,12 @@ class GroupCommitter:
                 conn, cur = self._conn.driver_connection, self._cur
                 try:
                     self._dialect.begin_write(cur)
-                    heads = dict(self._heads)
+                    written: dict[str, Head] = {}  # this group's, kept only if it commits
+                    heads = ChainMap(written, self._heads)
                     for unit in _units(batch):
                         self._apply_unit(cur, unit, heads)
                     conn.commit()
-                    self._remember(heads)
+                    self._remember(written)
                 except BaseException:
                     self._rollback(conn)
                     raise
@@ -131,12 +133,17 @@ class GroupCommitter:
                 except Exception:
                     log.exception("after-commit callback failed; the events are committed")
 
-    def _remember(self, heads: dict[str, Head]) -> None:
-        if len(heads) > _HEADS_KEPT:  # keep the most recently written ones
-            heads = dict(list(heads.items())[-_HEADS_KEPT // 2 :])
-        self._heads = heads
+    def _remember(self, written: dict[str, Head]) -> None:
+        heads = self._heads
+        for session_id, head in written.items():
+            heads.pop(session_id, None)  # re-inserted last: the dict stays in write order
+            heads[session_id] = head
+        if len(heads) > _HEADS_KEPT:  # forget the least recently written half
+            self._heads = dict(list(heads.items())[-_HEADS_KEPT // 2 :])
 
-    def _apply_unit(self, cur: Cursor, unit: list[AppendRequest], heads: dict[str, Head]) -> None:
+    def _apply_unit(
+        self, cur: Cursor, unit: list[AppendRequest], heads: MutableMapping[str, Head]
+    ) -> None:
         """Append a unit (one request, or blind appends to one session merged into one)."""
         first = unit[0]
         merged = first

@@ -8,7 +8,7 @@ version check: writers to one session queue on that row) and then inserts the ev
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, MutableMapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -303,7 +303,7 @@ class EventStore:
         return self._committer.submit(request)
 
     def _apply_append(
-        self, cur: Cursor, request: AppendRequest, heads: dict[str, Head]
+        self, cur: Cursor, request: AppendRequest, heads: MutableMapping[str, Head]
     ) -> list[RecordedEvent]:
         """One append inside the group's transaction: head row first, then the events."""
         session_id, events = request.session_id, request.events
