@@ -141,9 +141,13 @@ class _Compactor:
         for upto in range(self.chunk, version, self.chunk):
             if not self._renew():
                 return False  # marked: the next run finishes it
-            self.report.events_removed += self.store.delete_events_upto(session_id, upto)
-        events, snapshots = self.store.finish_removal(session_id)
-        self.report.events_removed += events
-        self.report.snapshots_removed += snapshots
-        self.report.sessions.append(session_id)
+            removed = self.store.delete_events_upto(session_id, upto)
+            if removed is None:  # purged meanwhile (and perhaps created again): not ours now
+                return True
+            self.report.events_removed += removed
+        finished = self.store.finish_removal(session_id)
+        if finished is not None:
+            self.report.events_removed += finished[0]
+            self.report.snapshots_removed += finished[1]
+            self.report.sessions.append(session_id)
         return True

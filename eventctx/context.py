@@ -383,6 +383,8 @@ class PluginContext:
                     ) from exc
                 raise
             with self._lock:
+                if self._gone is not None:
+                    return  # deleted meanwhile: no snapshot of a session that is gone
                 self._policy.after_append(
                     runtime.store,
                     self._session_id,
@@ -394,12 +396,17 @@ class PluginContext:
     def _committed(self, recorded: list[RecordedEvent]) -> None:
         """Fold events this object appended, once committed (called in commit order)."""
         with self._lock:
-            first = recorded[0].version
-            if first <= self._state.version:  # already folded by a catch-up: nothing to do
-                return
-            if first != self._state.version + 1:  # another process got in first: fold its too
-                self._catch_up(first - 1)
-            advance(self._state, recorded)
+            first, last = recorded[0], recorded[-1]
+            state = self._state
+            if first.version == state.version + 1:
+                advance(state, recorded)  # the usual case: right after what this object saw
+            elif state.version == last.version and state.head_hash == last.hash:
+                return  # a catch-up already folded them
+            elif first.version > state.version + 1:  # another writer got in first
+                self._catch_up(first.version - 1)
+                advance(self._state, recorded)
+            else:  # the session was purged and created anew elsewhere, or we are confused
+                self._reload()
 
     def _outlived_ttl(self) -> bool:
         """Whether the session's ttl ran out since the last activity this object saw."""
@@ -417,8 +424,22 @@ class PluginContext:
         if self._state.version != version:
             self._state = restore(store, self._session_id, version)[0]
 
-    def _sync(self, head: Any) -> None:
-        """Follow the head row ``head`` (a SessionHead or None); called under the lock."""
+    def _reload(self) -> None:
+        """Restore the state afresh at the session's current head; called under the lock."""
+        head = self._runtime.store.session(self._session_id)
+        if head is not None and head.status == "active":
+            self._state = restore(
+                self._runtime.store, self._session_id, head.version, head.head_hash
+            )[0]
+
+    def _sync(self, head: Any, *, fresh: bool = True) -> None:
+        """Follow the head row ``head`` (a SessionHead or None); called under the lock.
+
+        ``fresh`` says ``head`` was read under this lock; one read before may be older than
+        what this object has folded since, and is read again before anything moves back.
+        """
+        if not fresh and head is not None and head.version < self._state.version:
+            head = self._runtime.store.session(self._session_id)
         if head is None or head.status != "active":
             self._forget(f"session {self._session_id!r} was deleted or removed")
             raise SessionNotFoundError(f"session {self._session_id!r} was deleted or removed")

@@ -192,7 +192,7 @@ class ContextManager:
                 ctx = self._contexts.get(session_id)
             if ctx is not None:
                 with ctx._lock:
-                    ctx._sync(head)
+                    ctx._sync(head, fresh=False)
                 return ctx
             state, size, tail = restore(runtime.store, session_id, head.version, head.head_hash)
             fresh = PluginContext(

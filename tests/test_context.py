@@ -437,3 +437,24 @@ def test_sigkill_loses_no_acknowledged_write(manager: ContextManager, db_url: st
     assert all(data[f"k{i}"] == i for i in range(acknowledged + 1))
     assert ctx.version in (acknowledged + 2, acknowledged + 3)  # at most one unacknowledged
     assert manager.store.verify("killed") == ctx.version
+
+
+def test_a_write_after_the_session_was_purged_and_created_elsewhere(db_url: str) -> None:
+    with ContextManager(db_url, cleanup_interval=None) as manager:
+        ctx = manager.create_context("s")
+        ctx.update({"a": 1, "b": 2})
+        with EventStore.open(db_url) as other:  # another process purges and creates it anew
+            other.purge("s")
+            other.append("s", [eventctx.NewEvent.create("ContextCreated", {"ttl_ms": None})])
+        ctx.set("y", 1)  # lands at version 2 of the new session
+        assert ctx.version == 2 and ctx.to_dict() == {"y": 1}
+
+
+def test_get_context_never_moves_a_context_back(manager: ContextManager) -> None:
+    ctx = manager.create_context("s")
+    ctx.set("a", 1)
+    seen_by_get_context = manager.store.touch("s")  # read before another thread's write...
+    ctx.set("x", 1)  # ...commits and is folded in
+    with ctx._lock:  # what get_context then does with the head it read
+        ctx._sync(seen_by_get_context, fresh=False)
+    assert ctx.version == 3 and ctx.get("x") == 1

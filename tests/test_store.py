@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, timedelta
 from pathlib import Path
@@ -27,7 +28,8 @@ from eventctx import (
 )
 from eventctx.events import RecordedEvent as RecordedEventT
 from eventctx.store import Head
-from eventctx.store.core import READ_CHUNK
+from eventctx.store.commit import AppendRequest, _units
+from eventctx.store.core import READ_CHUNK, now_us
 
 WORKERS = str(Path(__file__).with_name("workers.py"))
 
@@ -396,3 +398,38 @@ def test_group_commit_keeps_each_callers_result_and_refusals_apart(store: EventS
         assert all(e.key is not None and e.key.startswith(tag) for e in mine)
         assert all(stored[(e.session_id, e.version)] == e for e in mine)
     assert not any(e.key == "never" for e in stored.values())
+
+
+def test_a_group_never_merges_a_delete_with_writes() -> None:
+    def request(session: str, *events: NewEvent, expected: int | None = None) -> AppendRequest:
+        return AppendRequest(session, list(events), expected, None, None)
+
+    delete = request("a", NewEvent.create("ContextDeleted"))
+    batch = [
+        request("b", key_set("x", 1)),
+        request("a", key_set("x", 1)),
+        request("a", key_set("y", 2)),
+        delete,
+        request("a", key_set("z", 3)),
+        request("a", key_set("w", 4), expected=7),
+    ]
+    units = _units(sorted(batch, key=lambda r: r.session_id))
+    assert [[r.session_id for r in unit] for unit in units] == [
+        ["a", "a"],  # two blind writes share one append
+        ["a"],  # the delete stands alone: its writes after it must be refused
+        ["a"],
+        ["a"],  # a conditional write stands alone
+        ["b"],
+    ]
+    assert units[1] == [delete]
+
+
+def test_compaction_leaves_a_purged_and_recreated_session_alone(store: EventStore) -> None:
+    store.append("s", [NewEvent.create("ContextCreated", {"ttl_ms": 1}), key_set("old", 1)])
+    time.sleep(0.01)
+    assert store.mark_expiring("s", now_us())
+    store.purge("s")  # meanwhile: purged and created again
+    store.append("s", [created(ttl_ms=None), key_set("new", 2)])
+    assert store.delete_events_upto("s", 1) is None
+    assert store.finish_removal("s") is None
+    assert [e.key for e in store.read("s")] == [None, "new"] and store.verify("s") == 2

@@ -17,7 +17,7 @@ import threading
 from collections import ChainMap
 from collections.abc import Callable, MutableMapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from sqlalchemy.engine import Engine
 
@@ -115,7 +115,9 @@ class GroupCommitter:
                     self._dialect.begin_write(cur)
                     written: dict[str, Head] = {}  # this group's, kept only if it commits
                     heads = ChainMap(written, self._heads)
-                    for unit in _units(batch):
+                    # By session (each one's own order kept): every group, and compaction, locks
+                    # head rows in the same order, so two processes never deadlock on them.
+                    for unit in _units(sorted(batch, key=_session_of)):
                         self._apply_unit(cur, unit, heads)
                     conn.commit()
                     self._remember(written)
@@ -186,4 +188,14 @@ def _units(batch: list[AppendRequest]) -> list[list[AppendRequest]]:
 
 
 def _blind(request: AppendRequest) -> bool:
-    return request.expected_version is None and request.events[0].type != "ContextCreated"
+    """Unconditional, and neither creating nor deleting: it only adds to a live session."""
+    if request.expected_version is not None:
+        return False
+    return all(event.type not in _LIFECYCLE for event in request.events)
+
+
+_LIFECYCLE: Final = frozenset({"ContextCreated", "ContextDeleted"})
+
+
+def _session_of(request: AppendRequest) -> str:
+    return request.session_id

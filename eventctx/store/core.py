@@ -520,7 +520,7 @@ class EventStore:
         events = snapshots = 0
         sql = self._sql
         with self._transaction(write=True) as cur:
-            for session_id in session_ids:
+            for session_id in sorted(session_ids):  # the committer's lock order: no deadlock
                 params = {"session_id": session_id, "now": now, "expiring": EXPIRING}
                 cur.execute(sql.mark_expiring, params)
                 if cur.rowcount != 1:
@@ -543,22 +543,35 @@ class EventStore:
             )
             return bool(cur.rowcount == 1)
 
-    def delete_events_upto(self, session_id: str, version: int) -> int:
-        """Delete a marked session's events up to ``version`` (one bounded transaction)."""
+    def delete_events_upto(self, session_id: str, version: int) -> int | None:
+        """Delete a marked session's events up to ``version`` (one bounded transaction);
+        None, deleting nothing, if the session is no longer being removed (purged, and
+        perhaps created again)."""
         with self._transaction(write=True) as cur:
+            if not self._still_expiring(cur, session_id):
+                return None
             cur.execute(self._sql.delete_events_upto, {"session_id": session_id, "upto": version})
             return int(cur.rowcount)
 
-    def finish_removal(self, session_id: str) -> tuple[int, int]:
-        """Remove the rest of a marked session: (events, snapshots) removed."""
+    def finish_removal(self, session_id: str) -> tuple[int, int] | None:
+        """Remove the rest of a marked session: (events, snapshots) removed, or None if it is
+        no longer being removed."""
         params = {"session_id": session_id, "expiring": EXPIRING}
         with self._transaction(write=True) as cur:
+            if not self._still_expiring(cur, session_id):
+                return None
             cur.execute(self._sql.delete_events, params)
             events = int(cur.rowcount)
             cur.execute(self._sql.delete_snapshots, params)
             snapshots = int(cur.rowcount)
             cur.execute(self._sql.delete_expiring_head, params)
         return events, snapshots
+
+    def _still_expiring(self, cur: Cursor, session_id: str) -> bool:
+        """Lock the head row and tell whether compaction still owns the session."""
+        cur.execute(self._sql.head_for_update, {"session_id": session_id})
+        row = cur.fetchone()
+        return row is not None and row[3] == EXPIRING
 
     def save_snapshot(
         self, session_id: str, version: int, fold_version: int, head_hash: bytes, state: bytes
