@@ -30,6 +30,7 @@ from eventctx import (
     SessionExpiredError,
     SessionNotFoundError,
 )
+from eventctx.state import FOLD_VERSION
 
 WORKERS = str(Path(__file__).with_name("workers.py"))
 
@@ -458,3 +459,20 @@ def test_get_context_never_moves_a_context_back(manager: ContextManager) -> None
     with ctx._lock:  # what get_context then does with the head it read
         ctx._sync(seen_by_get_context, fresh=False)
     assert ctx.version == 3 and ctx.get("x") == 1
+
+
+def test_a_snapshot_of_an_earlier_history_is_never_used(db_url: str) -> None:
+    with ContextManager(db_url, cleanup_interval=None) as manager:
+        ctx = manager.create_context("s")
+        ctx.update({"old": 1, "older": 2})
+        stale = ctx._state.encode()
+        head = manager.store.session("s")
+        assert head is not None
+        manager.delete_context("s", purge=True)
+        again = manager.create_context("s")
+        again.update({"new": 1, "newer": 2})  # the same version as the stale snapshot
+        store = manager.store
+        store.save_snapshot("s", head.version, FOLD_VERSION, head.head_hash, stale)
+        again.set("newest", 3)  # a tail after it, whose last hash is the head's
+    with ContextManager(db_url, cleanup_interval=None) as manager:
+        assert manager.get_context("s").to_dict() == {"new": 1, "newer": 2, "newest": 3}

@@ -190,8 +190,18 @@ class Statements:
                 | {"state": bindparam("state"), "created_at": bindparam("now")}
             )
         )
+        # A snapshot counts only while the event at its version still has the chain hash it
+        # was taken at: one of a purged (or otherwise rewritten) history is never used.
         self.latest_snapshot = c(
             sa.select(sn.c.version, sn.c.head_hash, sn.c.state)
+            .join(
+                ev,
+                sa.and_(
+                    ev.c.session_id == sn.c.session_id,
+                    ev.c.version == sn.c.version,
+                    ev.c.hash == sn.c.head_hash,
+                ),
+            )
             .where(
                 sn.c.session_id == sid,
                 sn.c.fold_version == bindparam("fold_version"),
