@@ -343,10 +343,17 @@ class EventStore:
         rows = _chain(session_id, events, Head(0, GENESIS_HASH, now), now)
         params = _head_params(session_id, rows, events)
         params["ttl_ms"] = events[0].payload.get("ttl_ms")
-        cur.execute(self._sql.insert_head, params)
-        if cur.rowcount == 1:
-            return rows
-        found, status = self._locked_head(cur, session_id, now)
+        while True:
+            cur.execute(self._sql.insert_head, params)
+            if cur.rowcount == 1:
+                return rows
+            try:
+                found, status = self._locked_head(cur, session_id, now)
+                break
+            except SessionNotFoundError:
+                # PostgreSQL: the row our INSERT ran into was deleted (compaction, a purge) and
+                # committed before we could lock it. Nothing is in the way now: insert again.
+                continue
         if status == ACTIVE:
             raise SessionExistsError(
                 f"session {session_id!r} already exists; use get_context to open it"
