@@ -645,17 +645,9 @@ class EventStore:
         while the caller iterates, and the history is never materialised whole.
         """
         check_session_id(session_id)
-        params: dict[str, Any] = {
-            "session_id": session_id,
-            "low": from_version,
-            "high": _NO_UPPER if to_version is None else to_version,
-            "limit": READ_CHUNK,
-        }
-        while True:
-            with self._transaction(write=False) as cur:
-                cur.execute(self._sql.read_chunk, params)
-                rows = cur.fetchall()
-            make, loads = tuple.__new__, orjson.loads  # the hot path of every restore
+        high = _NO_UPPER if to_version is None else to_version
+        make, loads = tuple.__new__, orjson.loads  # the hot path of every restore
+        for rows in self._pages(self._sql.read_chunk, session_id, from_version, high, 1):
             for position, version, type_, key, phase, execution_id, payload, at, hash_ in rows:
                 yield make(
                     RecordedEvent,
@@ -672,9 +664,27 @@ class EventStore:
                         hash_ if type(hash_) is bytes else bytes(hash_),
                     ),
                 )
+
+    def _pages(
+        self, sql: str, session_id: str, low: int, high: int, version_at: int
+    ) -> Iterator[Sequence[Any]]:
+        """Rows of ``sql`` for versions ``low``..``high`` in version order, a chunk at a time,
+        each chunk in its own short transaction (``version_at``: the version's column)."""
+        params: dict[str, Any] = {
+            "session_id": session_id,
+            "low": low,
+            "high": high,
+            "limit": READ_CHUNK,
+        }
+        while True:
+            with self._transaction(write=False) as cur:
+                cur.execute(sql, params)
+                rows = cur.fetchall()
+            if rows:
+                yield rows
             if len(rows) < READ_CHUNK:
                 return
-            params["low"] = rows[-1][1] + 1
+            params["low"] = rows[-1][version_at] + 1
 
     def verify(self, session_id: str) -> int:
         """Recompute a session's hash chain; return the events checked or raise IntegrityError.
@@ -685,17 +695,8 @@ class EventStore:
         found = self.session(session_id)
         if found is None:
             raise SessionNotFoundError(f"session {session_id!r} does not exist")
-        params: dict[str, Any] = {
-            "session_id": session_id,
-            "low": 1,
-            "high": _NO_UPPER,
-            "limit": READ_CHUNK,
-        }
         expected_version, prev = 1, GENESIS_HASH
-        while True:
-            with self._transaction(write=False) as cur:
-                cur.execute(self._sql.read_chain, params)
-                rows = cur.fetchall()
+        for rows in self._pages(self._sql.read_chain, session_id, 1, _NO_UPPER, 0):
             for version, type_, key, phase, execution_id, payload, at, hash_, prev_hash in rows:
                 where = f"session {session_id!r} version {version}"
                 if version != expected_version:
@@ -708,9 +709,6 @@ class EventStore:
                 if prev != bytes(hash_):
                     raise IntegrityError(f"{where}: stored hash does not match its contents")
                 expected_version += 1
-            if len(rows) < READ_CHUNK:
-                break
-            params["low"] = rows[-1][0] + 1
         checked = expected_version - 1
         if checked != found.version or prev != found.head_hash:
             raise IntegrityError(
