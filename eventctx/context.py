@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, suppress
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
@@ -37,6 +37,7 @@ from eventctx.store.core import now_us
 __all__ = ["Limits", "PhaseScope", "PluginContext", "Runtime", "current_context", "use_context"]
 
 M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
 _MISSING: Final = object()
 _CONTAINERS: Final = (dict, list)
 
@@ -111,13 +112,18 @@ _current: ContextVar[PluginContext | None] = ContextVar("eventctx_context", defa
 
 
 @contextmanager
-def phase_scope(scope: PhaseScope) -> Iterator[PhaseScope]:
-    """Mark ``scope`` as the running phase for the duration of the block."""
-    token = _phase.set(scope)
+def _bound(var: ContextVar[T | None], value: T) -> Iterator[T]:
+    """Set ``var`` to ``value`` for the duration of the block."""
+    token = var.set(value)
     try:
-        yield scope
+        yield value
     finally:
-        _phase.reset(token)
+        var.reset(token)
+
+
+def phase_scope(scope: PhaseScope) -> AbstractContextManager[PhaseScope]:
+    """Mark ``scope`` as the running phase for the duration of the block."""
+    return _bound(_phase, scope)
 
 
 def active_phase() -> PhaseScope | None:
@@ -125,14 +131,9 @@ def active_phase() -> PhaseScope | None:
     return _phase.get()
 
 
-@contextmanager
-def use_context(ctx: PluginContext) -> Iterator[PluginContext]:
+def use_context(ctx: PluginContext) -> AbstractContextManager[PluginContext]:
     """Make ``ctx`` what ``current_context()`` returns inside the block (per thread and task)."""
-    token = _current.set(ctx)
-    try:
-        yield ctx
-    finally:
-        _current.reset(token)
+    return _bound(_current, ctx)
 
 
 def current_context() -> PluginContext:
@@ -417,20 +418,20 @@ class PluginContext:
     def _catch_up(self, version: int) -> None:
         """Bring the state to ``version`` from the log (falling back to a full restore)."""
         store = self._runtime.store
-        try:
+        with suppress(IntegrityError):  # a gap: the log changed under this object
             advance(self._state, store.read(self._session_id, self._state.version + 1, version))
-        except IntegrityError:
-            self._state = restore(store, self._session_id, version)[0]
         if self._state.version != version:
-            self._state = restore(store, self._session_id, version)[0]
+            self._restore_at(version)
+
+    def _restore_at(self, version: int, head_hash: bytes | None = None) -> None:
+        """Replace the state by the one restored from the store at ``version``."""
+        self._state = restore(self._runtime.store, self._session_id, version, head_hash)[0]
 
     def _reload(self) -> None:
         """Restore the state afresh at the session's current head; called under the lock."""
         head = self._runtime.store.session(self._session_id)
         if head is not None and head.status == "active":
-            self._state = restore(
-                self._runtime.store, self._session_id, head.version, head.head_hash
-            )[0]
+            self._restore_at(head.version, head.head_hash)
 
     def _sync(self, head: Any, *, fresh: bool = True) -> None:
         """Follow the head row ``head`` (a SessionHead or None); called under the lock.
@@ -449,7 +450,7 @@ class PluginContext:
         elif head.version < self._state.version or (
             head.version == self._state.version and head.head_hash != self._state.head_hash
         ):  # the session was purged and created anew elsewhere
-            self._state = restore(self._runtime.store, self._session_id, head.version)[0]
+            self._restore_at(head.version, head.head_hash)
 
     def _forget(self, reason: str, expired: bool = False) -> None:
         """Mark the session gone: every later call raises SessionNotFoundError(reason)

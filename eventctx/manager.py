@@ -23,7 +23,7 @@ from eventctx.errors import (
 from eventctx.events import NewEvent
 from eventctx.snapshots import SnapshotPolicy, restore
 from eventctx.state import fold
-from eventctx.store import EventStore, SessionHead
+from eventctx.store import EventStore
 from eventctx.store.core import now_us
 
 __all__ = ["DEFAULT_URL", "ContextManager", "SessionInfo"]
@@ -49,10 +49,6 @@ class SessionInfo:
     created_at: datetime
     last_activity: datetime
     expires_at: datetime | None
-
-
-def _expired(head: SessionHead, now: int) -> bool:
-    return head.ttl_ms is not None and head.last_activity_us + head.ttl_ms * 1000 < now
 
 
 def _ttl_ms(ttl: timedelta | None) -> int | None:
@@ -183,7 +179,7 @@ class ContextManager:
                 raise SessionNotFoundError(
                     f"session {session_id!r} does not exist; create it with create_context"
                 )
-            if _expired(head, now_us()):
+            if head.expired(now_us()):
                 self._evict(session_id, f"session {session_id!r} expired", expired=True)
                 raise SessionExpiredError(
                     f"session {session_id!r} expired at {head.expires_at}; create it again"

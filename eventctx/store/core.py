@@ -85,6 +85,10 @@ class SessionHead:
         """How long the session lives without activity; None for ever."""
         return None if self.ttl_ms is None else timedelta(milliseconds=self.ttl_ms)
 
+    def expired(self, now_us: int) -> bool:
+        """Whether the session outlived its ttl at ``now_us`` (microseconds since the epoch)."""
+        return self.ttl_ms is not None and self.last_activity_us + self.ttl_ms * 1000 < now_us
+
     @property
     def expires_at(self) -> datetime | None:
         """When the session expires unless it is used again."""
