@@ -167,7 +167,8 @@ class PluginContext:
         self._seen_activity_us = 0
 
     def __repr__(self) -> str:
-        return f"<PluginContext {self._session_id!r} v{self._state.version}, {len(self)} keys>"
+        state = self._state  # not len(self): a repr must work after stop() too
+        return f"<PluginContext {self._session_id!r} v{state.version}, {len(state.data)} keys>"
 
     @property
     def session_id(self) -> str:

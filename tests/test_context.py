@@ -276,6 +276,7 @@ def test_stopped_manager_refuses_everything(db_url: str) -> None:
     ):
         with pytest.raises(EventCtxError, match="manager stopped"):
             call()
+    assert repr(ctx) == "<PluginContext 's' v2, 1 keys>"  # still printable for debugging
     manager.stop()  # idempotent
     with ContextManager(db_url) as again:
         assert again.get_context("s").to_dict() == {"a": 1}
