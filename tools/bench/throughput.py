@@ -53,16 +53,18 @@ def _peer_runner(app: object, batch: int, times: int) -> Callable[[], None]:
 
 
 def _trio(
-    label: str,
-    unit_count: int,
-    ours: Callable[[], None],
-    raw: Callable[[], None],
-    peer: Callable[[], None],
+    manager: ContextManager,
+    raw: Callable[[int, int], Callable[[], None]],
+    app: object,
+    batch: int,
+    times: int,
 ) -> dict[str, Figure]:
+    """eventctx, the raw driver and eventsourcing, each committing ``times`` × ``batch``."""
+    n = batch * times
     return {
-        "eventctx": measure(label, "ev/s", unit_count, ours),
-        "raw": measure(label, "ev/s", unit_count, raw),
-        "eventsourcing": measure(label, "ev/s", unit_count, peer),
+        "eventctx": measure("eventctx", "ev/s", n, _ctx_runner(manager, batch, times)),
+        "raw": measure("raw", "ev/s", n, raw(batch, times)),
+        "eventsourcing": measure("eventsourcing", "ev/s", n, _peer_runner(app, batch, times)),
     }
 
 
@@ -78,22 +80,9 @@ def run() -> dict[str, dict[str, Figure]]:
                 ContextManager(store, cleanup_interval=None) as manager,
                 peer_app("sqlite", sqlite_path=str(peer_path), synchronous=synchronous) as app,
             ):
-                results[f"set SQLite {synchronous}"] = _trio(
-                    "set",
-                    SETS,
-                    _ctx_runner(manager, 1, SETS),
-                    raw(1, SETS),
-                    _peer_runner(app, 1, SETS),
-                )
+                results[f"set SQLite {synchronous}"] = _trio(manager, raw, app, 1, SETS)
                 if synchronous == "NORMAL":
-                    n = BATCH * BATCHES
-                    results["update×100 SQLite NORMAL"] = _trio(
-                        "update",
-                        n,
-                        _ctx_runner(manager, BATCH, BATCHES),
-                        raw(BATCH, BATCHES),
-                        _peer_runner(app, BATCH, BATCHES),
-                    )
+                    results["update×100 SQLite NORMAL"] = _trio(manager, raw, app, BATCH, BATCHES)
             store.close()
     if pg_available():
         with (
@@ -106,19 +95,6 @@ def run() -> dict[str, dict[str, Figure]]:
                 ContextManager(url, cleanup_interval=None) as manager,
                 peer_app("postgresql", pg_schema=peer_schema) as app,
             ):
-                results["set PostgreSQL"] = _trio(
-                    "set",
-                    PG_SETS,
-                    _ctx_runner(manager, 1, PG_SETS),
-                    raw(1, PG_SETS),
-                    _peer_runner(app, 1, PG_SETS),
-                )
-                n = BATCH * BATCHES
-                results["update×100 PostgreSQL"] = _trio(
-                    "update",
-                    n,
-                    _ctx_runner(manager, BATCH, BATCHES),
-                    raw(BATCH, BATCHES),
-                    _peer_runner(app, BATCH, BATCHES),
-                )
+                results["set PostgreSQL"] = _trio(manager, raw, app, 1, PG_SETS)
+                results["update×100 PostgreSQL"] = _trio(manager, raw, app, BATCH, BATCHES)
     return results
