@@ -23,7 +23,6 @@ from datetime import timedelta
 from typing import Final
 
 from eventctx.store import EventStore
-from eventctx.store.core import now_us
 
 __all__ = ["CompactionReport", "compact"]
 
@@ -65,7 +64,7 @@ def compact(
     started = time.perf_counter()
     report = CompactionReport(dry_run=dry_run)
     if dry_run:
-        for session_id, version in store.expired_sessions(now_us(), 2**31 - 1):
+        for session_id, version in store.removal.expired_sessions(store.clock(), 2**31 - 1):
             report.sessions.append(session_id)
             report.events_removed += version
         report.duration_s = time.perf_counter() - started
@@ -95,7 +94,11 @@ class _Compactor:
     def run(self) -> None:
         seen: set[str] = set()
         while True:
-            listed = [c for c in self.store.expired_sessions(now_us(), _LIST) if c[0] not in seen]
+            listed = [
+                c
+                for c in self.store.removal.expired_sessions(self.store.clock(), _LIST)
+                if c[0] not in seen
+            ]
             if not listed:
                 return
             batch: list[str] = []
@@ -125,7 +128,7 @@ class _Compactor:
     def _remove_small(self, batch: list[str]) -> bool:
         if not self._renew():
             return False
-        removed, events, snapshots = self.store.remove_expired(batch, now_us())
+        removed, events, snapshots = self.store.removal.remove_expired(batch, self.store.clock())
         self.report.sessions.extend(removed)
         self.report.events_removed += events
         self.report.snapshots_removed += snapshots
@@ -135,17 +138,17 @@ class _Compactor:
     def _remove_large(self, session_id: str, version: int) -> bool:
         if not self._renew():
             return False
-        if not self.store.mark_expiring(session_id, now_us()):
+        if not self.store.removal.mark_expiring(session_id, self.store.clock()):
             self.report.kept += 1
             return True
         for upto in range(self.chunk, version, self.chunk):
             if not self._renew():
                 return False  # marked: the next run finishes it
-            removed = self.store.delete_events_upto(session_id, upto)
+            removed = self.store.removal.delete_events_upto(session_id, upto)
             if removed is None:  # purged meanwhile (and perhaps created again): not ours now
                 return True
             self.report.events_removed += removed
-        finished = self.store.finish_removal(session_id)
+        finished = self.store.removal.finish_removal(session_id)
         if finished is not None:
             self.report.events_removed += finished[0]
             self.report.snapshots_removed += finished[1]

@@ -10,7 +10,8 @@ manager hands it out again.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Mapping
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, suppress
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -30,11 +31,18 @@ from eventctx.errors import (
 )
 from eventctx.events import NewEvent, RecordedEvent
 from eventctx.snapshots import SnapshotPolicy, restore
-from eventctx.state import State, advance
-from eventctx.store import EventStore, Head
-from eventctx.store.core import now_us
+from eventctx.state import RunState, State, advance
+from eventctx.store import EventStore, Fence, Head, SessionHead
 
-__all__ = ["Limits", "PhaseScope", "PluginContext", "Runtime", "current_context", "use_context"]
+__all__ = [
+    "Limits",
+    "PhaseScope",
+    "PluginContext",
+    "Runtime",
+    "SessionWriter",
+    "current_context",
+    "use_context",
+]
 
 M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
@@ -105,6 +113,8 @@ class PhaseScope:
     keys_read: set[str] = field(default_factory=set)
     previous: str | None = None
     """The phase before this one in the run."""
+    fence: Fence | None = None
+    """The run lease the phase's writes are fenced with."""
 
 
 _phase: ContextVar[PhaseScope | None] = ContextVar("eventctx_phase", default=None)
@@ -165,6 +175,8 @@ class PluginContext:
         self._lock = threading.RLock()
         self._gone: EventCtxError | None = None
         self._seen_activity_us = 0
+        self._inbox: deque[list[RecordedEvent]] = deque()
+        """This object's appends, once committed, in commit order, waiting to be folded."""
 
     def __repr__(self) -> str:
         state = self._state  # not len(self): a repr must work after stop() too
@@ -194,6 +206,15 @@ class PluginContext:
             scope.keys_read.add(key)
         return self._state.data.get(key, _MISSING)
 
+    def _read_all(self) -> dict[str, Any]:
+        """The data, for a read that depends on every key (recorded as reading them all)."""
+        self._usable()
+        data = self._state.data
+        scope = _phase.get()
+        if scope is not None and scope.session_id == self._session_id:
+            scope.keys_read.update(data)
+        return data
+
     def get(self, key: str, default: Any = None) -> Any:
         """The value of ``key`` (a copy: mutating it never changes the context), or ``default``."""
         value = self._lookup(key)
@@ -206,31 +227,30 @@ class PluginContext:
         return _copy(value)
 
     def __contains__(self, key: object) -> bool:
-        self._usable()
-        return key in self._state.data
+        if type(key) is not str:
+            self._usable()
+            return False
+        return self._lookup(key) is not _MISSING
 
     def __len__(self) -> int:
-        self._usable()
-        return len(self._state.data)
+        with self._lock:
+            return len(self._read_all())
 
     def keys(self) -> list[str]:
         """The keys, in the order they were first set."""
-        self._usable()
         with self._lock:
-            return list(self._state.data)
+            return list(self._read_all())
 
     def to_dict(self) -> dict[str, Any]:
         """A copy of the whole context."""
-        self._usable()
         with self._lock:
-            result: dict[str, Any] = orjson.loads(orjson.dumps(self._state.data))
+            result: dict[str, Any] = orjson.loads(orjson.dumps(self._read_all()))
         return result
 
     def to_json(self) -> bytes:
         """The whole context as canonical JSON bytes (sorted keys)."""
-        self._usable()
         with self._lock:
-            return orjson.dumps(self._state.data, option=orjson.OPT_SORT_KEYS)
+            return orjson.dumps(self._read_all(), option=orjson.OPT_SORT_KEYS)
 
     def _typed(self, key: str, default: Any, kinds: tuple[type, ...], name: str) -> Any:
         value = self._lookup(key)
@@ -354,28 +374,44 @@ class PluginContext:
         """Catch up with writes other processes appended since this object last saw the log."""
         with self._runtime.gate, self._lock:
             self._usable()
-            head = self._runtime.store.session(self._session_id)
-            self._sync(head)
+            self._sync(self._runtime.store.session(self._session_id))
 
-    def _write(self, events: list[NewEvent], expected_version: int | None = None) -> None:
-        """Append ``events``; the state follows in ``_committed``, before this returns.
+    @property
+    def writer(self) -> SessionWriter:
+        """The interface the runner, the phases and the manager write this session through."""
+        return SessionWriter(self)
 
-        The lock is not held while the append waits for its group to commit: the group's
-        leader folds every member's events in commit order, taking each context's lock.
+    def _write(
+        self,
+        events: list[NewEvent],
+        expected_version: int | None = None,
+        fence: Fence | None = None,
+    ) -> list[RecordedEvent]:
+        """Append ``events`` (fenced by the running phase's lease, or by ``fence``) and fold
+        them in before returning.
+
+        The lock is not held while the append waits for its group to commit. The committer
+        puts every caller's events in this context's inbox in commit order; whoever takes
+        the lock first folds all that is there, so folds happen in version order.
         """
         runtime = self._runtime
+        if fence is None:
+            scope = _phase.get()
+            if scope is not None and scope.session_id == self._session_id:
+                fence = scope.fence
         with runtime.gate:
             with self._lock:
                 self._usable()
                 state = self._state
                 head = Head(state.version, state.head_hash, state.recorded_at_us)
             try:
-                runtime.store.append(
+                recorded = runtime.store.append(
                     self._session_id,
                     events,
                     expected_version=expected_version,
                     head=head,
-                    on_commit=self._committed,
+                    inbox=self._inbox,
+                    fence=fence,
                 )
             except SessionNotFoundError as exc:
                 if self._outlived_ttl():  # compaction removed it: say why
@@ -385,44 +421,61 @@ class PluginContext:
                     ) from exc
                 raise
             with self._lock:
-                if self._gone is not None:
-                    return  # deleted meanwhile: no snapshot of a session that is gone
-                self._policy.after_append(
-                    runtime.store,
-                    self._session_id,
-                    self._state,
-                    len(events),
-                    sum(len(e.data) for e in events),
-                )
+                self._fold_inbox()
+                if self._gone is None:  # no snapshot of a session deleted meanwhile
+                    self._policy.after_append(
+                        runtime.store,
+                        self._session_id,
+                        self._state,
+                        len(events),
+                        sum(len(e.data) for e in events),
+                    )
+            return recorded
 
-    def _committed(self, recorded: list[RecordedEvent]) -> None:
-        """Fold events this object appended, once committed (called in commit order)."""
-        with self._lock:
-            first, last = recorded[0], recorded[-1]
-            state = self._state
-            if first.version == state.version + 1:
-                advance(state, recorded)  # the usual case: right after what this object saw
-            elif state.version == last.version and state.head_hash == last.hash:
-                return  # a catch-up already folded them
-            elif first.version > state.version + 1:  # another writer got in first
-                self._catch_up(first.version - 1)
+    def _fold_inbox(self) -> None:
+        """Fold every committed append waiting in the inbox, in commit order (under the lock)."""
+        inbox = self._inbox
+        while inbox:
+            self._fold_committed(inbox.popleft())
+
+    def _fold_committed(self, recorded: Sequence[RecordedEvent]) -> None:
+        """Fold events appended through this object, checking they chain onto the state."""
+        first, last = recorded[0], recorded[-1]
+        state = self._state
+        if first.version == state.version + 1 and first.prev_hash == state.head_hash:
+            advance(state, recorded)  # the usual case: right after what this object saw
+            return
+        if first.version > state.version + 1:  # another writer got in first
+            with suppress(IntegrityError):  # purged since: reloaded below
+                self._catch_up(first.version - 1, first.prev_hash)
+            if self._state.head_hash == first.prev_hash:
                 advance(self._state, recorded)
-            else:  # the session was purged and created anew elsewhere, or we are confused
-                self._reload()
+                return
+        elif last.version <= state.version and self._on_the_log():
+            return  # a catch-up (refresh, get_context) already folded them
+        # The session was purged and created anew elsewhere: this state is of another history.
+        self._reload()
+
+    def _on_the_log(self) -> bool:
+        """Whether the event this state ends at is still in the log (else it was purged)."""
+        version = self._state.version
+        found = list(self._runtime.store.read(self._session_id, version, version))
+        return bool(found) and found[0].hash == self._state.head_hash
 
     def _outlived_ttl(self) -> bool:
         """Whether the session's ttl ran out since the last activity this object saw."""
         ttl_ms = self._state.ttl_ms
         seen = max(self._state.recorded_at_us, self._seen_activity_us)
-        return ttl_ms is not None and now_us() - seen > ttl_ms * 1000
+        return ttl_ms is not None and self._runtime.store.clock() - seen > ttl_ms * 1000
 
-    def _catch_up(self, version: int) -> None:
-        """Bring the state to ``version`` from the log (falling back to a full restore)."""
+    def _catch_up(self, version: int, head_hash: bytes) -> None:
+        """Bring the state to ``version`` (whose chain hash is ``head_hash``) from the log; the
+        events must chain onto the state, else it is restored afresh."""
         store = self._runtime.store
-        with suppress(IntegrityError):  # a gap: the log changed under this object
+        with suppress(IntegrityError):  # a gap, or another history: the log changed under us
             advance(self._state, store.read(self._session_id, self._state.version + 1, version))
-        if self._state.version != version:
-            self._restore_at(version)
+        if self._state.version != version or self._state.head_hash != head_hash:
+            self._restore_at(version, head_hash)
 
     def _restore_at(self, version: int, head_hash: bytes | None = None) -> None:
         """Replace the state by the one restored from the store at ``version``."""
@@ -434,12 +487,13 @@ class PluginContext:
         if head is not None and head.status == "active":
             self._restore_at(head.version, head.head_hash)
 
-    def _sync(self, head: Any, *, fresh: bool = True) -> None:
-        """Follow the head row ``head`` (a SessionHead or None); called under the lock.
+    def _sync(self, head: SessionHead | None, *, fresh: bool = True) -> None:
+        """Follow the head row ``head``; called under the lock.
 
         ``fresh`` says ``head`` was read under this lock; one read before may be older than
         what this object has folded since, and is read again before anything moves back.
         """
+        self._fold_inbox()
         if not fresh and head is not None and head.version < self._state.version:
             head = self._runtime.store.session(self._session_id)
         if head is None or head.status != "active":
@@ -447,17 +501,74 @@ class PluginContext:
             raise SessionNotFoundError(f"session {self._session_id!r} was deleted or removed")
         self._seen_activity_us = max(self._seen_activity_us, head.last_activity_us)
         if head.version > self._state.version:
-            self._catch_up(head.version)
-        elif head.version < self._state.version or (
-            head.version == self._state.version and head.head_hash != self._state.head_hash
-        ):  # the session was purged and created anew elsewhere
-            self._restore_at(head.version, head.head_hash)
+            self._catch_up(head.version, head.head_hash)
+        elif head.version < self._state.version or head.head_hash != self._state.head_hash:
+            self._restore_at(head.version, head.head_hash)  # purged and created anew elsewhere
 
     def _forget(self, reason: str, expired: bool = False) -> None:
         """Mark the session gone: every later call raises SessionNotFoundError(reason)
         (SessionExpiredError if it expired)."""
         with self._lock:
             self._gone = (SessionExpiredError if expired else SessionNotFoundError)(reason)
+
+
+class SessionWriter:
+    """A context's narrow interface for the layers above it (runner, phases, manager):
+    appends, optionally fenced by a run lease, and the run state they fold to."""
+
+    __slots__ = ("_ctx",)
+
+    def __init__(self, ctx: PluginContext) -> None:
+        self._ctx = ctx
+
+    @property
+    def session_id(self) -> str:
+        """The session written to."""
+        return self._ctx.session_id
+
+    def append(
+        self,
+        events: list[NewEvent],
+        *,
+        fence: Fence | None = None,
+        expected_version: int | None = None,
+    ) -> list[RecordedEvent]:
+        """Append ``events`` and fold them into the context; see ``EventStore.append``."""
+        return self._ctx._write(events, expected_version, fence)
+
+    def check_key(self, key: object) -> str:
+        """``key`` if the context accepts it as a key, else InvalidInputError."""
+        return self._ctx._key(key)
+
+    def run(self) -> RunState | None:
+        """A copy of the session's latest run, as folded."""
+        ctx = self._ctx
+        with ctx._lock:
+            ctx._usable()
+            run = ctx._state.run
+            return None if run is None else run.copy()
+
+    def output(self, execution_id: str, phase: str, default: Any = None) -> Any:
+        """A copy of the output ``phase`` returned in run ``execution_id``."""
+        return self._ctx._run_value("outputs", execution_id, phase, default)
+
+    def metadata(self, execution_id: str, key: str, default: Any = None) -> Any:
+        """A copy of helper metadata ``key`` of run ``execution_id``."""
+        return self._ctx._run_value("metadata", execution_id, key, default)
+
+    def refresh(self) -> None:
+        """See everything appended to the session so far."""
+        self._ctx.refresh()
+
+    def follow(self, head: SessionHead) -> None:
+        """Catch up with ``head``, a head row read before the context's lock was taken."""
+        ctx = self._ctx
+        with ctx._lock:
+            ctx._sync(head, fresh=False)
+
+    def close(self, reason: str, *, expired: bool = False) -> None:
+        """Mark the session gone: every later call on the context raises with ``reason``."""
+        self._ctx._forget(reason, expired)
 
 
 def _envelope(session_id: str) -> dict[str, Any]:

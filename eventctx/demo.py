@@ -23,6 +23,7 @@ import eventctx
 from eventctx.events import RecordedEvent
 from eventctx.manager import ContextManager
 from eventctx.runner import PluginRunner
+from eventctx.state import fold
 
 SESSION = "code-review-42"
 _CRASH = "EVENTCTX_DEMO_CRASH"
@@ -108,7 +109,7 @@ def run(url: str, out: Callable[[str], None] = print) -> None:
         events = list(manager.store.read(SESSION))
         ctx = manager.get_context(SESSION)
         _timeline(events, out)
-        _keys(ctx, events, out)
+        _keys(events, out)
         out("Final context")
         for key, value in ctx.to_dict().items():
             out(f"  {key} = {orjson.dumps(value).decode()}")
@@ -135,9 +136,7 @@ def _timeline(events: list[RecordedEvent], out: Callable[[str], None]) -> None:
     out("")
 
 
-def _keys(
-    ctx: eventctx.PluginContext, events: list[RecordedEvent], out: Callable[[str], None]
-) -> None:
+def _keys(events: list[RecordedEvent], out: Callable[[str], None]) -> None:
     readers: dict[str, list[str]] = {}
     for e in events:
         if e.type in ("PhaseCompleted", "PhaseFailed"):
@@ -145,7 +144,7 @@ def _keys(
                 readers.setdefault(key, [])
                 if e.phase not in readers[key]:
                     readers[key].append(str(e.phase))
-    provenance = ctx._state.provenance
+    provenance = fold(events).provenance  # the last write of each key
     out("Which phase wrote and read each key")
     out(f"  {'KEY':<22} {'WRITTEN BY':<24} READ BY")
     for key, p in provenance.items():

@@ -312,6 +312,9 @@ class RecordedEvent(NamedTuple):
     recorded_at_us: int
     hash: bytes
     """sha256 chaining this event to the session's previous one (see ``chain_hash``)."""
+    prev_hash: bytes
+    """The previous event's ``hash`` (``GENESIS_HASH`` for a session's first): the chain link
+    the fold checks, so events are only ever folded onto the state they were appended to."""
 
     @property
     def recorded_at(self) -> datetime:

@@ -24,7 +24,6 @@ from eventctx.events import NewEvent
 from eventctx.snapshots import SnapshotPolicy, restore
 from eventctx.state import fold
 from eventctx.store import EventStore
-from eventctx.store.core import now_us
 
 __all__ = ["DEFAULT_URL", "ContextManager", "SessionInfo"]
 
@@ -161,7 +160,7 @@ class ContextManager:
             with self._lock:
                 old = self._contexts.get(session_id)
                 if old is not None:
-                    old._forget(f"session {session_id!r} was deleted and created again")
+                    old.writer.close(f"session {session_id!r} was deleted and created again")
                 self._contexts[session_id] = ctx
             return ctx
 
@@ -179,7 +178,7 @@ class ContextManager:
                 raise SessionNotFoundError(
                     f"session {session_id!r} does not exist; create it with create_context"
                 )
-            if head.expired(now_us()):
+            if head.expired(runtime.store.clock()):
                 self._evict(session_id, f"session {session_id!r} expired", expired=True)
                 raise SessionExpiredError(
                     f"session {session_id!r} expired at {head.expires_at}; create it again"
@@ -187,8 +186,7 @@ class ContextManager:
             with self._lock:
                 ctx = self._contexts.get(session_id)
             if ctx is not None:
-                with ctx._lock:
-                    ctx._sync(head, fresh=False)
+                ctx.writer.follow(head)
                 return ctx
             state, size, tail = restore(runtime.store, session_id, head.version, head.head_hash)
             fresh = PluginContext(
@@ -278,4 +276,4 @@ class ContextManager:
         with self._lock:
             ctx = self._contexts.pop(session_id, None)
         if ctx is not None:
-            ctx._forget(reason or f"session {session_id!r} no longer exists", expired)
+            ctx.writer.close(reason or f"session {session_id!r} no longer exists", expired=expired)

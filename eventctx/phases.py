@@ -9,13 +9,14 @@ collected in memory and stored once, in its end event.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import time
-import traceback
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from eventctx import runlog
 from eventctx.context import (
     PhaseScope,
     PluginContext,
@@ -25,7 +26,7 @@ from eventctx.context import (
     use_context,
 )
 from eventctx.errors import EventCtxError, InvalidInputError
-from eventctx.events import NewEvent
+from eventctx.store import Fence
 
 __all__ = [
     "ContextAwarePhase",
@@ -97,49 +98,51 @@ class ContextAwarePhase:
     def __repr__(self) -> str:
         return f"<ContextAwarePhase {self.name!r}>"
 
-    async def attempt(
+    def attempt(
         self,
         ctx: PluginContext,
         execution_id: str,
         run_input: Any,
         attempt: int,
         previous: str | None,
+        *,
+        fence: Fence | None = None,
+        run_coroutine: Callable[[Coroutine[Any, Any, Any]], Any] = asyncio.run,
     ) -> tuple[Any, float]:
-        """Run one attempt on ``ctx``; return (output as stored, duration in ms)."""
-        envelope = {"phase": self.name, "execution_id": execution_id}
-        ctx._write([NewEvent.create("PhaseStarted", {"attempt": attempt}, **envelope)])
-        scope = PhaseScope(ctx.session_id, self.name, execution_id, previous=previous)
+        """Run one attempt on ``ctx`` in this thread; return (output as stored, duration ms).
+
+        Every write is fenced with ``fence`` (the run lease). An async phase's coroutine is
+        handed to ``run_coroutine`` (the runner's: on the caller's event loop, or a new one).
+        """
+        writer = ctx.writer
+        name = self.name
+        writer.append([runlog.phase_started(execution_id, name, attempt)], fence=fence)
+        scope = PhaseScope(ctx.session_id, name, execution_id, previous=previous, fence=fence)
         start = time.perf_counter_ns()
         try:
             with phase_scope(scope), use_context(ctx):
                 result = self._call(run_input)
-                if inspect.isawaitable(result):
-                    result = await result
+                if inspect.iscoroutine(result):
+                    result = run_coroutine(result)
+                elif inspect.isawaitable(result):
+                    result = run_coroutine(_awaited(result))
             duration = (time.perf_counter_ns() - start) / 1e6
-            completed = NewEvent.create(
-                "PhaseCompleted",
-                {
-                    "output": result,
-                    "duration_ms": duration,
-                    "attempt": attempt,
-                    "keys_read": sorted(scope.keys_read),
-                },
-                **envelope,
+            completed = runlog.phase_completed(
+                execution_id, name, attempt, result, duration, scope.keys_read
             )
         except BaseException as exc:
             duration = (time.perf_counter_ns() - start) / 1e6
-            failed = {
-                "error_type": type(exc).__qualname__,
-                "message": str(exc),
-                "traceback": "".join(traceback.format_exception(exc)),
-                "duration_ms": duration,
-                "attempt": attempt,
-                "keys_read": sorted(scope.keys_read),
-            }
-            ctx._write([NewEvent.create("PhaseFailed", failed, **envelope)])
+            failed = runlog.phase_failed(
+                execution_id, name, attempt, exc, duration, scope.keys_read
+            )
+            writer.append([failed], fence=fence)
             raise
-        ctx._write([completed])
+        writer.append([completed], fence=fence)
         return completed.payload["output"], duration
+
+
+async def _awaited(awaitable: Awaitable[Any]) -> Any:
+    return await awaitable
 
 
 def wrap_phases_with_context(phases: Iterable[Any]) -> list[ContextAwarePhase]:
@@ -179,23 +182,17 @@ class PhaseContextHelper:
 
     def set_metadata(self, key: str, value: Any) -> None:
         """Store metadata for this run (a ``MetadataSet`` event, committed on return)."""
-        ctx = self._ctx
-        event = NewEvent.create(
-            "MetadataSet",
-            {"value": value},
-            key=ctx._key(key),
-            phase=self.phase,
-            execution_id=self.execution_id,
-        )
-        ctx._write([event])
+        writer = self._ctx.writer
+        event = runlog.metadata_set(self.execution_id, self.phase, writer.check_key(key), value)
+        writer.append([event], fence=self._scope.fence)
 
     def get_metadata(self, key: str, default: Any = None) -> Any:
         """Metadata ``key`` of this run, or ``default``."""
-        return self._ctx._run_value("metadata", self.execution_id, key, default)
+        return self._ctx.writer.metadata(self.execution_id, key, default)
 
     def get_output(self, phase: str, default: Any = None) -> Any:
         """The output ``phase`` returned in this run, or ``default`` if it hasn't completed."""
-        return self._ctx._run_value("outputs", self.execution_id, phase, default)
+        return self._ctx.writer.output(self.execution_id, phase, default)
 
     def previous_output(self) -> Any:
         """The output of the phase before this one in the run (None for the first)."""

@@ -1,35 +1,42 @@
 """PluginRunner: runs phases over a session, records the run, retries, and resumes a run whose
 process died.
 
+The runner is synchronous: phases run in the caller's thread (an async phase on a loop of its
+own). ``run_async`` is a thin surface over it: the run goes to a worker thread, so database
+calls never block the caller's event loop, and async phases are run on that loop.
+
 A run holds the session's run lease (on its head row) for its whole length, renewed by a
 heartbeat; a second runner on the same session gets RunInProgressError. A lease whose holder
-died is taken over at once when the holder was on this host, else when it expires.
+died is taken over at once when the holder was on this host, else when it expires. Every write
+of the run is fenced with the lease, so a runner that lost it (paused past its expiry, and
+taken over) writes nothing more and stops with RunInProgressError.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Coroutine, Iterable
+from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from eventctx.context import PluginContext
+from eventctx import runlog
+from eventctx.context import PluginContext, SessionWriter
 from eventctx.errors import EventCtxError, RunInProgressError
-from eventctx.events import NewEvent
 from eventctx.manager import ContextManager
 from eventctx.phases import ContextAwarePhase, RetryPolicy, wrap_phases_with_context
-from eventctx.store import EventStore
+from eventctx.store import EventStore, Fence, LeaseHolder
 
 __all__ = ["PluginRunner", "RunResult"]
 
 _HOST = socket.gethostname()
+RunCoroutine = Callable[[Coroutine[Any, Any, Any]], Any]
 
 
 @dataclass(slots=True)
@@ -50,34 +57,58 @@ class _Lease:
     def __init__(self, store: EventStore, session_id: str, ttl: timedelta) -> None:
         self._store, self._session_id, self._ttl = store, session_id, ttl
         self.owner = f"{_HOST}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+        self.fence: Fence | None = None
+        self._lost: str | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="eventctx-lease", daemon=True)
 
     def __enter__(self) -> _Lease:
-        holder = self._store.take_lease(self._session_id, self.owner, self._ttl)
-        if holder is not None and _dead_here(holder[0]):
-            holder = self._store.take_lease(
-                self._session_id, self.owner, self._ttl, previous=holder[0]
+        taken = self._store.take_lease(self._session_id, self.owner, self._ttl)
+        if isinstance(taken, LeaseHolder) and _dead_here(taken.owner):
+            taken = self._store.take_lease(
+                self._session_id, self.owner, self._ttl, previous=taken.owner
             )
-        if holder is not None:
+        if isinstance(taken, LeaseHolder):
             raise RunInProgressError(
-                f"session {self._session_id!r} is being run by {holder[0]} "
-                f"(lease until {holder[1]:%Y-%m-%d %H:%M:%S} UTC); wait for it to finish"
+                f"session {self._session_id!r} is being run by {taken.owner} "
+                f"(lease until {taken.expires_at:%Y-%m-%d %H:%M:%S} UTC); wait for it to finish"
             )
+        self.fence = taken
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        with contextlib.suppress(EventCtxError):  # if this fails, the lease expires by itself
-            self._store.release_lease(self._session_id, self.owner)
+        if self.fence is not None and self._lost is None:
+            with suppress(EventCtxError):  # if this fails, the lease expires by itself
+                self._store.release_lease(self._session_id, self.fence)
+
+    def check(self, *, ask: bool = False) -> None:
+        """Raise RunInProgressError if the lease is known to be lost (with ``ask``, after
+        asking the store whether it still holds)."""
+        if ask and self._lost is None and not self._renew():
+            self._lost = "it was taken over while this runner was not renewing it"
+        if self._lost is not None:
+            raise RunInProgressError(
+                f"this runner lost the run lease of session {self._session_id!r} "
+                f"({self._lost}); it stopped and wrote nothing more"
+            )
+
+    def _renew(self) -> bool:
+        assert self.fence is not None
+        try:
+            return self._store.renew_lease(self._session_id, self.fence, self._ttl)
+        except EventCtxError:
+            return True  # the database is unreachable: the fence still guards every write
 
     def _beat(self) -> None:
         while not self._stop.wait(self._ttl.total_seconds() / 3):
-            # A failed beat is tried again on the next one; the lease outlives two missed beats.
-            with contextlib.suppress(EventCtxError):
-                self._store.take_lease(self._session_id, self.owner, self._ttl)
+            # A failed beat (the database unreachable) is tried again on the next one; a beat
+            # that finds the lease gone ends the heartbeat: the run stops at its next step.
+            if not self._renew():
+                self._lost = "another runner took it over"
+                return
 
 
 def _dead_here(owner: str) -> bool:
@@ -121,32 +152,66 @@ class PluginRunner:
         """The wrapped phases, in order."""
         return list(self._phases)
 
+    @property
+    def retry(self) -> RetryPolicy:
+        """The retry policy of phases that have none of their own."""
+        return self._retry
+
     def run(self, session_id: str, input: Any = None, resume: bool = False) -> RunResult:
-        """Run every phase (sync or async) and return how the run ended.
+        """Run every phase in this thread and return how the run ended.
 
         ``resume=True`` continues the session's latest unfinished run: completed phases are
         skipped (their stored outputs fed on), an interrupted phase is recorded as failed and
         run again, and ``input=None`` means the recorded input. Without an unfinished run it
-        starts a new one; a new session is created.
+        starts a new one; a new session is created. Async phases run on a new event loop
+        each; from async code use ``await run_async()``.
         """
         try:
             asyncio.get_running_loop()
         except RuntimeError:
-            return asyncio.run(self.run_async(session_id, input, resume))
+            return self._run(session_id, input, resume, asyncio.run)
         raise EventCtxError("run() was called inside an event loop: use await run_async()")
 
     async def run_async(
         self, session_id: str, input: Any = None, resume: bool = False
     ) -> RunResult:
-        """``run`` for async callers; async phases run on the caller's event loop."""
-        ctx = self._manager.get_or_create_context(session_id)
-        with _Lease(self._manager.store, session_id, self._lease):
-            ctx.refresh()  # see everything the previous holder of the lease wrote
-            return await self._run(ctx, input, resume)
+        """``run`` for async callers: the run goes to a worker thread, so its database calls
+        and sync phases never block this event loop; async phases run on this loop."""
+        loop = asyncio.get_running_loop()
 
-    async def _run(self, ctx: PluginContext, run_input: Any, resume: bool) -> RunResult:
+        def on_this_loop(coro: Coroutine[Any, Any, Any]) -> Any:
+            return asyncio.run_coroutine_threadsafe(coro, loop).result()
+
+        return await asyncio.to_thread(self._run, session_id, input, resume, on_this_loop)
+
+    def _run(
+        self, session_id: str, run_input: Any, resume: bool, run_coroutine: RunCoroutine
+    ) -> RunResult:
+        ctx = self._manager.get_or_create_context(session_id)
+        with _Lease(self._manager.store, session_id, self._lease) as lease:
+            ctx.refresh()  # see everything the previous holder of the lease wrote
+            return _Run(self, ctx, lease, run_coroutine).execute(run_input, resume)
+
+
+@dataclass(slots=True)
+class _Run:
+    """One run of a runner's phases over a context, under a lease."""
+
+    runner: PluginRunner
+    ctx: PluginContext
+    lease: _Lease
+    run_coroutine: RunCoroutine
+
+    @property
+    def writer(self) -> SessionWriter:
+        return self.ctx.writer
+
+    def append(self, event: Any) -> None:
+        self.writer.append([event], fence=self.lease.fence)
+
+    def execute(self, run_input: Any, resume: bool) -> RunResult:
         started = time.perf_counter_ns()
-        previous_run = ctx._state.run
+        previous_run = self.writer.run()
         done: dict[str, float] = {}
         attempts: dict[str, int] = {}
         if resume and previous_run is not None and previous_run.status == "running":
@@ -155,41 +220,35 @@ class PluginRunner:
                 run_input = previous_run.input
             done, attempts = dict(previous_run.completed), dict(previous_run.attempts)
             if previous_run.open_phase is not None:
-                ctx._write([_interrupted(previous_run.open_phase, execution_id, attempts)])
+                open_phase = previous_run.open_phase
+                attempt = attempts.get(open_phase, 1)
+                self.append(runlog.phase_interrupted(execution_id, open_phase, attempt))
         else:
             execution_id = uuid.uuid4().hex
-            names = [p.name for p in self._phases]
-            started_event = NewEvent.create(
-                "RunStarted", {"input": run_input, "phases": names}, execution_id=execution_id
-            )
-            ctx._write([started_event])
+            names = [p.name for p in self.runner.phases]
+            started_event = runlog.run_started(execution_id, run_input, names)
+            self.append(started_event)
             run_input = started_event.payload["input"]
-        result = RunResult(ctx.session_id, execution_id, "completed")
+        result = RunResult(self.ctx.session_id, execution_id, "completed")
         previous: str | None = None
-        for phase in self._phases:
+        for phase in self.runner.phases:
             if phase.name in done:
-                result.outputs[phase.name] = ctx._run_value(
-                    "outputs", execution_id, phase.name, None
-                )
+                result.outputs[phase.name] = self.writer.output(execution_id, phase.name)
                 result.durations_ms[phase.name] = done[phase.name]
             else:
-                error = await self._attempts(
-                    ctx, phase, execution_id, run_input, attempts, previous, result
-                )
+                error = self._attempts(phase, execution_id, run_input, attempts, previous, result)
                 if error is not None:
-                    ctx._write([_run_failed(execution_id, phase.name, error, started)])
+                    ms = (time.perf_counter_ns() - started) / 1e6
+                    self.append(runlog.run_failed(execution_id, phase.name, error, ms))
                     result.status, result.error = "failed", error
                     return result
             previous = phase.name
-        duration = (time.perf_counter_ns() - started) / 1e6
-        ctx._write(
-            [NewEvent.create("RunCompleted", {"duration_ms": duration}, execution_id=execution_id)]
-        )
+        ms = (time.perf_counter_ns() - started) / 1e6
+        self.append(runlog.run_completed(execution_id, ms))
         return result
 
-    async def _attempts(
+    def _attempts(
         self,
-        ctx: PluginContext,
         phase: ContextAwarePhase,
         execution_id: str,
         run_input: Any,
@@ -198,43 +257,29 @@ class PluginRunner:
         result: RunResult,
     ) -> Exception | None:
         """Try ``phase`` by its policy; record its output in ``result`` or return the error."""
-        policy = phase.retry or self._retry
+        policy = phase.retry or self.runner.retry
         tried = 0
         while True:
+            self.lease.check()
             tried += 1
             attempt = attempts.get(phase.name, 0) + 1
             attempts[phase.name] = attempt
             try:
-                output, duration = await phase.attempt(
-                    ctx, execution_id, run_input, attempt, previous
+                output, duration = phase.attempt(
+                    self.ctx,
+                    execution_id,
+                    run_input,
+                    attempt,
+                    previous,
+                    fence=self.lease.fence,
+                    run_coroutine=self.run_coroutine,
                 )
             except Exception as exc:
+                self.lease.check(ask=True)  # a write refused for a lost lease ends the run
                 if not policy.retries(exc, tried):
                     return exc
-                await asyncio.sleep(policy.delay(tried))
+                time.sleep(policy.delay(tried))
                 continue
             result.outputs[phase.name] = output
             result.durations_ms[phase.name] = duration
             return None
-
-
-def _interrupted(phase: str, execution_id: str, attempts: dict[str, int]) -> NewEvent:
-    payload = {
-        "error_type": "interrupted",
-        "message": "the process running this phase stopped before the phase ended",
-        "traceback": "",
-        "duration_ms": 0.0,
-        "attempt": attempts.get(phase, 1),
-        "keys_read": [],
-    }
-    return NewEvent.create("PhaseFailed", payload, phase=phase, execution_id=execution_id)
-
-
-def _run_failed(execution_id: str, phase: str, error: Exception, started: int) -> NewEvent:
-    payload = {
-        "phase": phase,
-        "error_type": type(error).__qualname__,
-        "message": str(error),
-        "duration_ms": (time.perf_counter_ns() - started) / 1e6,
-    }
-    return NewEvent.create("RunFailed", payload, execution_id=execution_id)

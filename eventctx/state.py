@@ -153,7 +153,10 @@ def fold(events: Iterable[RecordedEvent], base: State | None = None) -> State:
 def advance(state: State, events: Iterable[RecordedEvent]) -> None:
     """Apply ``events`` to ``state`` in place; only for a state the caller owns.
 
-    Versions must follow on from the state's; a gap means events are missing (IntegrityError).
+    Each event must link to the state it is folded onto: its version follows the state's and
+    its ``prev_hash`` is the state's chain head. Otherwise (events missing, or events of another
+    history of the session, such as one created again after a purge) it raises
+    IntegrityError, and the state reflects the events before that one.
     """
     data, provenance = state.data, state.provenance
     make = tuple.__new__  # Provenance without NamedTuple's Python-level __new__: the hot path
@@ -161,10 +164,11 @@ def advance(state: State, events: Iterable[RecordedEvent]) -> None:
     digest, at = state.head_hash, state.recorded_at_us
     try:
         for event in events:
-            _, _, number, kind, key, phase, run_id, payload, when, chain = event
-            if number != version + 1 and version:
+            _, _, number, kind, key, phase, run_id, payload, when, chain, link = event
+            if (number != version + 1 or link != digest) and (version or number == 1):
                 raise IntegrityError(
-                    f"event version {number} does not follow version {version}: the log has a gap"
+                    f"event version {number} does not chain onto version {version}: "
+                    + ("the log has a gap" if number != version + 1 else "another history")
                 )
             if kind == "KeySet":
                 data[key] = payload["value"]  # type: ignore[index]

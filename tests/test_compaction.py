@@ -18,8 +18,8 @@ from eventctx import (
     SessionNotFoundError,
 )
 from eventctx.cli import main
+from eventctx.clock import now_us
 from eventctx.compaction import LEASE, compact
-from eventctx.store.core import now_us
 
 SHORT = timedelta(milliseconds=60)
 
@@ -158,11 +158,11 @@ def test_a_session_written_after_it_was_listed_is_kept(manager: ContextManager) 
     for sid in ("small", "large"):
         manager.create_context(sid, ttl=SHORT).set("a", 1)
     time.sleep(0.1)
-    assert sorted(s for s, _ in store.expired_sessions(now_us(), 10)) == ["large", "small"]
+    assert sorted(s for s, _ in store.removal.expired_sessions(now_us(), 10)) == ["large", "small"]
     for sid in ("small", "large"):  # created again between listing and removal
         manager.get_or_create_context(sid).set("b", 2)
-    assert store.remove_expired(["small"], now_us()) == ([], 0, 0)
-    assert store.mark_expiring("large", now_us()) is False
+    assert store.removal.remove_expired(["small"], now_us()) == ([], 0, 0)
+    assert store.removal.mark_expiring("large", now_us()) is False
     for sid in ("small", "large"):
         assert manager.get_context(sid).to_dict() == {"b": 2}
 

@@ -110,7 +110,8 @@ def _event(version: int, type_: str, key: str | None, payload: dict[str, Any]) -
         "e",
         payload,
         version * 10,
-        bytes([version % 256]) * 32,
+        bytes([version]) * 32,
+        bytes([version - 1]) * 32,  # the previous event's hash (the genesis hash for the first)
     )
 
 

@@ -25,8 +25,10 @@ from eventctx import (
     RecordedEvent,
     RetryPolicy,
     RunInProgressError,
+    RunResult,
     SerializationError,
 )
+from eventctx.store import Fence
 
 WORKERS = str(Path(__file__).with_name("workers.py"))
 
@@ -216,7 +218,7 @@ def test_concurrent_run_raises_run_in_progress(manager: ContextManager) -> None:
 def test_lease_of_a_crashed_remote_runner_expires(manager: ContextManager) -> None:
     manager.create_context("s")
     ghost = "another-host:4242:abc"
-    assert manager.store.take_lease("s", ghost, timedelta(milliseconds=300)) is None
+    assert manager.store.take_lease("s", ghost, timedelta(milliseconds=300)) == Fence(ghost, 1)
     runner = PluginRunner(manager, [workers.analysis])
     with pytest.raises(RunInProgressError, match="another-host"):
         runner.run("s", input={})
@@ -281,3 +283,100 @@ def test_sigkill_in_phase_two_then_resume(manager: ContextManager, db_url: str) 
     assert runs == {result.execution_id}  # the same run, continued
     assert manager.get_context("crash").get("plan") == ["lint", "test"]
     assert manager.store.verify("crash") == len(log(manager, "crash"))
+
+
+def test_a_runner_that_lost_its_lease_writes_nothing_more(
+    manager: ContextManager, db_url: str
+) -> None:
+    """Runner A is paused (SIGSTOP) past its lease; B takes the session over and completes
+    the run; A, continued, must not write into it and must stop with RunInProgressError."""
+    manager.create_context("s")
+    child = subprocess.Popen(
+        [sys.executable, WORKERS, "run-contested", db_url, "s"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "in-phase"
+        os.kill(child.pid, signal.SIGSTOP)
+        time.sleep(1.5)  # A's lease (1 s) runs out while it is stopped
+
+        def contested(_: Any) -> str:
+            eventctx.current_context().set("winner", "resuming runner")
+            return "resuming runner"
+
+        resumed = PluginRunner(manager, [contested]).run("s", resume=True)
+        assert resumed.status == "completed"
+    finally:
+        os.kill(child.pid, signal.SIGCONT)
+    out, _ = child.communicate(timeout=30)
+    assert out.startswith("RunInProgressError"), out
+    events = log(manager, "s")
+    assert [e.type for e in events].count("RunCompleted") == 1
+    assert events[-1].type == "RunCompleted"  # nothing after the resumed run's end
+    assert [e.type for e in events].count("PhaseCompleted") == 1
+    ctx = manager.get_context("s")
+    ctx.refresh()
+    assert ctx.get("winner") == "resuming runner"
+
+
+def test_a_lease_taken_over_fences_every_write(manager: ContextManager) -> None:
+    """The fence is checked by the statement that moves the head: a write carrying a lease
+    that was taken over is refused, and nothing is appended."""
+    ctx = manager.create_context("s")
+    store = manager.store
+    first = store.take_lease("s", "a", timedelta(milliseconds=1))
+    assert first == Fence("a", 1)
+    time.sleep(0.01)
+    assert store.take_lease("s", "b", timedelta(seconds=30)) == Fence("b", 2)
+    assert not store.renew_lease("s", first, timedelta(seconds=30))
+    with pytest.raises(RunInProgressError, match="taken over"):
+        ctx.writer.append([eventctx.NewEvent.create("KeySet", {"value": 1}, key="k")], fence=first)
+    assert ctx.version == 1 and "k" not in ctx
+    ctx.writer.append(
+        [eventctx.NewEvent.create("KeySet", {"value": 2}, key="k")], fence=Fence("b", 2)
+    )
+    assert ctx.get("k") == 2
+    ctx.set("outside", 1)  # writes outside a run are not fenced
+    assert ctx.version == 3
+
+
+def test_sync_phases_run_in_the_callers_thread(manager: ContextManager) -> None:
+    """A sync phase may use asyncio.run (no event loop is running around it)."""
+    caller = threading.get_ident()
+
+    def uses_asyncio(_: Any) -> int:
+        assert threading.get_ident() == caller
+        return asyncio.run(asyncio.sleep(0, result=7))
+
+    assert PluginRunner(manager, [uses_asyncio]).run("s").outputs == {"uses_asyncio": 7}
+
+
+def test_run_async_never_blocks_its_event_loop(manager: ContextManager) -> None:
+    """While a sync phase and the run's database calls work, the caller's loop keeps ticking;
+    async phases run on the caller's loop, with the context current."""
+    seen: dict[str, Any] = {}
+
+    def blocking(_: Any) -> None:
+        time.sleep(0.3)
+        eventctx.current_context().set("blocking", True)
+
+    async def on_the_loop(_: Any) -> None:
+        seen["loop"] = asyncio.get_running_loop()
+        eventctx.current_context().set("async", eventctx.helper().phase)
+
+    async def main() -> tuple[RunResult, int]:
+        seen["caller"] = asyncio.get_running_loop()
+        ticks = 0
+        task = asyncio.create_task(PluginRunner(manager, [blocking, on_the_loop]).run_async("s"))
+        while not task.done():
+            await asyncio.sleep(0.01)
+            ticks += 1
+        return task.result(), ticks
+
+    result, ticks = asyncio.run(main())
+    assert result.status == "completed", result.error
+    assert ticks >= 15  # ~30 ticks in 0.3 s when the loop is free; 0 or 1 when blocked
+    assert seen["loop"] is seen["caller"]
+    assert manager.get_context("s").to_dict() == {"blocking": True, "async": "on_the_loop"}

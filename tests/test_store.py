@@ -26,10 +26,11 @@ from eventctx import (
     SessionNotFoundError,
     StorageError,
 )
+from eventctx.clock import now_us
 from eventctx.events import RecordedEvent as RecordedEventT
-from eventctx.store import Head
+from eventctx.store import Fence, Head
 from eventctx.store.commit import AppendRequest, _units
-from eventctx.store.core import READ_CHUNK, now_us
+from eventctx.store.core import READ_CHUNK
 
 WORKERS = str(Path(__file__).with_name("workers.py"))
 
@@ -331,11 +332,12 @@ def test_upgrade_of_a_committed_version_1_sqlite_file(tmp_path: Path) -> None:
     path = tmp_path / "old.sqlite"
     path.write_bytes((DATA / "eventctx-v1.sqlite").read_bytes())
     url = f"sqlite:///{path}"
-    with pytest.raises(SchemaError, match="older than 2"):
+    with pytest.raises(SchemaError, match="version 1 is older than 3"):
         EventStore.open(url)
     with EventStore.upgrade(url) as store:
         assert store.verify("legacy") == 9  # the history survives, chain intact
         assert store.take_named_lease("compaction", "me", timedelta(seconds=1)) is None
+        assert store.take_lease("legacy", "me", timedelta(seconds=1)) == Fence("me", 1)
     with EventStore.open(url) as store, ContextManager(store) as manager:
         data = manager.get_context("legacy").to_dict()
         assert data == {
@@ -354,11 +356,12 @@ def test_upgrade_of_a_version_1_postgresql_schema(pg_url: str) -> None:
             conn.exec_driver_sql(statement)
         conn.exec_driver_sql("INSERT INTO eventctx_schema (version) VALUES (1)")
     engine.dispose()
-    with pytest.raises(SchemaError, match="older than 2"):
+    with pytest.raises(SchemaError, match="version 1 is older than 3"):
         EventStore.open(pg_url)
     with EventStore.upgrade(pg_url) as store:
         store.append("s", [created(), key_set("a", 1)])
         assert store.take_named_lease("compaction", "me", timedelta(seconds=1)) is None
+        assert store.take_lease("s", "me", timedelta(seconds=1)) == Fence("me", 1)
         assert store.verify("s") == 2
 
 
@@ -427,9 +430,9 @@ def test_a_group_never_merges_a_delete_with_writes() -> None:
 def test_compaction_leaves_a_purged_and_recreated_session_alone(store: EventStore) -> None:
     store.append("s", [NewEvent.create("ContextCreated", {"ttl_ms": 1}), key_set("old", 1)])
     time.sleep(0.01)
-    assert store.mark_expiring("s", now_us())
+    assert store.removal.mark_expiring("s", now_us())
     store.purge("s")  # meanwhile: purged and created again
     store.append("s", [created(ttl_ms=None), key_set("new", 2)])
-    assert store.delete_events_upto("s", 1) is None
-    assert store.finish_removal("s") is None
+    assert store.removal.delete_events_upto("s", 1) is None
+    assert store.removal.finish_removal("s") is None
     assert [e.key for e in store.read("s")] == [None, "new"] and store.verify("s") == 2

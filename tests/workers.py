@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from datetime import timedelta
 
 import eventctx
 from eventctx import ContextManager, EventStore, NewEvent, PluginRunner
@@ -74,6 +75,26 @@ def run_plugin(url: str, session_id: str) -> None:
         PluginRunner(manager, [analysis, planning]).run(session_id, input={"repo": "x"})
 
 
+def contested(_: object) -> str:
+    """The phase of the paused runner: says it is in, waits (paused meanwhile), then writes."""
+    print("in-phase", flush=True)
+    time.sleep(1.0)
+    eventctx.current_context().set("winner", "paused runner")
+    return "paused runner"
+
+
+def run_contested(url: str, session_id: str) -> None:
+    """Run ``contested`` under a short lease; print how the run ended."""
+    with ContextManager(url) as manager:
+        runner = PluginRunner(manager, [contested], lease=timedelta(seconds=1))
+        try:
+            result = runner.run(session_id, input={})
+        except eventctx.RunInProgressError as exc:
+            print(f"RunInProgressError: {exc}", flush=True)
+            return
+        print(f"finished: {result.status}", flush=True)
+
+
 def open_store(url: str) -> None:
     """Open (creating) the store at ``url``."""
     EventStore.open(url).close()
@@ -91,6 +112,8 @@ if __name__ == "__main__":
         context_ack(args[0], args[1])
     elif command == "run-plugin":
         run_plugin(args[0], args[1])
+    elif command == "run-contested":
+        run_contested(args[0], args[1])
     elif command == "open":
         open_store(args[0])
     else:

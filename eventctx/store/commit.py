@@ -1,21 +1,26 @@
 """Group commit: appends that arrive while a commit is in flight share the next transaction.
 
-The first caller becomes the leader: it takes every queued append, runs them one after the
-other in one transaction on the store's writer connection (consecutive blind appends to one
-session as a single append), commits once, hands every caller its result, and wakes them.
-Each caller returns only after the transaction holding its events
-has committed, so durability is that of one append per transaction, at the cost of one commit
-for the whole group. An append that is refused (a version conflict, a missing or expired
-session) is refused before it changes anything, so the others go on without it; a driver
-error fails the whole group, and nothing of it is committed.
+The first caller becomes the leader: it takes every queued append, moves each session's head
+row in one transaction on the store's writer connection (consecutive blind appends to one
+session as a single append), inserts all their events at once, commits, hands every caller its
+result, and wakes them. Each caller returns only after the transaction holding its events has
+committed, so durability is that of one append per transaction, at the cost of one commit for
+the whole group.
+
+Callers never harm each other. An append that is refused (a version conflict, a missing or
+expired session, a lost run lease) is refused before it changes anything, so the others go on
+without it. A head row that another transaction holds locked is not waited for in the group:
+that caller appends alone, in its own transaction, waiting for the row up to the busy timeout.
+The leader runs no caller's code: it only puts each result in its caller's inbox, in commit
+order, and the callers fold their own results after they wake.
 """
 
 from __future__ import annotations
 
-import logging
+import copy
 import threading
-from collections import ChainMap
-from collections.abc import Callable, MutableMapping, Sequence
+from collections import ChainMap, deque
+from collections.abc import Callable, Iterator, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -24,20 +29,15 @@ from sqlalchemy.engine import Engine
 from eventctx.errors import EventCtxError
 from eventctx.events import NewEvent, RecordedEvent
 from eventctx.store.dialect import Cursor, Dialect
+from eventctx.store.heads import Fence, Head
 
-__all__ = ["AppendRequest", "GroupCommitter", "Head"]
+__all__ = ["AppendRequest", "GroupCommitter", "Inbox", "RowLockedError"]
 
-log = logging.getLogger("eventctx")
 _HEADS_KEPT = 4096
 
 
-@dataclass(frozen=True, slots=True)
-class Head:
-    """Where a session's log ends: its version, chain head and last event time."""
-
-    version: int
-    hash: bytes
-    recorded_at_us: int
+Inbox = deque[list[RecordedEvent]]
+"""Where the committer puts a caller's recorded events, in commit order."""
 
 
 @dataclass(slots=True)
@@ -46,25 +46,44 @@ class AppendRequest:
 
     session_id: str
     events: Sequence[NewEvent]
-    expected_version: int | None
-    head: Head | None
-    on_commit: Callable[[list[RecordedEvent]], None] | None
+    expected_version: int | None = None
+    head: Head | None = None
+    inbox: Inbox | None = None
+    fence: Fence | None = None
     result: list[RecordedEvent] | None = None
     error: BaseException | None = None
+    alone: bool = False
+    """Its head row was locked by another transaction: the caller appends by itself."""
     done: bool = field(default=False)
 
 
-Apply = Callable[[Cursor, AppendRequest, MutableMapping[str, Head]], list[RecordedEvent]]
-"""Runs one append inside the open transaction; updates the batch's view of session heads."""
+class RowLockedError(Exception):
+    """Raised (inside the committer only) when a head row is locked by another transaction."""
+
+
+@dataclass(slots=True)
+class Staged:
+    """An append whose head row has moved, with the event rows still to insert."""
+
+    rows: list[dict[str, Any]]
+    requests: list[AppendRequest]
+
+
+Stage = Callable[[Cursor, AppendRequest, MutableMapping[str, Head], bool], list[dict[str, Any]]]
+"""Moves one append's head row inside the open transaction and returns its event rows
+(``wait``: whether to wait for a head row another transaction holds, else RowLockedError)."""
+Insert = Callable[[Cursor, list[dict[str, Any]]], list[int]]
+"""Inserts event rows (staged by ``Stage``) and returns their positions, in order."""
 
 
 class GroupCommitter:
     """Serializes appends through one writer connection, committing them in groups."""
 
-    def __init__(self, engine: Engine, dialect: Dialect, apply: Apply) -> None:
+    def __init__(self, engine: Engine, dialect: Dialect, stage: Stage, insert: Insert) -> None:
         self._engine = engine
         self._dialect = dialect
-        self._apply = apply
+        self._stage = stage
+        self._insert = insert
         self._cv = threading.Condition()
         self._queue: list[AppendRequest] = []
         self._leading = False
@@ -91,6 +110,8 @@ class GroupCommitter:
                         queued.done = True
                     self._leading = False
                     self._cv.notify_all()
+        if request.alone:
+            return self._append_alone(request)
         if request.error is not None:
             raise request.error
         assert request.result is not None
@@ -117,8 +138,13 @@ class GroupCommitter:
                     heads = ChainMap(written, self._heads)
                     # By session (each one's own order kept): every group, and compaction, locks
                     # head rows in the same order, so two processes never deadlock on them.
-                    for unit in _units(sorted(batch, key=_session_of)):
-                        self._apply_unit(cur, unit, heads)
+                    staged = [
+                        s
+                        for unit in _units(sorted(batch, key=_session_of))
+                        if (s := self._stage_unit(cur, unit, heads)) is not None
+                    ]
+                    if staged:
+                        self._insert_staged(cur, staged)
                     conn.commit()
                     self._remember(written)
                 except BaseException:
@@ -126,14 +152,62 @@ class GroupCommitter:
                     raise
         except BaseException as exc:  # a driver error: nothing of the group was committed
             for request in batch:
-                request.result, request.error = None, request.error or exc
+                if not request.alone:
+                    request.result, request.error = None, request.error or _own_copy(exc)
             return
         for request in batch:  # in commit order, before anyone is woken
-            if request.result is not None and request.on_commit is not None:
+            if request.result is not None and request.inbox is not None:
+                request.inbox.append(request.result)
+
+    def _stage_unit(
+        self, cur: Cursor, unit: list[AppendRequest], heads: MutableMapping[str, Head]
+    ) -> Staged | None:
+        """Move the head of a unit (one request, or blind appends to one session merged)."""
+        first = unit[0]
+        merged = first
+        if len(unit) > 1:
+            events = [event for request in unit for event in request.events]
+            merged = AppendRequest(first.session_id, events, None, first.head, fence=first.fence)
+        try:
+            return Staged(self._stage(cur, merged, heads, False), unit)
+        except RowLockedError:  # held by another transaction: don't make the group wait for it
+            for request in unit:
+                request.alone = True
+        except EventCtxError as exc:
+            # Refusals are decided before the append changes anything (driver errors are not
+            # EventCtxErrors yet here), so the rest of the group goes on.
+            for request in unit:
+                request.error = _own_copy(exc) if len(unit) > 1 else exc
+        return None
+
+    def _insert_staged(self, cur: Cursor, staged: list[Staged]) -> None:
+        rows = [row for s in staged for row in s.rows]
+        positions = iter(self._insert(cur, rows))
+        rows_in_order = iter(rows)
+        for s in staged:
+            for request in s.requests:
+                request.result = _recorded(positions, rows_in_order, request.events)
+
+    def _append_alone(self, request: AppendRequest) -> list[RecordedEvent]:
+        """Append in a transaction of its own that waits for the head row (busy timeout)."""
+        with self._dialect.translate_errors():
+            raw = self._engine.raw_connection()
+            try:
+                cur = raw.cursor()
+                self._dialect.begin_write(cur)
                 try:
-                    request.on_commit(request.result)
-                except Exception:
-                    log.exception("after-commit callback failed; the events are committed")
+                    rows = self._stage(cur, request, {}, True)
+                    positions = self._insert(cur, rows)
+                    raw.commit()
+                except BaseException:
+                    raw.rollback()
+                    raise
+            finally:
+                raw.close()
+        recorded = _recorded(iter(positions), iter(rows), request.events)
+        if request.inbox is not None:
+            request.inbox.append(recorded)
+        return recorded
 
     def _remember(self, written: dict[str, Head]) -> None:
         heads = self._heads
@@ -143,28 +217,6 @@ class GroupCommitter:
         if len(heads) > _HEADS_KEPT:  # forget the least recently written half
             self._heads = dict(list(heads.items())[-_HEADS_KEPT // 2 :])
 
-    def _apply_unit(
-        self, cur: Cursor, unit: list[AppendRequest], heads: MutableMapping[str, Head]
-    ) -> None:
-        """Append a unit (one request, or blind appends to one session merged into one)."""
-        first = unit[0]
-        merged = first
-        if len(unit) > 1:
-            events = [event for request in unit for event in request.events]
-            merged = AppendRequest(first.session_id, events, None, first.head, None)
-        try:
-            recorded = self._apply(cur, merged, heads)
-        except EventCtxError as exc:
-            # Refusals are decided before the append changes anything (driver errors are not
-            # EventCtxErrors yet here), so the rest of the group goes on.
-            for request in unit:
-                request.error = exc
-            return
-        start = 0
-        for request in unit:
-            request.result = recorded[start : start + len(request.events)]
-            start += len(request.events)
-
     def _rollback(self, conn: Any) -> None:
         try:
             conn.rollback()
@@ -173,13 +225,53 @@ class GroupCommitter:
             self._conn = None
 
 
+def _recorded(
+    positions: Iterator[int], rows: Iterator[dict[str, Any]], events: Sequence[NewEvent]
+) -> list[RecordedEvent]:
+    """``events`` as recorded, from the next of the inserted ``rows`` and their positions."""
+    make = tuple.__new__
+    return [
+        make(
+            RecordedEvent,
+            (
+                next(positions),
+                row["session_id"],
+                row["version"],
+                event.type,
+                event.key,
+                event.phase,
+                event.execution_id,
+                event.payload,
+                row["recorded_at"],
+                row["hash"],
+                row["prev_hash"],
+            ),
+        )
+        for event in events
+        for row in (next(rows),)
+    ]
+
+
+def _own_copy(exc: BaseException) -> BaseException:
+    """An exception of the same type and message for one member of a group, so that no two
+    threads raise (and so rewrite the traceback of) one exception object."""
+    twin = copy.copy(exc)
+    twin.__cause__, twin.__traceback__ = exc, None
+    return twin
+
+
 def _units(batch: list[AppendRequest]) -> list[list[AppendRequest]]:
-    """Split a group into units: consecutive blind appends to one session become one append
-    (one head-row update, one insert of all their events); anything else stands alone."""
+    """Split a group into units: consecutive blind appends to one session under the same
+    fence become one append (one head-row update, one insert of all their events); anything
+    else stands alone."""
     units: list[list[AppendRequest]] = []
     for request in batch:
         last = units[-1][0] if units else None
-        same = last is not None and last.session_id == request.session_id
+        same = (
+            last is not None
+            and last.session_id == request.session_id
+            and last.fence == request.fence
+        )
         if same and _blind(request) and _blind(last):  # type: ignore[arg-type]
             units[-1].append(request)
             continue

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import sqlalchemy as sa
 from sqlalchemy.engine import URL, Engine
@@ -19,9 +19,6 @@ from sqlalchemy.engine.interfaces import DBAPICursor
 from sqlalchemy.sql.expression import ClauseElement
 
 from eventctx.errors import ConcurrencyError, EventCtxError, StorageError
-
-if TYPE_CHECKING:
-    from eventctx.store.statements import Statements
 
 Synchronous = Literal["NORMAL", "FULL"]
 
@@ -52,6 +49,8 @@ class Dialect:
     name: str
     sql_dialect: sa.engine.Dialect
     """Dialect used to compile statements (named or pyformat parameters, so dicts bind)."""
+    row_locks: bool = False
+    """Whether writers lock single head rows (else the whole database is the write lock)."""
 
     def create_engine(self, url: URL, options: StoreOptions) -> Engine:
         """An engine for ``url`` configured for eventctx."""
@@ -74,9 +73,10 @@ class Dialect:
         raise NotImplementedError
 
     def insert_events(
-        self, cur: Cursor, sql: Statements, rows: Sequence[dict[str, Any]]
+        self, cur: Cursor, insert: str, returning: str, rows: Sequence[dict[str, Any]]
     ) -> list[int]:
-        """Insert ``rows`` with one round trip per statement; return their positions in order."""
+        """Insert ``rows`` with one round trip per statement (``insert``, or ``returning``, the
+        same INSERT returning the position) and return their positions in order."""
         raise NotImplementedError
 
     def insert_ignore(self, table: sa.Table) -> sa.Insert:
@@ -85,6 +85,10 @@ class Dialect:
 
     def classify(self, exc: Exception) -> type[EventCtxError] | None:
         """The eventctx error for a driver error, or None when it is not a driver error."""
+        raise NotImplementedError
+
+    def lock_timed_out(self, exc: Exception) -> bool:
+        """Whether a driver error says the busy timeout passed while waiting for a lock."""
         raise NotImplementedError
 
     def compile(self, stmt: ClauseElement) -> str:
@@ -109,6 +113,11 @@ class Dialect:
             kind = self.classify(orig)
             if kind is None:
                 raise
+            if self.lock_timed_out(orig):
+                raise StorageError(
+                    "gave up waiting for a lock another connection holds (the store's "
+                    "busy_timeout passed); nothing was committed, try again"
+                ) from exc
             raise kind(_describe(kind, orig)) from exc
 
 
@@ -119,17 +128,3 @@ def _describe(kind: type[EventCtxError], exc: Exception) -> str:
     if kind is StorageError:
         return f"database error, nothing was committed: {detail}"
     return detail
-
-
-def for_url(url: URL) -> Dialect:
-    """The dialect for a database URL; SchemaError-free, ValueError for unsupported backends."""
-    backend = url.get_backend_name()
-    if backend == "sqlite":
-        from eventctx.store.sqlite import SQLiteDialect  # noqa: PLC0415 (lazy: per backend)
-
-        return SQLiteDialect()
-    if backend == "postgresql":
-        from eventctx.store.postgresql import PostgreSQLDialect  # noqa: PLC0415 (needs psycopg)
-
-        return PostgreSQLDialect()
-    raise ValueError(f"unsupported database {url.render_as_string()!r}: use sqlite or postgresql")

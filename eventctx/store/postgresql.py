@@ -1,5 +1,5 @@
 """PostgreSQL through psycopg 3: row locks on the head row order writers of one session;
-an advisory lock serializes schema creation."""
+advisory locks serialize schema creation and make positions commit-ordered."""
 
 from __future__ import annotations
 
@@ -8,15 +8,20 @@ from typing import Any
 
 import psycopg
 import sqlalchemy as sa
+from sqlalchemy import event
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
 from sqlalchemy.engine import URL, Engine
 
 from eventctx.errors import ConcurrencyError, EventCtxError, StorageError
 from eventctx.store.dialect import Cursor, Dialect, StoreOptions, fetch_value
-from eventctx.store.statements import Statements
 
 _UNIQUE_VIOLATION = "23505"
+_LOCK_NOT_AVAILABLE = "55P03"
+# Keyed on the schema, so that stores in unrelated schemas of one database never wait on
+# each other.
+_SETUP_LOCK = "SELECT pg_advisory_xact_lock(hashtext('eventctx:' || current_schema()))"
+_INSERT_LOCK = "SELECT pg_advisory_xact_lock(hashtext('eventctx:insert:' || current_schema()))"
 
 
 class PostgreSQLDialect(Dialect):
@@ -24,15 +29,29 @@ class PostgreSQLDialect(Dialect):
 
     name = "postgresql"
     sql_dialect = PGDialect_psycopg()  # type: ignore[no-untyped-call]
+    row_locks = True
 
     def create_engine(self, url: URL, options: StoreOptions) -> Engine:
         if url.drivername != "postgresql+psycopg":
             url = url.set(drivername="postgresql+psycopg")
-        return sa.create_engine(url, pool_size=8, max_overflow=16, pool_pre_ping=False)
+        engine = sa.create_engine(url, pool_size=8, max_overflow=16, pool_pre_ping=False)
+        self.prepare_engine(engine, options)
+        return engine
+
+    def prepare_engine(self, engine: Engine, options: StoreOptions) -> None:
+        timeout_ms = max(1, int(options.busy_timeout_s * 1000))
+
+        def on_connect(dbapi_conn: psycopg.Connection[Any], _record: object) -> None:
+            # The busy timeout: how long any statement waits for a lock another holds.
+            with dbapi_conn.cursor() as cur:
+                cur.execute(f"SET lock_timeout = {timeout_ms}")
+            dbapi_conn.commit()
+
+        event.listen(engine, "connect", on_connect)
+        engine.dispose()  # connections made before the listener must not be reused
 
     def lock_setup(self, cur: Cursor) -> None:
-        # Key the lock on the schema so that setups of unrelated schemas don't wait on each other.
-        cur.execute("SELECT pg_advisory_xact_lock(hashtext('eventctx:' || current_schema()))")
+        cur.execute(_SETUP_LOCK)
 
     def table_names(self, cur: Cursor) -> set[str]:
         cur.execute(
@@ -41,12 +60,18 @@ class PostgreSQLDialect(Dialect):
         return {row[0] for row in cur.fetchall()}
 
     def insert_events(
-        self, cur: Cursor, sql: Statements, rows: Sequence[dict[str, Any]]
+        self, cur: Cursor, insert: str, returning: str, rows: Sequence[dict[str, Any]]
     ) -> list[int]:
+        # Positions come from a sequence, handed out before commit: without this lock, rows
+        # 1, 2 and 4 could be visible while 3 has not committed yet, and a reader following
+        # positions would skip 3. Held from here to commit, after every head row is locked,
+        # so inserts commit one transaction at a time, in position order; nothing that holds
+        # it waits for a row lock.
+        cur.execute(_INSERT_LOCK)
         if len(rows) == 1:
-            cur.execute(sql.insert_event_returning, rows[0])
+            cur.execute(returning, rows[0])
             return [int(fetch_value(cur))]
-        cur.executemany(sql.insert_event_returning, rows, returning=True)  # type: ignore[call-arg]
+        cur.executemany(returning, rows, returning=True)  # type: ignore[call-arg]
         positions: list[int] = []
         while True:
             positions.append(int(fetch_value(cur)))
@@ -62,3 +87,6 @@ class PostgreSQLDialect(Dialect):
         if exc.sqlstate == _UNIQUE_VIOLATION:
             return ConcurrencyError
         return StorageError
+
+    def lock_timed_out(self, exc: Exception) -> bool:
+        return isinstance(exc, psycopg.Error) and exc.sqlstate == _LOCK_NOT_AVAILABLE

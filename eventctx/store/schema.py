@@ -7,7 +7,7 @@ would reorder keys).
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final
 
 from sqlalchemy import (
     BigInteger,
@@ -20,11 +20,12 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.engine import Dialect
-from sqlalchemy.schema import CreateIndex, CreateTable
+from sqlalchemy.schema import CreateColumn, CreateIndex, CreateTable
 
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 3
 """The schema version this code writes; stamped in ``eventctx_schema``."""
 
 MAX_SESSION_ID: Final = 512
@@ -71,6 +72,9 @@ sessions = Table(
     Column("status", String(16), nullable=False),
     Column("lease_owner", String(128)),
     Column("lease_expires_at", BigInteger),
+    # The run lease's fencing token: incremented each time the lease is taken, and checked
+    # (with the owner) by every append a runner makes.
+    Column("lease_token", BigInteger, nullable=False, server_default=text("0")),
 )
 
 snapshots = Table(
@@ -117,16 +121,26 @@ TRIGGERS: Final[dict[str, tuple[str, ...]]] = {
 }
 
 
-_ADDED_TABLES: Final[dict[int, tuple[Table, ...]]] = {1: (leases,)}
-"""Tables each upgrade from version N to N + 1 adds."""
+_ADDED: Final[dict[int, tuple[Table | Column[Any], ...]]] = {
+    1: (leases,),
+    2: (sessions.c.lease_token,),
+}
+"""The tables and columns each upgrade from version N to N + 1 adds."""
 
 
 def migration_statements(from_version: int, dialect: Dialect) -> list[str] | None:
     """DDL that takes a database from ``from_version`` to the next, or None if none exists."""
-    added = _ADDED_TABLES.get(from_version)
+    added = _ADDED.get(from_version)
     if added is None:
         return None
-    return [str(CreateTable(table).compile(dialect=dialect)).strip() for table in added]
+    return [_add(item, dialect) for item in added]
+
+
+def _add(item: Table | Column[Any], dialect: Dialect) -> str:
+    if isinstance(item, Table):
+        return str(CreateTable(item).compile(dialect=dialect)).strip()
+    spec = str(CreateColumn(item).compile(dialect=dialect)).strip()
+    return f"ALTER TABLE {item.table.name} ADD COLUMN {spec}"
 
 
 def create_statements(dialect: Dialect) -> list[str]:

@@ -14,11 +14,11 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
 from sqlalchemy.engine import URL, Engine
 
-from eventctx.errors import ConcurrencyError, EventCtxError, StorageError
+from eventctx.errors import ConcurrencyError, EventCtxError, InvalidInputError, StorageError
 from eventctx.store.dialect import Cursor, Dialect, StoreOptions, fetch_value
-from eventctx.store.statements import Statements
 
 _CONSTRAINT_UNIQUE = 2067  # SQLITE_CONSTRAINT_UNIQUE: the (session_id, version) key
+_BUSY = 5  # SQLITE_BUSY: the busy timeout passed
 
 
 class SQLiteDialect(Dialect):
@@ -30,7 +30,7 @@ class SQLiteDialect(Dialect):
     def create_engine(self, url: URL, options: StoreOptions) -> Engine:
         database = url.database or ""
         if database in ("", ":memory:") or "mode=memory" in str(url.query):
-            raise ValueError(
+            raise InvalidInputError(
                 "an in-memory SQLite database is private to one connection; "
                 "use a file, e.g. sqlite:///eventctx.db (a temporary directory works for tests)"
             )
@@ -67,12 +67,12 @@ class SQLiteDialect(Dialect):
         return {row[0] for row in cur.fetchall()}
 
     def insert_events(
-        self, cur: Cursor, sql: Statements, rows: Sequence[dict[str, Any]]
+        self, cur: Cursor, insert: str, returning: str, rows: Sequence[dict[str, Any]]
     ) -> list[int]:
         if len(rows) == 1:
-            cur.execute(sql.insert_event, rows[0])
+            cur.execute(insert, rows[0])
             return [_lastrowid(cur)]
-        cur.executemany(sql.insert_event, rows)
+        cur.executemany(insert, rows)
         # Under the write lock AUTOINCREMENT hands out consecutive rowids, ending at the last one.
         cur.execute("SELECT last_insert_rowid()")
         last = int(fetch_value(cur))
@@ -87,6 +87,9 @@ class SQLiteDialect(Dialect):
         if getattr(exc, "sqlite_errorcode", None) == _CONSTRAINT_UNIQUE:
             return ConcurrencyError
         return StorageError
+
+    def lock_timed_out(self, exc: Exception) -> bool:
+        return isinstance(exc, sqlite3.Error) and getattr(exc, "sqlite_errorcode", None) == _BUSY
 
 
 def _use_wal(conn: sqlite3.Connection, timeout_s: float) -> None:

@@ -9,6 +9,7 @@ from sqlalchemy import bindparam, func
 
 from eventctx.store import schema
 from eventctx.store.dialect import Dialect
+from eventctx.store.heads import alive_at
 
 EVENT_COLUMNS: Final = (
     "session_id",
@@ -23,7 +24,6 @@ EVENT_COLUMNS: Final = (
     "prev_hash",
 )
 _ZERO: Final = sa.literal_column("0", sa.Integer)
-_THOUSAND: Final = sa.literal_column("1000", sa.BigInteger)
 _SESSION_COLUMNS: Final = (
     schema.sessions.c.session_id,
     schema.sessions.c.version,
@@ -33,12 +33,6 @@ _SESSION_COLUMNS: Final = (
     schema.sessions.c.ttl_ms,
     schema.sessions.c.status,
 )
-
-
-def _alive_at(now: sa.BindParameter[int]) -> sa.ColumnElement[bool]:
-    """The session has not outlived its ttl at ``now`` (no ttl: never expires)."""
-    se = schema.sessions
-    return sa.or_(se.c.ttl_ms.is_(None), se.c.last_activity + se.c.ttl_ms * _THOUSAND >= now)
 
 
 class Statements:
@@ -51,26 +45,47 @@ class Statements:
         insert_event = sa.insert(ev).values({n: bindparam(n) for n in EVENT_COLUMNS})
         self.insert_event = c(insert_event)
         self.insert_event_returning = c(insert_event.returning(ev.c.position))
-        self.head_for_update = c(
-            sa.select(se.c.version, se.c.head_hash, se.c.last_activity, se.c.status, se.c.ttl_ms)
-            .where(se.c.session_id == sid)
-            .with_for_update()
-        )
-        self.advance_head = c(
+        locked_head = sa.select(
+            se.c.version,
+            se.c.head_hash,
+            se.c.last_activity,
+            se.c.status,
+            se.c.ttl_ms,
+            se.c.lease_owner,
+            se.c.lease_token,
+        ).where(se.c.session_id == sid)
+        self.head_for_update = c(locked_head.with_for_update())
+        # In a group commit a head row that another transaction holds is skipped, not waited
+        # for (its append is then made alone), so that one session's lock stalls no other.
+        self.head_skip_locked = c(locked_head.with_for_update(skip_locked=True))
+        advance = [
+            se.c.session_id == sid,
+            se.c.version == bindparam("base_version"),
+            se.c.head_hash == bindparam("base_hash"),
+            se.c.status == bindparam("active"),
+            alive_at(bindparam("now")),
+        ]
+        if dialect.row_locks:
+            unlocked = sa.select(se.c.session_id).where(se.c.session_id == sid)
+            advance.append(
+                se.c.session_id == unlocked.with_for_update(skip_locked=True).scalar_subquery()
+            )
+        moved: dict[str, Any] = {
+            "version": bindparam("new_version"),
+            "head_hash": bindparam("new_hash"),
+            "last_activity": bindparam("now"),
+            "status": bindparam("status"),
+        }
+        self.advance_head = c(sa.update(se).where(*advance).values(moved))
+        # A runner's append: only while the session's run lease is still the one it took.
+        self.advance_head_fenced = c(
             sa.update(se)
             .where(
-                se.c.session_id == sid,
-                se.c.version == bindparam("base_version"),
-                se.c.head_hash == bindparam("base_hash"),
-                se.c.status == bindparam("active"),
-                _alive_at(bindparam("now")),
+                *advance,
+                se.c.lease_owner == bindparam("owner"),
+                se.c.lease_token == bindparam("token"),
             )
-            .values(
-                version=bindparam("new_version"),
-                head_hash=bindparam("new_hash"),
-                last_activity=bindparam("now"),
-                status=bindparam("status"),
-            )
+            .values(moved)
         )
         self.insert_head = c(
             dialect.insert_ignore(se).values(
@@ -103,14 +118,10 @@ class Statements:
                 se.c.session_id == sid,
                 se.c.status == bindparam("active"),
                 se.c.last_activity < bindparam("now"),
-                _alive_at(bindparam("now")),
+                alive_at(bindparam("now")),
             )
             .values(last_activity=bindparam("now"))
         )
-        lease: dict[str, Any] = {
-            "lease_owner": bindparam("owner"),
-            "lease_expires_at": bindparam("expires"),
-        }
         self.take_lease = c(
             sa.update(se)
             .where(
@@ -118,27 +129,39 @@ class Statements:
                 se.c.status == bindparam("active"),
                 sa.or_(
                     se.c.lease_owner.is_(None),
-                    se.c.lease_owner == bindparam("owner"),
                     se.c.lease_owner == bindparam("previous"),
                     se.c.lease_expires_at < bindparam("now"),
                 ),
             )
-            .values(lease)
+            .values(
+                lease_owner=bindparam("owner"),
+                lease_expires_at=bindparam("expires"),
+                lease_token=se.c.lease_token + sa.literal_column("1", sa.BigInteger),
+            )
+            .returning(se.c.lease_token)
+        )
+        held = (
+            se.c.session_id == sid,
+            se.c.lease_owner == bindparam("owner"),
+            se.c.lease_token == bindparam("token"),
+        )
+        self.renew_lease = c(
+            sa.update(se)
+            .where(*held, se.c.status == bindparam("active"))
+            .values(lease_expires_at=bindparam("expires"))
         )
         self.read_lease = c(
             sa.select(se.c.lease_owner, se.c.lease_expires_at).where(se.c.session_id == sid)
         )
         self.release_lease = c(
-            sa.update(se)
-            .where(se.c.session_id == sid, se.c.lease_owner == bindparam("owner"))
-            .values(lease_owner=sa.null(), lease_expires_at=sa.null())
+            sa.update(se).where(*held).values(lease_owner=sa.null(), lease_expires_at=sa.null())
         )
         self.expired = c(
             sa.select(se.c.session_id, se.c.version)
             .where(
                 sa.or_(
                     se.c.status == bindparam("expiring"),
-                    sa.not_(_alive_at(bindparam("now"))),
+                    sa.not_(alive_at(bindparam("now"))),
                 )
             )
             .order_by(se.c.last_activity)
@@ -152,7 +175,7 @@ class Statements:
                 se.c.session_id == sid,
                 sa.or_(
                     se.c.status == bindparam("expiring"),
-                    sa.not_(_alive_at(bindparam("now"))),
+                    sa.not_(alive_at(bindparam("now"))),
                 ),
             )
             .values(status=bindparam("expiring"))
@@ -220,7 +243,14 @@ class Statements:
             ev.c.version <= bindparam("high"),
         )
         self.read_chunk = c(
-            sa.select(*read_cols, ev.c.execution_id, ev.c.payload, ev.c.recorded_at, ev.c.hash)
+            sa.select(
+                *read_cols,
+                ev.c.execution_id,
+                ev.c.payload,
+                ev.c.recorded_at,
+                ev.c.hash,
+                ev.c.prev_hash,
+            )
             .where(*in_range)
             .order_by(ev.c.version)
             .limit(bindparam("limit", type_=sa.Integer))
@@ -240,6 +270,23 @@ class Statements:
             )
             .where(*in_range)
             .order_by(ev.c.version)
+            .limit(bindparam("limit", type_=sa.Integer))
+            .offset(_ZERO)
+        )
+        # The global log, by position (commit-ordered on every backend).
+        self.read_after = c(
+            sa.select(
+                ev.c.position,
+                ev.c.session_id,
+                *read_cols[1:],
+                ev.c.execution_id,
+                ev.c.payload,
+                ev.c.recorded_at,
+                ev.c.hash,
+                ev.c.prev_hash,
+            )
+            .where(ev.c.position > bindparam("after"))
+            .order_by(ev.c.position)
             .limit(bindparam("limit", type_=sa.Integer))
             .offset(_ZERO)
         )

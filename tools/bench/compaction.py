@@ -17,8 +17,8 @@ from typing import Any
 import orjson
 
 from eventctx import ContextManager, EventStore
+from eventctx.clock import now_us
 from eventctx.compaction import compact
-from eventctx.store.core import now_us
 from tools.bench.common import PAYLOAD, pg_available, pg_schema, sqlite_file, table
 
 SESSIONS = 10_000

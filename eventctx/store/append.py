@@ -1,0 +1,235 @@
+"""The append protocol, inside an open write transaction: the session's head row moves first
+(the version check, under which writers of one session queue), then the events are inserted.
+
+``stage`` does the head-row part and returns the event rows, chained onto the head it moved;
+the group committer inserts the rows of a whole group at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import MutableMapping, Sequence
+from typing import Any
+
+from eventctx.errors import (
+    ConcurrencyError,
+    RunInProgressError,
+    SessionExistsError,
+    SessionExpiredError,
+    SessionNotFoundError,
+)
+from eventctx.events import GENESIS_HASH, NewEvent, chain_hash
+from eventctx.store.commit import AppendRequest, RowLockedError
+from eventctx.store.dialect import Cursor
+from eventctx.store.heads import (
+    ACTIVE,
+    DELETED,
+    EXPIRED,
+    EXPIRING,
+    Fence,
+    Head,
+    expired_at,
+)
+from eventctx.store.statements import Statements
+
+__all__ = ["stage"]
+
+
+def stage(
+    cur: Cursor,
+    sql: Statements,
+    request: AppendRequest,
+    heads: MutableMapping[str, Head],
+    wait: bool,
+    now: int,
+) -> list[dict[str, Any]]:
+    """Move the head row of ``request``'s session past its events and return their rows.
+
+    Refusals (SessionExistsError, SessionNotFoundError, SessionExpiredError, ConcurrencyError,
+    RunInProgressError for a lost lease) are raised before anything changes. A head row that
+    another transaction holds is waited for only with ``wait``, else RowLockedError.
+    """
+    session_id, events = request.session_id, request.events
+    if events[0].type == "ContextCreated":
+        rows = _create_head(cur, sql, session_id, events, now, wait)
+    else:
+        head = heads.get(session_id, request.head)  # the committer's own is fresher
+        rows = _advance_head(cur, sql, request, head, now, wait)
+    last = rows[-1]
+    heads[session_id] = Head(last["version"], last["hash"], last["recorded_at"])
+    return rows
+
+
+def _create_head(
+    cur: Cursor,
+    sql: Statements,
+    session_id: str,
+    events: Sequence[NewEvent],
+    now: int,
+    wait: bool,
+) -> list[dict[str, Any]]:
+    """Insert the head row of a new session (or revive a deleted one); return the rows."""
+    rows = _chain(session_id, events, Head(0, GENESIS_HASH, now), now)
+    params = _head_params(session_id, rows, events)
+    params["ttl_ms"] = events[0].payload.get("ttl_ms")
+    while True:
+        cur.execute(sql.insert_head, params)
+        if cur.rowcount == 1:
+            return rows
+        try:
+            found, status, _ = _locked_head(cur, sql, session_id, now, wait)
+            break
+        except SessionNotFoundError:
+            # PostgreSQL: the row our INSERT ran into was deleted (compaction, a purge) and
+            # committed before we could lock it. Nothing is in the way now: insert again.
+            continue
+    if status == ACTIVE:
+        raise SessionExistsError(
+            f"session {session_id!r} already exists; use get_context to open it"
+        )
+    if status == EXPIRING:
+        raise SessionExpiredError(
+            f"session {session_id!r} expired and is being removed; create it again shortly"
+        )
+    rows = _chain(session_id, events, found, now)
+    params.update(_head_params(session_id, rows, events))
+    cur.execute(sql.recreate_head, params)
+    return rows
+
+
+def _advance_head(
+    cur: Cursor,
+    sql: Statements,
+    request: AppendRequest,
+    head: Head | None,
+    now: int,
+    wait: bool,
+) -> list[dict[str, Any]]:
+    """Move a live session's head past the request's events; return their rows.
+
+    First on the caller's belief of the head (one UPDATE when it is right), else on the
+    head read under its row lock, which makes the second UPDATE certain to match.
+    """
+    session_id, events, expected = request.session_id, request.events, request.expected_version
+    if head is not None and expected in (None, head.version):
+        rows = _chain(session_id, events, head, now)
+        if _move_head(cur, sql, session_id, rows, events, head, request.fence):
+            return rows
+    found, status, lease = _locked_head(cur, sql, session_id, now, wait)
+    if status == DELETED:
+        raise SessionNotFoundError(f"session {session_id!r} was deleted")
+    if status != ACTIVE:
+        raise SessionExpiredError(
+            f"session {session_id!r} outlived its ttl; nothing was written. "
+            "Create it again to go on"
+        )
+    if request.fence is not None and lease != request.fence:
+        raise RunInProgressError(
+            f"the run lease of session {session_id!r} was taken over "
+            f"(now held by {lease.owner or 'nobody'}); this runner writes nothing more"
+        )
+    if expected is not None and found.version != expected:
+        raise ConcurrencyError(
+            f"session {session_id!r} is at version {found.version}, "
+            f"not {expected}; refresh and retry"
+        )
+    rows = _chain(session_id, events, found, now)
+    if not _move_head(cur, sql, session_id, rows, events, found, request.fence):
+        raise ConcurrencyError(  # pragma: no cover - the row is locked
+            f"session {session_id!r} moved while its row was locked"
+        )
+    return rows
+
+
+def _move_head(
+    cur: Cursor,
+    sql: Statements,
+    session_id: str,
+    rows: list[dict[str, Any]],
+    events: Sequence[NewEvent],
+    base: Head,
+    fence: Fence | None,
+) -> bool:
+    params = _head_params(session_id, rows, events)
+    params.update(base_version=base.version, base_hash=base.hash)
+    if fence is None:
+        cur.execute(sql.advance_head, params)
+    else:
+        params.update(owner=fence.owner, token=fence.token)
+        cur.execute(sql.advance_head_fenced, params)
+    return bool(cur.rowcount == 1)
+
+
+def _locked_head(
+    cur: Cursor, sql: Statements, session_id: str, now: int, wait: bool
+) -> tuple[Head, str, Fence]:
+    """The head row, locked until the transaction ends: the head, its status at ``now``
+    (EXPIRED for an active session past its ttl) and its run lease."""
+    cur.execute(sql.head_for_update if wait else sql.head_skip_locked, {"session_id": session_id})
+    row = cur.fetchone()
+    if row is None:
+        if not wait:
+            cur.execute(sql.session, {"session_id": session_id})
+            if cur.fetchone() is not None:
+                raise RowLockedError(session_id)
+        raise SessionNotFoundError(
+            f"session {session_id!r} does not exist; create it with create_context"
+        )
+    version, head_hash, last_activity, status, ttl_ms, lease_owner, lease_token = row
+    if status == ACTIVE and expired_at(last_activity, ttl_ms, now):
+        status = EXPIRED
+    head = Head(int(version), bytes(head_hash), int(last_activity))
+    return head, str(status), Fence(lease_owner or "", int(lease_token))
+
+
+def _chain(
+    session_id: str, events: Sequence[NewEvent], base: Head, now: int
+) -> list[dict[str, Any]]:
+    """Rows for ``events`` on top of ``base``: versions, one recorded_at, and the hash chain."""
+    at = now if now > base.recorded_at_us else base.recorded_at_us
+    prev = base.hash
+    version = base.version
+    rows = []
+    for event in events:
+        version += 1
+        digest = chain_hash(
+            prev,
+            session_id,
+            version,
+            event.type,
+            event.key,
+            event.phase,
+            event.execution_id,
+            at,
+            event.data,
+        )
+        rows.append(
+            {
+                "session_id": session_id,
+                "version": version,
+                "type": event.type,
+                "key": event.key,
+                "phase": event.phase,
+                "execution_id": event.execution_id,
+                "payload": event.data,
+                "recorded_at": at,
+                "hash": digest,
+                "prev_hash": prev,
+            }
+        )
+        prev = digest
+    return rows
+
+
+def _head_params(
+    session_id: str, rows: list[dict[str, Any]], events: Sequence[NewEvent]
+) -> dict[str, Any]:
+    last = rows[-1]
+    status = DELETED if events[-1].type == "ContextDeleted" else ACTIVE
+    return {
+        "session_id": session_id,
+        "new_version": last["version"],
+        "new_hash": last["hash"],
+        "now": last["recorded_at"],
+        "status": status,
+        "active": ACTIVE,
+    }

@@ -1,0 +1,145 @@
+"""The session head row as the store reports it: statuses, the expiry rule, session ids.
+
+The expiry rule lives here once, for Python (``expired_at``) and for SQL (``alive_at``), so
+that what the store refuses, what compaction removes and what the manager reports agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Final, NamedTuple
+
+import sqlalchemy as sa
+
+from eventctx.errors import InvalidInputError
+from eventctx.events import from_us
+from eventctx.store import schema
+
+__all__ = [
+    "ACTIVE",
+    "DELETED",
+    "EXPIRED",
+    "EXPIRING",
+    "Fence",
+    "Head",
+    "LeaseHolder",
+    "SessionHead",
+    "alive_at",
+    "check_session_id",
+    "expired_at",
+]
+
+ACTIVE: Final = "active"
+DELETED: Final = "deleted"
+EXPIRING: Final = "expiring"
+"""Head-row status while compaction removes an expired session's rows."""
+EXPIRED: Final = "expired"
+"""Not stored: an active session past its ttl, as a locked head read reports it."""
+
+
+def expired_at(last_activity_us: int, ttl_ms: int | None, now_us: int) -> bool:
+    """The expiry rule: a session with a ttl expires once it has been idle for longer."""
+    return ttl_ms is not None and last_activity_us + ttl_ms * 1000 < now_us
+
+
+def alive_at(now: sa.BindParameter[int]) -> sa.ColumnElement[bool]:
+    """The expiry rule in SQL: the head row has not outlived its ttl at ``now``."""
+    se = schema.sessions
+    thousand = sa.literal_column("1000", sa.BigInteger)
+    return sa.or_(se.c.ttl_ms.is_(None), se.c.last_activity + se.c.ttl_ms * thousand >= now)
+
+
+@dataclass(frozen=True, slots=True)
+class Head:
+    """Where a session's log ends: its version, chain head and last event time."""
+
+    version: int
+    hash: bytes
+    recorded_at_us: int
+
+
+class Fence(NamedTuple):
+    """A run lease as its holder took it. An append that carries one is refused (with
+    RunInProgressError) unless the session's lease is still exactly this one: the check is in
+    the statement that moves the head, so a runner that lost its lease writes nothing more."""
+
+    owner: str
+    token: int
+    """Incremented each time the lease changes hands."""
+
+
+class LeaseHolder(NamedTuple):
+    """Who holds a session's run lease, and until when."""
+
+    owner: str
+    expires_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class SessionHead:
+    """A session's head row."""
+
+    session_id: str
+    version: int
+    head_hash: bytes
+    created_at_us: int
+    last_activity_us: int
+    ttl_ms: int | None
+    status: str
+
+    @classmethod
+    def from_row(cls, row: Any) -> SessionHead:
+        """From a row of the store's session columns."""
+        session_id, version, head_hash, created_at, last_activity, ttl_ms, status = row
+        return cls(
+            session_id,
+            int(version),
+            bytes(head_hash),
+            int(created_at),
+            int(last_activity),
+            None if ttl_ms is None else int(ttl_ms),
+            str(status),
+        )
+
+    @property
+    def created_at(self) -> datetime:
+        """When the session was (last) created, UTC."""
+        return from_us(self.created_at_us)
+
+    @property
+    def last_activity(self) -> datetime:
+        """When the session was last written or opened, UTC."""
+        return from_us(self.last_activity_us)
+
+    @property
+    def ttl(self) -> timedelta | None:
+        """How long the session lives without activity; None for ever."""
+        return None if self.ttl_ms is None else timedelta(milliseconds=self.ttl_ms)
+
+    def expired(self, now_us: int) -> bool:
+        """Whether the session outlived its ttl at ``now_us`` (microseconds since the epoch)."""
+        return expired_at(self.last_activity_us, self.ttl_ms, now_us)
+
+    @property
+    def expires_at(self) -> datetime | None:
+        """When the session expires unless it is used again."""
+        ttl = self.ttl
+        return None if ttl is None else self.last_activity + ttl
+
+
+def check_session_id(session_id: object) -> str:
+    """Return ``session_id`` if it is a valid id, else raise InvalidInputError."""
+    if type(session_id) is not str:
+        raise InvalidInputError(f"session id must be a str, not {type(session_id).__name__}")
+    if not session_id or len(session_id) > schema.MAX_SESSION_ID or "\x00" in session_id:
+        raise InvalidInputError(
+            f"session id must be 1 to {schema.MAX_SESSION_ID} characters without NUL "
+            f"(got {len(session_id)} characters)"
+        )
+    if not session_id.isascii():
+        try:
+            session_id.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidInputError(f"session id is not valid unicode text: {exc}") from None
+    return session_id
