@@ -65,7 +65,7 @@ def _emit(as_json: bool, document: Any, lines: list[str]) -> None:
 
 
 def _sessions(store: EventStore, args: argparse.Namespace) -> tuple[Any, list[str]]:
-    live = [h for h in store.sessions() if h.status == "active"]
+    live = [h for h in store.sessions() if h.live]
     doc = [
         {
             "session_id": h.session_id,

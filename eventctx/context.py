@@ -33,6 +33,7 @@ from eventctx.events import NewEvent, RecordedEvent
 from eventctx.snapshots import SnapshotPolicy, restore
 from eventctx.state import RunState, State, advance
 from eventctx.store import EventStore, Fence, Head, SessionHead
+from eventctx.store.heads import expired_at
 
 __all__ = [
     "Limits",
@@ -464,9 +465,8 @@ class PluginContext:
 
     def _outlived_ttl(self) -> bool:
         """Whether the session's ttl ran out since the last activity this object saw."""
-        ttl_ms = self._state.ttl_ms
         seen = max(self._state.recorded_at_us, self._seen_activity_us)
-        return ttl_ms is not None and self._runtime.store.clock() - seen > ttl_ms * 1000
+        return expired_at(seen, self._state.ttl_ms, self._runtime.store.clock())
 
     def _catch_up(self, version: int, head_hash: bytes) -> None:
         """Bring the state to ``version`` (whose chain hash is ``head_hash``) from the log; the
@@ -484,7 +484,7 @@ class PluginContext:
     def _reload(self) -> None:
         """Restore the state afresh at the session's current head; called under the lock."""
         head = self._runtime.store.session(self._session_id)
-        if head is not None and head.status == "active":
+        if head is not None and head.live:
             self._restore_at(head.version, head.head_hash)
 
     def _sync(self, head: SessionHead | None, *, fresh: bool = True) -> None:
@@ -496,7 +496,7 @@ class PluginContext:
         self._fold_inbox()
         if not fresh and head is not None and head.version < self._state.version:
             head = self._runtime.store.session(self._session_id)
-        if head is None or head.status != "active":
+        if head is None or not head.live:
             self._forget(f"session {self._session_id!r} was deleted or removed")
             raise SessionNotFoundError(f"session {self._session_id!r} was deleted or removed")
         self._seen_activity_us = max(self._seen_activity_us, head.last_activity_us)

@@ -173,7 +173,7 @@ class ContextManager:
         runtime = self._runtime
         with runtime.gate:
             head = runtime.store.touch(session_id)
-            if head is None or head.status != "active":
+            if head is None or not head.live:
                 self._evict(session_id)
                 raise SessionNotFoundError(
                     f"session {session_id!r} does not exist; create it with create_context"
@@ -269,7 +269,7 @@ class ContextManager:
                 h.expires_at,
             )
             for h in heads
-            if h.status == "active"
+            if h.live
         ]
 
     def _evict(self, session_id: str, reason: str | None = None, expired: bool = False) -> None:

@@ -14,6 +14,7 @@ from typing import Final
 from eventctx.errors import EventCtxError, IntegrityError
 from eventctx.state import FOLD_VERSION, State, advance, decode_state
 from eventctx.store import EventStore
+from eventctx.store.log import EventLog
 
 __all__ = ["MIN_BYTES", "SnapshotPolicy", "restore"]
 
@@ -58,7 +59,7 @@ class SnapshotPolicy:
 
 
 def restore(
-    store: EventStore, session_id: str, version: int, head_hash: bytes | None = None
+    source: EventLog, session_id: str, version: int, head_hash: bytes | None = None
 ) -> tuple[State, int, int]:
     """The state at ``version``: the newest usable snapshot at or below it plus the tail.
 
@@ -66,17 +67,23 @@ def restore(
     hash at ``version``; a snapshot that leads elsewhere is skipped for a full fold, and a
     log that still disagrees raises IntegrityError.
     """
-    found = store.latest_snapshot(session_id, FOLD_VERSION, version)
+    found = source.latest_snapshot(session_id, FOLD_VERSION, version)
     if found is not None:
         state = decode_state(found[2])
-        tail = _tail(store, session_id, state, version)
-        if _matches(state, version, head_hash):
+        try:
+            tail = _tail(source, session_id, state, version)
+        except IntegrityError:  # the tail is not of the snapshot's history (purged since)
+            tail = -1
+        if tail >= 0 and _matches(state, version, head_hash):
             return state, len(found[2]), tail
         log.warning(
             "snapshot of %r at version %d does not match its log; ignored", session_id, found[0]
         )
     state = State()
-    tail = _tail(store, session_id, state, version)
+    try:
+        tail = _tail(source, session_id, state, version)
+    except IntegrityError as exc:
+        raise IntegrityError(f"session {session_id!r}: {exc}; run verify") from exc
     if not _matches(state, version, head_hash):
         raise IntegrityError(
             f"session {session_id!r}: folding the log gives version {state.version}, expected "
@@ -85,9 +92,9 @@ def restore(
     return state, 0, tail
 
 
-def _tail(store: EventStore, session_id: str, state: State, version: int) -> int:
+def _tail(source: EventLog, session_id: str, state: State, version: int) -> int:
     start = state.version
-    advance(state, store.read(session_id, start + 1, version))
+    advance(state, source.read(session_id, start + 1, version))
     return state.version - start
 
 

@@ -103,6 +103,12 @@ class SessionHead:
         )
 
     @property
+    def live(self) -> bool:
+        """Whether the session exists for readers and writers (not deleted, not being removed;
+        it may still have outlived its ttl: see ``expired``)."""
+        return self.status == ACTIVE
+
+    @property
     def created_at(self) -> datetime:
         """When the session was (last) created, UTC."""
         return from_us(self.created_at_us)

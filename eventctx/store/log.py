@@ -1,0 +1,43 @@
+"""EventLog: the narrow read interface of an event store, what restoring a context and the read
+side need. ``EventStore`` implements it; ``eventctx.testing.EventLogConformance`` is the suite
+another implementation runs to show it behaves the same."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Protocol
+
+from eventctx.events import RecordedEvent
+from eventctx.store.heads import SessionHead
+
+__all__ = ["EventLog"]
+
+
+class EventLog(Protocol):
+    """Reads of the event log; none of them writes, records activity or takes a write lock."""
+
+    def session(self, session_id: str) -> SessionHead | None:
+        """The session's head row, or None if it never existed (or was purged)."""
+        ...
+
+    def sessions(self) -> list[SessionHead]:
+        """Every session's head row (deleted ones included), ordered by id."""
+        ...
+
+    def read(
+        self, session_id: str, from_version: int = 1, to_version: int | None = None
+    ) -> Iterator[RecordedEvent]:
+        """A session's events in version order, ``from_version`` to ``to_version``, streamed."""
+        ...
+
+    def read_after(self, position: int, limit: int = ...) -> list[RecordedEvent]:
+        """Up to ``limit`` events of every session after ``position``, in position order
+        (commit order: a reader following positions never skips an event)."""
+        ...
+
+    def latest_snapshot(
+        self, session_id: str, fold_version: int, max_version: int | None = None
+    ) -> tuple[int, bytes, bytes] | None:
+        """(version, head hash, state bytes) of the newest snapshot under ``fold_version`` at
+        or below ``max_version`` whose event still has its chain hash, or None."""
+        ...
