@@ -28,7 +28,7 @@ from sqlalchemy.engine import Engine
 
 from eventctx.errors import EventCtxError
 from eventctx.events import NewEvent, RecordedEvent
-from eventctx.store.dialect import Cursor, Dialect
+from eventctx.store.dialect import Cursor, Dialect, Transaction
 from eventctx.store.heads import Fence, Head
 
 __all__ = ["AppendRequest", "GroupCommitter", "Inbox", "RowLockedError"]
@@ -79,11 +79,19 @@ Insert = Callable[[Cursor, list[dict[str, Any]]], list[int]]
 class GroupCommitter:
     """Serializes appends through one writer connection, committing them in groups."""
 
-    def __init__(self, engine: Engine, dialect: Dialect, stage: Stage, insert: Insert) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        dialect: Dialect,
+        stage: Stage,
+        insert: Insert,
+        transaction: Transaction,
+    ) -> None:
         self._engine = engine
         self._dialect = dialect
         self._stage = stage
         self._insert = insert
+        self._transaction = transaction
         self._cv = threading.Condition()
         self._queue: list[AppendRequest] = []
         self._leading = False
@@ -190,20 +198,9 @@ class GroupCommitter:
 
     def _append_alone(self, request: AppendRequest) -> list[RecordedEvent]:
         """Append in a transaction of its own that waits for the head row (busy timeout)."""
-        with self._dialect.translate_errors():
-            raw = self._engine.raw_connection()
-            try:
-                cur = raw.cursor()
-                self._dialect.begin_write(cur)
-                try:
-                    rows = self._stage(cur, request, {}, True)
-                    positions = self._insert(cur, rows)
-                    raw.commit()
-                except BaseException:
-                    raw.rollback()
-                    raise
-            finally:
-                raw.close()
+        with self._transaction(write=True) as cur:
+            rows = self._stage(cur, request, {}, True)
+            positions = self._insert(cur, rows)
         recorded = _recorded(iter(positions), iter(rows), request.events)
         if request.inbox is not None:
             request.inbox.append(recorded)

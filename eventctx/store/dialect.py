@@ -8,8 +8,8 @@ only engine setup, how a transaction takes the write lock, and the few statement
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -25,6 +25,9 @@ Synchronous = Literal["NORMAL", "FULL"]
 
 Cursor = DBAPICursor
 """A DBAPI cursor (sqlite3 or psycopg)."""
+
+Transaction = Callable[..., AbstractContextManager[Cursor]]
+"""``transaction(write=…)``: a cursor in one transaction, committed if the block succeeds."""
 
 
 def fetch_value(cur: Cursor) -> Any:

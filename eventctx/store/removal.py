@@ -4,16 +4,13 @@ written, purged or created again since it was listed is left alone."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Sequence
 
-from eventctx.store.dialect import Cursor
+from eventctx.store.dialect import Cursor, Transaction
 from eventctx.store.heads import EXPIRING
 from eventctx.store.statements import Statements
 
 __all__ = ["Removal"]
-
-Transaction = Callable[..., AbstractContextManager[Cursor]]
 
 
 class Removal:
