@@ -15,6 +15,7 @@ taken over) writes nothing more and stops with RunInProgressError.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import os
 import socket
 import threading
@@ -163,13 +164,20 @@ class PluginRunner:
         ``resume=True`` continues the session's latest unfinished run: completed phases are
         skipped (their stored outputs fed on), an interrupted phase is recorded as failed and
         run again, and ``input=None`` means the recorded input. Without an unfinished run it
-        starts a new one; a new session is created. Async phases run on a new event loop
-        each; from async code use ``await run_async()``.
+        starts a new one; a new session is created. Async phases run on one event loop made
+        for the run; from async code use ``await run_async()``.
         """
         try:
             asyncio.get_running_loop()
         except RuntimeError:
-            return self._run(session_id, input, resume, asyncio.run)
+            # One loop for the async phases of the run (made only if one is async); each runs
+            # in the context of its call (the phase's scope), not the loop's first one.
+            with asyncio.Runner() as loop:
+
+                def on_the_runs_loop(coro: Coroutine[Any, Any, Any]) -> Any:
+                    return loop.run(coro, context=contextvars.copy_context())
+
+                return self._run(session_id, input, resume, on_the_runs_loop)
         raise EventCtxError("run() was called inside an event loop: use await run_async()")
 
     async def run_async(

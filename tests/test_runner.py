@@ -176,6 +176,7 @@ class Report:
 
 async def summarize(inp: Any) -> str:
     await asyncio.sleep(0.001)
+    assert eventctx.helper().phase == "summarize"  # its own scope, not the first phase's
     return str(eventctx.helper().get_output("report"))
 
 

@@ -82,6 +82,10 @@ class Dialect:
         same INSERT returning the position) and return their positions in order."""
         raise NotImplementedError
 
+    def insert_events_statement(self, table: sa.Table, columns: Sequence[str]) -> sa.Insert:
+        """The INSERT of one event row, every column a bind parameter named after it."""
+        return sa.insert(table).values({name: sa.bindparam(name) for name in columns})
+
     def insert_ignore(self, table: sa.Table) -> sa.Insert:
         """INSERT that does nothing when the primary key exists (rowcount tells which)."""
         raise NotImplementedError

@@ -21,7 +21,7 @@ _LOCK_NOT_AVAILABLE = "55P03"
 # Keyed on the schema, so that stores in unrelated schemas of one database never wait on
 # each other.
 _SETUP_LOCK = "SELECT pg_advisory_xact_lock(hashtext('eventctx:' || current_schema()))"
-_INSERT_LOCK = "SELECT pg_advisory_xact_lock(hashtext('eventctx:insert:' || current_schema()))"
+_INSERT_LOCK_KEY = "hashtext('eventctx:insert:' || current_schema())"
 
 
 class PostgreSQLDialect(Dialect):
@@ -62,12 +62,6 @@ class PostgreSQLDialect(Dialect):
     def insert_events(
         self, cur: Cursor, insert: str, returning: str, rows: Sequence[dict[str, Any]]
     ) -> list[int]:
-        # Positions come from a sequence, handed out before commit: without this lock, rows
-        # 1, 2 and 4 could be visible while 3 has not committed yet, and a reader following
-        # positions would skip 3. Held from here to commit, after every head row is locked,
-        # so inserts commit one transaction at a time, in position order; nothing that holds
-        # it waits for a row lock.
-        cur.execute(_INSERT_LOCK)
         if len(rows) == 1:
             cur.execute(returning, rows[0])
             return [int(fetch_value(cur))]
@@ -77,6 +71,20 @@ class PostgreSQLDialect(Dialect):
             positions.append(int(fetch_value(cur)))
             if not cur.nextset():
                 return positions
+
+    def insert_events_statement(self, table: sa.Table, columns: Sequence[str]) -> sa.Insert:
+        # Positions come from a sequence, handed out before commit: without a lock, rows 1, 2
+        # and 4 could be visible while 3 has not committed yet, and a reader following
+        # positions would skip 3. The INSERT itself takes a transaction-level advisory lock
+        # (in the same round trip) before its row takes a position, and holds it to commit.
+        # It is taken after every head row the transaction needs is locked, so inserts commit
+        # one transaction at a time, in position order, and nothing that holds it waits for
+        # a row lock.
+        lock = sa.select(sa.func.pg_advisory_xact_lock(sa.literal_column(_INSERT_LOCK_KEY)))
+        row = sa.select(
+            *(sa.bindparam(name, type_=table.c[name].type) for name in columns)
+        ).select_from(lock.cte("eventctx_insert_lock"))
+        return sa.insert(table).from_select(list(columns), row)
 
     def insert_ignore(self, table: sa.Table) -> sa.Insert:
         return pg_insert(table).on_conflict_do_nothing()

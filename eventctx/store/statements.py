@@ -42,7 +42,7 @@ class Statements:
         ev, se, sv = schema.events, schema.sessions, schema.schema_version
         c = dialect.compile
         sid: sa.BindParameter[str] = bindparam("session_id")
-        insert_event = sa.insert(ev).values({n: bindparam(n) for n in EVENT_COLUMNS})
+        insert_event = dialect.insert_events_statement(ev, EVENT_COLUMNS)
         self.insert_event = c(insert_event)
         self.insert_event_returning = c(insert_event.returning(ev.c.position))
         locked_head = sa.select(
