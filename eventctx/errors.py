@@ -52,6 +52,15 @@ class SchemaError(EventCtxError):
 class IntegrityError(EventCtxError):
     """Stored events fail verification: a broken hash chain, a gap, or a corrupted row."""
 
+    def __init__(
+        self, message: str, *, session_id: str | None = None, version: int | None = None
+    ) -> None:
+        super().__init__(message)
+        self.session_id = session_id
+        """The session whose log failed, when known."""
+        self.version = version
+        """The first version that failed, when known."""
+
 
 class StorageError(EventCtxError):
     """The database failed to carry out an operation; nothing of it was committed."""

@@ -28,7 +28,7 @@ __all__ = [
     "fold",
 ]
 
-FOLD_VERSION: Final = 3
+FOLD_VERSION: Final = 4
 """Version of the fold rules; bump it when ``advance`` changes meaning."""
 
 
@@ -40,6 +40,10 @@ class Provenance(NamedTuple):
     version: int
     recorded_at_us: int
     op: str  # "set" | "delete"
+    attempt: int | None = None
+    """The attempt of the phase that wrote it (None outside a phase of the session's run)."""
+    prior: int | None = None
+    """The version of the key's write before this one (None: the key's first)."""
 
 
 @dataclass(slots=True)
@@ -162,6 +166,7 @@ def advance(state: State, events: Iterable[RecordedEvent]) -> None:
     make = tuple.__new__  # Provenance without NamedTuple's Python-level __new__: the hot path
     version = state.version
     digest, at = state.head_hash, state.recorded_at_us
+    attempts = _attempts(state)
     try:
         for event in events:
             _, _, number, kind, key, phase, run_id, payload, when, chain, link = event
@@ -170,23 +175,46 @@ def advance(state: State, events: Iterable[RecordedEvent]) -> None:
                     f"event version {number} does not chain onto version {version}: "
                     + ("the log has a gap" if number != version + 1 else "another history")
                 )
-            if kind == "KeySet":
-                data[key] = payload["value"]  # type: ignore[index]
+            if kind in _KEY_WRITES:
+                if kind == "KeySet":
+                    data[key] = payload["value"]  # type: ignore[index]
+                    op = "set"
+                else:
+                    data.pop(key, None)  # type: ignore[arg-type]
+                    op = "delete"
+                last = provenance.get(key)  # type: ignore[arg-type]
                 provenance[key] = make(  # type: ignore[index]
-                    Provenance, (phase, run_id, number, when, "set")
-                )
-            elif kind == "KeyDeleted":
-                data.pop(key, None)  # type: ignore[arg-type]
-                provenance[key] = make(  # type: ignore[index]
-                    Provenance, (phase, run_id, number, when, "delete")
+                    Provenance,
+                    (
+                        phase,
+                        run_id,
+                        number,
+                        when,
+                        op,
+                        attempts.get((run_id, phase)) if phase else None,
+                        None if last is None else last[2],
+                    ),
                 )
             elif kind == "ContextCleared":
-                gone = make(Provenance, (phase, run_id, number, when, "delete"))
+                attempt = attempts.get((run_id, phase)) if phase else None
                 for cleared in data:
-                    provenance[cleared] = gone
+                    last = provenance.get(cleared)
+                    provenance[cleared] = make(
+                        Provenance,
+                        (
+                            phase,
+                            run_id,
+                            number,
+                            when,
+                            "delete",
+                            attempt,
+                            None if last is None else last[2],
+                        ),
+                    )
                 data.clear()
             elif kind in _RUN_EVENTS:
                 _run_event(state, event)
+                attempts = _attempts(state)
             elif kind == "ContextCreated":
                 data.clear()
                 provenance.clear()
@@ -202,6 +230,15 @@ def advance(state: State, events: Iterable[RecordedEvent]) -> None:
         state.version, state.head_hash, state.recorded_at_us = version, digest, at
 
 
+def _attempts(state: State) -> dict[tuple[str | None, str | None], int]:
+    """The attempt each phase of the session's run is in, by (execution id, phase)."""
+    run = state.run
+    if run is None:
+        return {}
+    return {(run.execution_id, phase): n for phase, n in run.attempts.items()}
+
+
+_KEY_WRITES: Final = frozenset({"KeySet", "KeyDeleted"})
 _RUN_EVENTS: Final = frozenset(
     {
         "MetadataSet",

@@ -5,6 +5,16 @@ from __future__ import annotations
 import eventctx
 
 EXPECTED = {
+    "VerifyResult",
+    "SessionDiff",
+    "Run",
+    "RerunReport",
+    "ReplayStep",
+    "PhaseStats",
+    "KeyWrite",
+    "KeyRead",
+    "Inspector",
+    "ContextDiff",
     "CompactionReport",
     "ConcurrencyError",
     "ContextAwarePhase",

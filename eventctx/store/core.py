@@ -8,7 +8,7 @@ compaction's steps in ``removal``. Time comes from the store's clock.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, MutableMapping, Sequence
+from collections.abc import Collection, Iterator, MutableMapping, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any, Final
@@ -21,6 +21,7 @@ from eventctx.clock import Clock, now_us
 from eventctx.errors import IntegrityError, InvalidInputError, SessionNotFoundError
 from eventctx.events import GENESIS_HASH, NewEvent, RecordedEvent, chain_hash, from_us
 from eventctx.store import append as append_protocol
+from eventctx.store import schema
 from eventctx.store.backends import for_url
 from eventctx.store.commit import AppendRequest, GroupCommitter, Inbox
 from eventctx.store.dialect import Cursor, Dialect, StoreOptions, Synchronous
@@ -405,6 +406,92 @@ class EventStore:
                     ),
                 )
 
+    def read_versions(self, session_id: str, versions: Collection[int]) -> list[RecordedEvent]:
+        """The events of a session at ``versions`` (those that exist), in version order: point
+        reads by the (session, version) key, so the cost follows how many are asked for."""
+        check_session_id(session_id)
+        wanted = sorted(set(versions))
+        events: list[RecordedEvent] = []
+        for start in range(0, len(wanted), 500):
+            ev = schema.events
+            stmt = (
+                sa.select(*_EVENT_COLUMNS)
+                .where(ev.c.session_id == session_id, ev.c.version.in_(wanted[start : start + 500]))
+                .order_by(ev.c.version)
+            )
+            events.extend(self._select(stmt))
+        return events
+
+    def find(
+        self,
+        session_id: str | None = None,
+        *,
+        types: Collection[str] | None = None,
+        key: str | None = None,
+        phase: str | None = None,
+        execution_id: str | None = None,
+        since_us: int | None = None,
+        until_us: int | None = None,
+        from_version: int = 1,
+        to_version: int | None = None,
+    ) -> Iterator[RecordedEvent]:
+        """Stream the events that match every filter given: of one session in version order
+        (its versions ``from_version`` to ``to_version``), or of every session in position
+        order. Times are µs since the epoch, both ends inclusive.
+
+        The filters run in the database, so only matching rows travel; it still reads every
+        row of the session (or of the log) to test them: no index beyond (session, version)
+        is paid for on the append path.
+        """
+        ev = schema.events
+        where: list[sa.ColumnElement[bool]] = []
+        if session_id is not None:
+            check_session_id(session_id)
+            where += [ev.c.session_id == session_id, ev.c.version >= from_version]
+            if to_version is not None:
+                where.append(ev.c.version <= to_version)
+        if types is not None:
+            where.append(ev.c.type.in_(sorted(types)))
+        for column, value in ((ev.c.key, key), (ev.c.phase, phase)):
+            if value is not None:
+                where.append(column == value)
+        if execution_id is not None:
+            where.append(ev.c.execution_id == execution_id)
+        if since_us is not None:
+            where.append(ev.c.recorded_at >= since_us)
+        if until_us is not None:
+            where.append(ev.c.recorded_at <= until_us)
+        order = ev.c.version if session_id is not None else ev.c.position
+        after = sa.bindparam("after", 0, type_=sa.BigInteger)
+        stmt = (
+            sa.select(*_EVENT_COLUMNS)
+            .where(*where, order > after)
+            .order_by(order)
+            .limit(sa.bindparam("limit", READ_CHUNK, type_=sa.Integer))
+        )
+        compiled = stmt.compile(
+            dialect=self._dialect.sql_dialect, compile_kwargs={"render_postcompile": True}
+        )
+        sql, params = str(compiled), dict(compiled.params)
+        at = 2 if session_id is not None else 0
+        while True:
+            with self._transaction(write=False) as cur:
+                cur.execute(sql, params)
+                rows = cur.fetchall()
+            yield from map(_event_of, rows)
+            if len(rows) < READ_CHUNK:
+                return
+            params["after"] = rows[-1][at]
+
+    def _select(self, stmt: sa.Select[Any]) -> list[RecordedEvent]:
+        """Run an ad hoc read of event rows (columns as ``_EVENT_COLUMNS``)."""
+        compiled = stmt.compile(
+            dialect=self._dialect.sql_dialect, compile_kwargs={"render_postcompile": True}
+        )
+        with self._transaction(write=False) as cur:
+            cur.execute(str(compiled), compiled.params)
+            return list(map(_event_of, cur.fetchall()))
+
     def read_after(self, position: int, limit: int = READ_CHUNK) -> list[RecordedEvent]:
         """Up to ``limit`` events of every session with positions after ``position``, in
         position order: the global log, one page at a time.
@@ -415,12 +502,7 @@ class EventStore:
         params = {"after": position, "limit": limit}
         with self._transaction(write=False) as cur:
             cur.execute(self._sql.read_after, params)
-            rows = cur.fetchall()
-        make, loads = tuple.__new__, orjson.loads
-        return [  # the columns are RecordedEvent's, in its order
-            make(RecordedEvent, (*row[:7], loads(row[7]), row[8], bytes(row[9]), bytes(row[10])))
-            for row in rows
-        ]
+            return list(map(_event_of, cur.fetchall()))
 
     def _pages(
         self, sql: str, session_id: str, low: int, high: int, version_at: int
@@ -455,21 +537,57 @@ class EventStore:
         expected_version, prev = 1, GENESIS_HASH
         for rows in self._pages(self._sql.read_chain, session_id, 1, _NO_UPPER, 0):
             for version, type_, key, phase, execution_id, payload, at, hash_, prev_hash in rows:
-                where = f"session {session_id!r} version {version}"
+                where = {"session_id": session_id, "version": version}
+                at_v = f"session {session_id!r} version {version}"
                 if version != expected_version:
-                    raise IntegrityError(f"{where}: expected version {expected_version} (a gap)")
+                    raise IntegrityError(
+                        f"{at_v}: expected version {expected_version} (a gap)", **where
+                    )
                 if bytes(prev_hash) != prev:
-                    raise IntegrityError(f"{where}: prev_hash does not match the previous event")
+                    raise IntegrityError(
+                        f"{at_v}: prev_hash does not match the previous event", **where
+                    )
                 prev = chain_hash(
                     prev, session_id, version, type_, key, phase, execution_id, at, bytes(payload)
                 )
                 if prev != bytes(hash_):
-                    raise IntegrityError(f"{where}: stored hash does not match its contents")
+                    raise IntegrityError(
+                        f"{at_v}: stored hash does not match its contents", **where
+                    )
                 expected_version += 1
         checked = expected_version - 1
         if checked != found.version or prev != found.head_hash:
             raise IntegrityError(
                 f"session {session_id!r}: log ends at version {checked} but the head row says "
-                f"{found.version}; events are missing or the head row was altered"
+                f"{found.version}; events are missing or the head row was altered",
+                session_id=session_id,
+                version=checked + 1,
             )
         return checked
+
+
+_EVENT_COLUMNS: Final = tuple(
+    schema.events.c[name]
+    for name in (
+        "position",
+        "session_id",
+        "version",
+        "type",
+        "key",
+        "phase",
+        "execution_id",
+        "payload",
+        "recorded_at",
+        "hash",
+        "prev_hash",
+    )
+)
+"""An event row's columns, in RecordedEvent's order."""
+
+
+def _event_of(row: Sequence[Any]) -> RecordedEvent:
+    """A RecordedEvent from a row of ``_EVENT_COLUMNS``."""
+    return tuple.__new__(
+        RecordedEvent,
+        (*row[:7], orjson.loads(row[7]), row[8], bytes(row[9]), bytes(row[10])),
+    )

@@ -1,0 +1,903 @@
+"""The Inspector: the read side of the log, for debugging phases and auditing writes.
+
+Every question is answered from the events (and snapshots, a cache of their fold): what the
+context was at any version or time, step-by-step replay, who wrote and who read each key, what
+changed between two versions or two runs, how long phases take. No method writes to an
+inspected session or records activity on it; ``fork`` and ``rerun`` write only new sessions.
+
+Costs are stated per method. "Restore" means the newest snapshot at or below a version plus
+the events after it: bounded by the snapshot policy, not by the length of the history.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from heapq import merge
+from typing import Any, Final, NamedTuple, overload
+
+from eventctx.errors import (
+    ContextKeyError,
+    IntegrityError,
+    InvalidInputError,
+    SessionExistsError,
+    SessionNotFoundError,
+)
+from eventctx.events import NewEvent, RecordedEvent, encode_payload, from_us, to_us
+from eventctx.snapshots import restore
+from eventctx.state import State, advance
+from eventctx.store import EventStore, SessionHead
+from eventctx.store.heads import check_session_id
+
+__all__ = [
+    "ABSENT",
+    "Attempt",
+    "ContextDiff",
+    "Inspector",
+    "KeyRead",
+    "KeyWrite",
+    "PhaseDiff",
+    "PhaseRun",
+    "PhaseStats",
+    "PhaseTiming",
+    "ReplayStep",
+    "RerunReport",
+    "Run",
+    "SessionDiff",
+    "VerifyResult",
+]
+
+
+class _Absent:
+    """The marker for "no value": a key absent, a phase that wrote nothing, no output."""
+
+    _instance: _Absent | None = None
+
+    def __new__(cls) -> _Absent:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "ABSENT"
+
+    def __bool__(self) -> bool:
+        return False
+
+
+ABSENT: Final = _Absent()
+"""Stands for a value that is not there (a JSON ``null`` is a value: ``None``)."""
+
+_KEY_TYPES: Final = frozenset({"KeySet", "KeyDeleted", "ContextCleared"})
+_RUN_TYPES: Final = frozenset(
+    {"RunStarted", "RunCompleted", "RunFailed", "PhaseStarted", "PhaseCompleted", "PhaseFailed"}
+)
+_ENDS: Final = frozenset({"PhaseCompleted", "PhaseFailed"})
+_RESETS: Final = frozenset({"ContextCleared", "ContextCreated"})
+
+
+# --- results ---------------------------------------------------------------------------------
+
+
+class ReplayStep(NamedTuple):
+    """One step of a replay: an event, the state right after it, and the keys it changed."""
+
+    event: RecordedEvent
+    state: State
+    changed: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class KeyWrite:
+    """A write of a key: who made it (phase, execution, attempt; None outside a phase), when,
+    what it stored (``value``; ABSENT for a delete) and what it replaced (``previous``)."""
+
+    key: str
+    phase: str | None
+    execution_id: str | None
+    attempt: int | None
+    version: int
+    recorded_at: datetime
+    value: Any
+    op: str  # "set" | "delete"
+    previous: Any = ABSENT
+    previous_version: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRead:
+    """A phase attempt that read a key (from its end event's ``keys_read``)."""
+
+    phase: str
+    execution_id: str
+    attempt: int
+    version: int
+    """The version of the attempt's end event."""
+    recorded_at: datetime
+    status: str  # "completed" | "failed" | "interrupted"
+
+
+@dataclass(frozen=True, slots=True)
+class ContextDiff:
+    """How the data changed from one state to another."""
+
+    added: dict[str, Any] = field(default_factory=dict)
+    removed: dict[str, Any] = field(default_factory=dict)
+    changed: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+    """Key -> (old value, new value)."""
+
+    def __bool__(self) -> bool:
+        return bool(self.added or self.removed or self.changed)
+
+
+@dataclass(slots=True)
+class Attempt:
+    """One attempt of a phase in a run."""
+
+    attempt: int
+    status: str  # "running" | "completed" | "failed" | "interrupted"
+    started_version: int
+    started_at: datetime
+    ended_version: int | None = None
+    duration_ms: float | None = None
+    error_type: str | None = None
+    message: str | None = None
+    keys_read: list[str] = field(default_factory=list)
+    output: Any = ABSENT
+
+
+@dataclass(slots=True)
+class PhaseRun:
+    """A phase within a run: its attempts, oldest first."""
+
+    phase: str
+    attempts: list[Attempt] = field(default_factory=list)
+
+    @property
+    def status(self) -> str:
+        """The status of its last attempt ("pending" if it never started)."""
+        return self.attempts[-1].status if self.attempts else "pending"
+
+    @property
+    def output(self) -> Any:
+        """The output of its completed attempt, or ABSENT."""
+        return self.attempts[-1].output if self.attempts else ABSENT
+
+    @property
+    def duration_ms(self) -> float | None:
+        """The duration of its last attempt, when it ended."""
+        return self.attempts[-1].duration_ms if self.attempts else None
+
+
+@dataclass(slots=True)
+class Run:
+    """A run of a session: its input, phases (in order), attempts, and how it ended."""
+
+    execution_id: str
+    input: Any
+    phases: list[str]
+    status: str  # "running" | "completed" | "failed"
+    started_version: int
+    started_at: datetime
+    ended_at: datetime | None = None
+    duration_ms: float | None = None
+    error_type: str | None = None
+    message: str | None = None
+    phase_runs: dict[str, PhaseRun] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class PhaseDiff:
+    """One phase of two runs side by side (each pair is (first, second))."""
+
+    phase: str
+    status: tuple[str, str]
+    duration_ms: tuple[float | None, float | None]
+    output: tuple[Any, Any]
+    keys: dict[str, tuple[Any, Any]]
+    """Keys the phase wrote differently: key -> (value, value); ABSENT where not written."""
+
+    @property
+    def diverges(self) -> bool:
+        """Whether the phase behaved differently (timings aside)."""
+        return (
+            bool(self.keys) or self.status[0] != self.status[1] or self.output[0] != self.output[1]
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SessionDiff:
+    """The latest runs of two sessions, aligned by phase."""
+
+    first: str
+    second: str
+    phases: list[PhaseDiff]
+    first_divergence: str | None
+    """The first phase (in run order) that behaved differently, or None."""
+
+
+@dataclass(frozen=True, slots=True)
+class PhaseTiming:
+    """One ended attempt of a phase."""
+
+    session_id: str
+    execution_id: str
+    phase: str
+    attempt: int
+    status: str  # "completed" | "failed" | "interrupted"
+    duration_ms: float | None
+    recorded_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class PhaseStats:
+    """Attempts of one phase: how many ended, failed, were retries, and their durations (ms;
+    percentiles interpolate linearly between the closest ranks; interrupted attempts have no
+    duration and are left out of them)."""
+
+    count: int
+    failures: int
+    retries: int
+    mean_ms: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    max_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class RerunReport:
+    """A phase run again in a fork, against the recorded attempt."""
+
+    session_id: str
+    fork_id: str
+    phase: str
+    execution_id: str
+    attempt: int
+    recorded_status: str
+    status: str
+    recorded_duration_ms: float | None
+    duration_ms: float
+    recorded_output: Any
+    output: Any
+    error: BaseException | None
+    keys: dict[str, tuple[Any, Any]]
+    """Keys written differently: key -> (recorded, re-run); ABSENT where not written."""
+
+    @property
+    def output_changed(self) -> bool:
+        """Whether the re-run returned another output."""
+        return bool(self.recorded_output != self.output)
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyResult:
+    """The hash-chain check of one session."""
+
+    session_id: str
+    ok: bool
+    events: int
+    """Events verified (when ok)."""
+    version: int | None = None
+    """The first version that failed."""
+    error: str | None = None
+
+
+# --- the inspector ---------------------------------------------------------------------------
+
+
+class Inspector:
+    """Answers questions about sessions from the log; read-only. Thread-safe.
+
+    ``store`` is an EventStore or a database URL (a store opened here is closed by
+    ``close()`` or ``with``).
+    """
+
+    def __init__(self, store: EventStore | str) -> None:
+        """Inspect ``store`` (an EventStore, or a URL to open one)."""
+        self._owns = not isinstance(store, EventStore)
+        self._store = store if isinstance(store, EventStore) else EventStore.open(store)
+
+    @property
+    def store(self) -> EventStore:
+        """The store inspected."""
+        return self._store
+
+    def close(self) -> None:
+        """Close the store if this Inspector opened it."""
+        if self._owns:
+            self._store.close()
+
+    def __enter__(self) -> Inspector:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- the log -----------------------------------------------------------------------------
+
+    def history(
+        self,
+        session_id: str,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        types: Iterable[str] | None = None,
+        phase: str | None = None,
+        execution_id: str | None = None,
+    ) -> Iterator[RecordedEvent]:
+        """The session's events in version order, filtered (times inclusive), streamed.
+        Cost: one pass over the session's rows in the database; only matches are returned."""
+        self._head(session_id)
+        return self._store.find(
+            session_id,
+            types=None if types is None else set(types),
+            phase=phase,
+            execution_id=execution_id,
+            since_us=_us(since, "since"),
+            until_us=_us(until, "until"),
+        )
+
+    def state_at(
+        self, session_id: str, version: int | None = None, at: datetime | None = None
+    ) -> State:
+        """The session's state (data, provenance, outputs, run) after ``version``, or after
+        every event recorded at or before ``at`` (an update is never split), or now.
+        Cost: a restore; finding the version of ``at`` adds a binary search of point reads."""
+        head = self._head(session_id)
+        if version is not None and at is not None:
+            raise InvalidInputError("give state_at a version or a time, not both")
+        if at is not None:
+            version = self._version_at(head, at)
+        version = self._version(head, version)
+        return restore(self._store, session_id, version)[0]
+
+    def replay(
+        self, session_id: str, start: int = 1, stop: int | None = None
+    ) -> Iterator[ReplayStep]:
+        """Each event from ``start`` to ``stop`` with the state right after it and the keys it
+        changed. Cost: a restore at ``start - 1``, then one streamed pass; each step's state
+        is a copy (memory per step, never per replay)."""
+        head = self._head(session_id)
+        start = self._version(head, start)
+        stop = self._version(head, stop)
+        if stop < start:
+            raise InvalidInputError(f"replay stop {stop} is before start {start}")
+        state = State() if start == 1 else restore(self._store, session_id, start - 1)[0]
+        for event in self._store.read(session_id, start, stop):
+            changed = _changed(state, event)
+            advance(state, (event,))
+            yield ReplayStep(event, state.copy(), changed)
+
+    # --- audit -------------------------------------------------------------------------------
+
+    def blame(
+        self, session_id: str, key: str | None = None, version: int | None = None
+    ) -> dict[str, KeyWrite]:
+        """The last write of each key (or of ``key``) as of ``version`` (now by default),
+        deletes included. Cost: a restore, plus one point read per key for the values they
+        replaced."""
+        state = self.state_at(session_id, version)
+        provenance = state.provenance
+        if key is not None:
+            if key not in provenance:
+                raise ContextKeyError(
+                    f"key {key!r} was never written in session {session_id!r} "
+                    f"up to version {state.version}"
+                )
+            provenance = {key: provenance[key]}
+        priors = self._store.read_versions(
+            session_id, [p.prior for p in provenance.values() if p.prior is not None]
+        )
+        replaced = {e.version: _value_after(e) for e in priors}
+        return {
+            name: KeyWrite(
+                name,
+                p.phase,
+                p.execution_id,
+                p.attempt,
+                p.version,
+                from_us(p.recorded_at_us),
+                state.data[name] if p.op == "set" else ABSENT,
+                p.op,
+                ABSENT if p.prior is None else replaced.get(p.prior, ABSENT),
+                p.prior,
+            )
+            for name, p in provenance.items()
+        }
+
+    def key_history(self, session_id: str, key: str) -> list[KeyWrite]:
+        """Every write of ``key``, oldest first (clears and re-creations that removed it
+        included). Cost: one pass over the session's rows in the database."""
+        self._head(session_id)
+        store = self._store
+        writes = store.find(session_id, key=key, types=_KEY_TYPES)
+        context = store.find(session_id, types=_RESETS | {"PhaseStarted", "RunStarted"})
+        attempts: dict[tuple[str | None, str | None], int] = {}
+        value: Any = ABSENT
+        last: int | None = None
+        history: list[KeyWrite] = []
+        for event in merge(writes, context, key=_version_of):
+            kind = event.type
+            if kind == "RunStarted":
+                attempts.clear()
+                continue
+            if kind == "PhaseStarted":
+                attempts[(event.execution_id, event.phase)] = event.payload["attempt"]
+                continue
+            if kind in _RESETS and value is ABSENT:
+                continue  # it did not hold the key
+            new = event.payload["value"] if kind == "KeySet" else ABSENT
+            attempt = attempts.get((event.execution_id, event.phase)) if event.phase else None
+            op = "set" if kind == "KeySet" else "delete"
+            history.append(
+                KeyWrite(
+                    key,
+                    event.phase,
+                    event.execution_id,
+                    attempt,
+                    event.version,
+                    event.recorded_at,
+                    new,
+                    op,
+                    value,
+                    last,
+                )
+            )
+            value, last = new, event.version
+        if not history:
+            raise ContextKeyError(f"key {key!r} was never written in session {session_id!r}")
+        return history
+
+    def readers(self, session_id: str, key: str) -> list[KeyRead]:
+        """The phase attempts that read ``key``, oldest first. Cost: one pass over the
+        session's rows in the database (only phase end events travel)."""
+        self._head(session_id)
+        return [
+            KeyRead(
+                str(e.phase),
+                str(e.execution_id),
+                e.payload["attempt"],
+                e.version,
+                e.recorded_at,
+                _end_status(e),
+            )
+            for e in self._store.find(session_id, types=_ENDS)
+            if key in e.payload["keys_read"]
+        ]
+
+    def diff(self, session_id: str, v1: int, v2: int) -> ContextDiff:
+        """How the data changed from version ``v1`` to ``v2``. Cost: two restores and a
+        comparison of the two states."""
+        before = self.state_at(session_id, v1).data
+        after = self.state_at(session_id, v2).data
+        return _diff(before, after)
+
+    # --- runs and timings --------------------------------------------------------------------
+
+    def runs(self, session_id: str) -> list[Run]:
+        """Every run of the session, oldest first, with each phase's attempts. Cost: one pass
+        over the session's rows in the database (only run and phase events travel)."""
+        self._head(session_id)
+        runs: dict[str, Run] = {}
+        for e in self._store.find(session_id, types=_RUN_TYPES):
+            run = runs.get(e.execution_id or "")
+            if e.type == "RunStarted":
+                runs[e.execution_id or ""] = Run(
+                    e.execution_id or "",
+                    e.payload["input"],
+                    list(e.payload["phases"]),
+                    "running",
+                    e.version,
+                    e.recorded_at,
+                )
+            elif run is None:
+                continue
+            elif e.type in ("RunCompleted", "RunFailed"):
+                run.status = "completed" if e.type == "RunCompleted" else "failed"
+                run.ended_at, run.duration_ms = e.recorded_at, e.payload["duration_ms"]
+                run.error_type = e.payload.get("error_type")
+                run.message = e.payload.get("message")
+            else:
+                _phase_event(run, e)
+        return list(runs.values())
+
+    def phase_timings(
+        self,
+        session_id: str | None = None,
+        phase: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> Iterator[PhaseTiming]:
+        """Every ended phase attempt (of one session, or all), streamed. Cost: one pass over
+        the rows in the database (only phase end events travel)."""
+        if session_id is not None:
+            self._head(session_id)
+        for e in self._store.find(
+            session_id,
+            types=_ENDS,
+            phase=phase,
+            since_us=_us(since, "since"),
+            until_us=_us(until, "until"),
+        ):
+            status = _end_status(e)
+            yield PhaseTiming(
+                e.session_id,
+                str(e.execution_id),
+                str(e.phase),
+                e.payload["attempt"],
+                status,
+                None if status == "interrupted" else e.payload["duration_ms"],
+                e.recorded_at,
+            )
+
+    def phase_stats(
+        self,
+        session_id: str | None = None,
+        phase: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> dict[str, PhaseStats]:
+        """Per phase: attempts ended, failures, retries and duration percentiles, over one
+        session or all. Cost: one streamed pass over phase end events; memory per attempt."""
+        durations: dict[str, list[float]] = {}
+        counts: dict[str, list[int]] = {}
+        for t in self.phase_timings(session_id, phase, since, until):
+            count = counts.setdefault(t.phase, [0, 0, 0])
+            count[0] += 1
+            count[1] += t.status != "completed"
+            count[2] += t.attempt > 1
+            if t.duration_ms is not None:
+                durations.setdefault(t.phase, []).append(t.duration_ms)
+        return {
+            name: _stats(count, sorted(durations.get(name, [])))
+            for name, count in sorted(counts.items())
+        }
+
+    def diff_sessions(self, first: str, second: str) -> SessionDiff:
+        """The latest runs of two sessions aligned by phase: status, duration, output and the
+        keys each phase wrote, and the first phase where they diverge. Cost: two passes over
+        each session's rows in the database."""
+        runs = [self._latest_run(first), self._latest_run(second)]
+        writes = [self._phase_writes(s, run) for s, run in zip((first, second), runs, strict=True)]
+        order = list(dict.fromkeys([*runs[0].phases, *runs[1].phases]))
+        phases = []
+        for name in order:
+            a, b = (run.phase_runs.get(name, PhaseRun(name)) for run in runs)
+            wa, wb = writes[0].get(name, {}), writes[1].get(name, {})
+            keys = {
+                k: (wa.get(k, ABSENT), wb.get(k, ABSENT))
+                for k in dict.fromkeys([*wa, *wb])
+                if wa.get(k, ABSENT) != wb.get(k, ABSENT)
+            }
+            phases.append(
+                PhaseDiff(
+                    name,
+                    (a.status, b.status),
+                    (a.duration_ms, b.duration_ms),
+                    (a.output, b.output),
+                    keys,
+                )
+            )
+        diverged = next((p.phase for p in phases if p.diverges), None)
+        return SessionDiff(first, second, phases, diverged)
+
+    # --- what-ifs ----------------------------------------------------------------------------
+
+    def fork(self, session_id: str, new: str, version: int | None = None) -> int:
+        """Create session ``new`` whose history is ``session_id`` up to ``version`` (now by
+        default), re-chained as its own: it verifies by itself, and writing to either never
+        affects the other. Returns the fork's version. Cost: one pass over the events copied."""
+        head = self._head(session_id)
+        version = self._version(head, version)
+        check_session_id(new)
+        if self._store.session(new) is not None:
+            raise SessionExistsError(f"session {new!r} exists; fork into a new id")
+        batch: list[NewEvent] = []
+        for event in self._store.read(session_id, 1, version):
+            # A batch may not start with a re-creation or end in a delete mid-history: the
+            # store reads those as lifecycle changes of the whole batch.
+            if (
+                len(batch) >= 1000
+                and event.type != "ContextCreated"
+                and batch[-1].type != "ContextDeleted"
+            ):
+                self._store.append(new, batch)
+                batch = []
+            batch.append(_copy(event))
+        if batch:
+            self._store.append(new, batch)
+        return version
+
+    def rerun(
+        self,
+        session_id: str,
+        phase: str,
+        fn: Callable[[Any], Any],
+        *,
+        execution_id: str | None = None,
+        attempt: int | None = None,
+    ) -> RerunReport:
+        """Run ``fn`` as ``phase`` in a fork of the session at the state just before the
+        recorded attempt started (the run's input, earlier outputs and metadata included) and
+        compare it with that attempt. The recorded session is untouched; the fork is kept
+        (``RerunReport.fork_id``) for inspection."""
+        # Running a phase needs the layers above the read side; only rerun does.
+        from eventctx.manager import ContextManager  # noqa: PLC0415
+        from eventctx.phases import ContextAwarePhase  # noqa: PLC0415
+
+        run = self._run_of(session_id, phase, execution_id)
+        attempts = run.phase_runs[phase].attempts
+        recorded = attempts[-1] if attempt is None else _attempt(attempts, attempt, phase)
+        fork_id = f"{session_id[:400]}~rerun-{uuid.uuid4().hex[:12]}"
+        at = self.fork(session_id, fork_id, recorded.started_version - 1)
+        index = run.phases.index(phase)
+        previous = run.phases[index - 1] if index else None
+        error: BaseException | None = None
+        output: Any = ABSENT
+        with ContextManager(self._store, cleanup_interval=None) as manager:
+            ctx = manager.get_context(fork_id)
+            started = ctx.version
+            try:
+                output, _ = ContextAwarePhase(fn, name=phase).attempt(
+                    ctx, run.execution_id, run.input, recorded.attempt, previous
+                )
+            except Exception as exc:
+                error = exc
+        ended = list(self._store.find(fork_id, types=_ENDS, from_version=started + 1))
+        duration = ended[-1].payload["duration_ms"] if ended else 0.0
+        mine = _writes(self._store.find(fork_id, types=_KEY_TYPES, from_version=at + 1), phase)
+        theirs = _writes(
+            self._store.find(
+                session_id,
+                types=_KEY_TYPES,
+                from_version=recorded.started_version,
+                to_version=recorded.ended_version,
+            ),
+            phase,
+        )
+        keys = {
+            k: (theirs.get(k, ABSENT), mine.get(k, ABSENT))
+            for k in dict.fromkeys([*theirs, *mine])
+            if theirs.get(k, ABSENT) != mine.get(k, ABSENT)
+        }
+        return RerunReport(
+            session_id,
+            fork_id,
+            phase,
+            run.execution_id,
+            recorded.attempt,
+            recorded.status,
+            "failed" if error is not None else "completed",
+            recorded.duration_ms,
+            duration,
+            recorded.output,
+            output,
+            error,
+            keys,
+        )
+
+    @overload
+    def verify(self, session_id: str) -> VerifyResult: ...
+
+    @overload
+    def verify(self, session_id: None = None) -> list[VerifyResult]: ...
+
+    def verify(self, session_id: str | None = None) -> VerifyResult | list[VerifyResult]:
+        """Check the hash chain of one session (or of every session): a result naming the
+        session and, on failure, the first version that failed. Cost: one pass per session."""
+        if session_id is not None:
+            self._head(session_id)
+            return self._verify(session_id)
+        return [self._verify(h.session_id) for h in self._store.sessions()]
+
+    # --- helpers -----------------------------------------------------------------------------
+
+    def _verify(self, session_id: str) -> VerifyResult:
+        try:
+            return VerifyResult(session_id, True, self._store.verify(session_id))
+        except IntegrityError as exc:
+            return VerifyResult(session_id, False, 0, exc.version, str(exc))
+
+    def _head(self, session_id: str) -> SessionHead:
+        head = self._store.session(session_id)
+        if head is None:
+            raise SessionNotFoundError(
+                f"session {session_id!r} does not exist: it was never created, or it was "
+                "purged or removed by compaction after its ttl"
+            )
+        return head
+
+    @staticmethod
+    def _version(head: SessionHead, version: int | None) -> int:
+        if version is None:
+            return head.version
+        if type(version) is not int or not 1 <= version <= head.version:
+            raise InvalidInputError(
+                f"session {head.session_id!r} has versions 1 to {head.version}, not {version!r}"
+            )
+        return version
+
+    def _version_at(self, head: SessionHead, at: datetime) -> int:
+        """The highest version recorded at or before ``at`` (times never go backwards within a
+        session, so a binary search of point reads finds it)."""
+        at_us = _us(at, "at")
+        assert at_us is not None
+        low, high = 1, head.version
+        found = None
+        while low <= high:
+            middle = (low + high) // 2
+            event = self._store.read_versions(head.session_id, [middle])
+            if event and event[0].recorded_at_us <= at_us:
+                found, low = middle, middle + 1
+            else:
+                high = middle - 1
+        if found is None:
+            raise InvalidInputError(
+                f"session {head.session_id!r} has no event at or before {at.isoformat()}"
+            )
+        return found
+
+    def _latest_run(self, session_id: str) -> Run:
+        runs = self.runs(session_id)
+        if not runs:
+            raise InvalidInputError(f"session {session_id!r} has no run")
+        return runs[-1]
+
+    def _run_of(self, session_id: str, phase: str, execution_id: str | None) -> Run:
+        runs = self.runs(session_id)
+        if execution_id is not None:
+            runs = [r for r in runs if r.execution_id == execution_id]
+            if not runs:
+                raise InvalidInputError(
+                    f"session {session_id!r} has no run with execution id {execution_id!r}"
+                )
+        for run in reversed(runs):
+            if phase in run.phase_runs:
+                return run
+        raise InvalidInputError(f"phase {phase!r} never ran in session {session_id!r}")
+
+    def _phase_writes(self, session_id: str, run: Run) -> dict[str, dict[str, Any]]:
+        """Per phase, what its last attempt in ``run`` left in each key it wrote."""
+        found: dict[str, dict[str, Any]] = {}
+        for name, phase_run in run.phase_runs.items():
+            last = phase_run.attempts[-1]
+            events = self._store.find(
+                session_id,
+                types=_KEY_TYPES,
+                execution_id=run.execution_id,
+                from_version=last.started_version,
+                to_version=last.ended_version,
+            )
+            found[name] = _writes(events, name)
+        return found
+
+
+# --- pure helpers ----------------------------------------------------------------------------
+
+
+def _us(at: datetime | None, name: str) -> int | None:
+    if at is None:
+        return None
+    if not isinstance(at, datetime):
+        raise InvalidInputError(f"{name} must be a datetime, not {type(at).__name__}")
+    try:
+        return to_us(at)
+    except ValueError as exc:
+        raise InvalidInputError(f"{name}: {exc}") from None
+
+
+def _version_of(event: RecordedEvent) -> int:
+    return event.version
+
+
+def _value_after(event: RecordedEvent) -> Any:
+    """The value a key held after ``event`` wrote it (ABSENT after a delete)."""
+    return event.payload["value"] if event.type == "KeySet" else ABSENT
+
+
+def _changed(state: State, event: RecordedEvent) -> frozenset[str]:
+    """The keys ``event`` changes when folded onto ``state``."""
+    if event.type in ("KeySet", "KeyDeleted"):
+        return frozenset((event.key or "",))
+    if event.type in _RESETS:
+        return frozenset(state.data)
+    return frozenset()
+
+
+def _diff(before: dict[str, Any], after: dict[str, Any]) -> ContextDiff:
+    return ContextDiff(
+        {k: v for k, v in after.items() if k not in before},
+        {k: v for k, v in before.items() if k not in after},
+        {k: (before[k], v) for k, v in after.items() if k in before and before[k] != v},
+    )
+
+
+def _end_status(event: RecordedEvent) -> str:
+    if event.type == "PhaseCompleted":
+        return "completed"
+    return "interrupted" if event.payload["error_type"] == "interrupted" else "failed"
+
+
+def _phase_event(run: Run, event: RecordedEvent) -> None:
+    """Fold a phase event into the run's phase attempts."""
+    name = event.phase or ""
+    phase = run.phase_runs.setdefault(name, PhaseRun(name))
+    if event.type == "PhaseStarted":
+        phase.attempts.append(
+            Attempt(event.payload["attempt"], "running", event.version, event.recorded_at)
+        )
+        return
+    if not phase.attempts or phase.attempts[-1].ended_version is not None:
+        return  # an end without a start: nothing to attach it to
+    attempt = phase.attempts[-1]
+    attempt.status = _end_status(event)
+    attempt.ended_version = event.version
+    attempt.keys_read = list(event.payload["keys_read"])
+    if attempt.status != "interrupted":
+        attempt.duration_ms = event.payload["duration_ms"]
+    if event.type == "PhaseCompleted":
+        attempt.output = event.payload["output"]
+    else:
+        attempt.error_type = event.payload["error_type"]
+        attempt.message = event.payload["message"]
+
+
+def _attempt(attempts: list[Attempt], number: int, phase: str) -> Attempt:
+    for candidate in attempts:
+        if candidate.attempt == number:
+            return candidate
+    raise InvalidInputError(f"phase {phase!r} has no attempt {number} in that run")
+
+
+def _writes(events: Iterable[RecordedEvent], phase: str) -> dict[str, Any]:
+    """What the writes of ``phase`` among ``events`` left in each key (ABSENT: deleted)."""
+    found: dict[str, Any] = {}
+    for event in events:
+        if event.phase != phase:
+            continue
+        if event.type == "ContextCleared":
+            found = dict.fromkeys(found, ABSENT)
+        else:
+            found[event.key or ""] = _value_after(event)
+    return found
+
+
+def _may_split(last: NewEvent, following: RecordedEvent) -> bool:
+    """Whether a fork's batch may end between two events: the store reads a batch that starts
+    with a re-creation, or ends in a delete, as a lifecycle change of the whole batch."""
+    return following.type != "ContextCreated" and last.type != "ContextDeleted"
+
+
+def _copy(event: RecordedEvent) -> NewEvent:
+    """A recorded event as a new one (same type, envelope and canonical payload)."""
+    payload = event.payload
+    return NewEvent(
+        event.type, payload, encode_payload(payload), event.key, event.phase, event.execution_id
+    )
+
+
+def _percentile(ordered: list[float], p: float) -> float:
+    """The ``p``-th percentile of sorted values, interpolating linearly between ranks."""
+    if not ordered:
+        return math.nan
+    rank = (len(ordered) - 1) * p / 100
+    low = math.floor(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def _stats(count: list[int], ordered: list[float]) -> PhaseStats:
+    return PhaseStats(
+        count[0],
+        count[1],
+        count[2],
+        sum(ordered) / len(ordered) if ordered else math.nan,
+        _percentile(ordered, 50),
+        _percentile(ordered, 95),
+        _percentile(ordered, 99),
+        ordered[-1] if ordered else math.nan,
+    )
