@@ -109,6 +109,29 @@ class EventLogConformance:
         assert followed == expected
         assert [e.position for e in followed] == sorted(e.position for e in followed)
 
+    def test_read_versions_are_point_reads(self, event_log: AppendableLog) -> None:
+        sid = _session()
+        written = event_log.append(sid, [_created(), *(_set(f"k{i}", i) for i in range(5))])
+        assert event_log.read_versions(sid, [5, 2, 2, 99]) == [written[1], written[4]]
+        assert event_log.read_versions(sid, []) == []
+
+    def test_find_applies_every_filter(self, event_log: AppendableLog) -> None:
+        sid, other = _session(), _session()
+        event_log.append(sid, [_created(), _set("a", 1), _set("b", 2)])
+        event_log.append(other, [_created(), _set("a", 3)])
+        outside = NewEvent.create("KeySet", {"value": 4}, key="a")
+        last = event_log.append(sid, [outside, NewEvent.create("KeyDeleted", key="b")])
+        assert [e.version for e in event_log.find(sid, key="a")] == [2, 4]
+        assert [e.version for e in event_log.find(sid, types={"KeyDeleted"})] == [5]
+        assert [e.version for e in event_log.find(sid, phase="p", key="a")] == [2]
+        assert [e.version for e in event_log.find(sid, execution_id="e")] == [2, 3]
+        assert [e.version for e in event_log.find(sid, from_version=3, to_version=4)] == [3, 4]
+        at = last[0].recorded_at_us
+        assert [e.version for e in event_log.find(sid, since_us=at)] == [4, 5]
+        assert [e.version for e in event_log.find(sid, until_us=at - 1)] == [1, 2, 3]
+        across = [e for e in event_log.find(key="a") if e.session_id in (sid, other)]
+        assert [(e.session_id, e.version) for e in across] == [(sid, 2), (other, 2), (sid, 4)]
+
     def test_latest_snapshot_respects_version_fold_and_chain(
         self, event_log: AppendableLog
     ) -> None:

@@ -1,10 +1,11 @@
-"""EventLog: the narrow read interface of an event store, what restoring a context and the read
-side need. ``EventStore`` implements it; ``eventctx.testing.EventLogConformance`` is the suite
-another implementation runs to show it behaves the same."""
+"""EventLog: the narrow read interface of an event store, what restoring a context and the
+read side (the Inspector) need. ``EventStore`` implements it;
+``eventctx.testing.EventLogConformance`` is the suite another implementation runs to show it
+behaves the same."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from typing import Protocol
 
 from eventctx.events import RecordedEvent
@@ -28,6 +29,27 @@ class EventLog(Protocol):
         self, session_id: str, from_version: int = 1, to_version: int | None = None
     ) -> Iterator[RecordedEvent]:
         """A session's events in version order, ``from_version`` to ``to_version``, streamed."""
+        ...
+
+    def read_versions(self, session_id: str, versions: Collection[int]) -> list[RecordedEvent]:
+        """A session's events at ``versions`` (those that exist), in version order."""
+        ...
+
+    def find(
+        self,
+        session_id: str | None = None,
+        *,
+        types: Collection[str] | None = None,
+        key: str | None = None,
+        phase: str | None = None,
+        execution_id: str | None = None,
+        since_us: int | None = None,
+        until_us: int | None = None,
+        from_version: int = 1,
+        to_version: int | None = None,
+    ) -> Iterator[RecordedEvent]:
+        """The events matching every filter given, of one session in version order or of every
+        session in position order, streamed."""
         ...
 
     def read_after(self, position: int, limit: int = ...) -> list[RecordedEvent]:
