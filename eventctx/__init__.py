@@ -22,9 +22,8 @@ from eventctx.errors import (
     StorageError,
 )
 from eventctx.events import NewEvent, RecordedEvent
-from eventctx.inspect import (
+from eventctx.findings import (
     ContextDiff,
-    Inspector,
     KeyRead,
     KeyWrite,
     PhaseStats,
@@ -34,6 +33,7 @@ from eventctx.inspect import (
     SessionDiff,
     VerifyResult,
 )
+from eventctx.inspect import Inspector
 from eventctx.manager import ContextManager, SessionInfo
 from eventctx.phases import (
     ContextAwarePhase,

@@ -166,6 +166,7 @@ def advance(state: State, events: Iterable[RecordedEvent]) -> None:
     make = tuple.__new__  # Provenance without NamedTuple's Python-level __new__: the hot path
     version = state.version
     digest, at = state.head_hash, state.recorded_at_us
+    prior = provenance.get
     attempts = _attempts(state)
     try:
         for event in events:
@@ -175,14 +176,9 @@ def advance(state: State, events: Iterable[RecordedEvent]) -> None:
                     f"event version {number} does not chain onto version {version}: "
                     + ("the log has a gap" if number != version + 1 else "another history")
                 )
-            if kind in _KEY_WRITES:
-                if kind == "KeySet":
-                    data[key] = payload["value"]  # type: ignore[index]
-                    op = "set"
-                else:
-                    data.pop(key, None)  # type: ignore[arg-type]
-                    op = "delete"
-                last = provenance.get(key)  # type: ignore[arg-type]
+            if kind == "KeySet":
+                data[key] = payload["value"]  # type: ignore[index]
+                last = prior(key)  # type: ignore[arg-type]
                 provenance[key] = make(  # type: ignore[index]
                     Provenance,
                     (
@@ -190,7 +186,22 @@ def advance(state: State, events: Iterable[RecordedEvent]) -> None:
                         run_id,
                         number,
                         when,
-                        op,
+                        "set",
+                        attempts.get((run_id, phase)) if phase else None,
+                        None if last is None else last[2],
+                    ),
+                )
+            elif kind == "KeyDeleted":
+                data.pop(key, None)  # type: ignore[arg-type]
+                last = prior(key)  # type: ignore[arg-type]
+                provenance[key] = make(  # type: ignore[index]
+                    Provenance,
+                    (
+                        phase,
+                        run_id,
+                        number,
+                        when,
+                        "delete",
                         attempts.get((run_id, phase)) if phase else None,
                         None if last is None else last[2],
                     ),
@@ -198,7 +209,7 @@ def advance(state: State, events: Iterable[RecordedEvent]) -> None:
             elif kind == "ContextCleared":
                 attempt = attempts.get((run_id, phase)) if phase else None
                 for cleared in data:
-                    last = provenance.get(cleared)
+                    last = prior(cleared)
                     provenance[cleared] = make(
                         Provenance,
                         (
@@ -238,7 +249,6 @@ def _attempts(state: State) -> dict[tuple[str | None, str | None], int]:
     return {(run.execution_id, phase): n for phase, n in run.attempts.items()}
 
 
-_KEY_WRITES: Final = frozenset({"KeySet", "KeyDeleted"})
 _RUN_EVENTS: Final = frozenset(
     {
         "MetadataSet",

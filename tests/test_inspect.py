@@ -23,7 +23,7 @@ from eventctx import (
     SessionNotFoundError,
     runlog,
 )
-from eventctx.inspect import ABSENT
+from eventctx.findings import ABSENT
 from eventctx.state import fold
 
 
