@@ -176,8 +176,13 @@ def advance(state: State, events: Iterable[RecordedEvent]) -> None:
                     f"event version {number} does not chain onto version {version}: "
                     + ("the log has a gap" if number != version + 1 else "another history")
                 )
-            if kind == "KeySet":
-                data[key] = payload["value"]  # type: ignore[index]
+            if kind in {"KeySet", "KeyDeleted"}:
+                if kind == "KeySet":
+                    data[key] = payload["value"]  # type: ignore[index]
+                    op = "set"
+                else:
+                    data.pop(key, None)  # type: ignore[arg-type]
+                    op = "delete"
                 last = prior(key)  # type: ignore[arg-type]
                 provenance[key] = make(  # type: ignore[index]
                     Provenance,
@@ -186,22 +191,7 @@ def advance(state: State, events: Iterable[RecordedEvent]) -> None:
                         run_id,
                         number,
                         when,
-                        "set",
-                        attempts.get((run_id, phase)) if phase else None,
-                        None if last is None else last[2],
-                    ),
-                )
-            elif kind == "KeyDeleted":
-                data.pop(key, None)  # type: ignore[arg-type]
-                last = prior(key)  # type: ignore[arg-type]
-                provenance[key] = make(  # type: ignore[index]
-                    Provenance,
-                    (
-                        phase,
-                        run_id,
-                        number,
-                        when,
-                        "delete",
+                        op,
                         attempts.get((run_id, phase)) if phase else None,
                         None if last is None else last[2],
                     ),

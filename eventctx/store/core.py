@@ -35,7 +35,7 @@ from eventctx.store.heads import (
 )
 from eventctx.store.migrations import ensure_schema
 from eventctx.store.removal import Removal
-from eventctx.store.statements import Statements
+from eventctx.store.statements import EVENT_COLUMNS, Statements
 
 __all__ = ["EventStore"]
 
@@ -566,22 +566,7 @@ class EventStore:
         return checked
 
 
-_EVENT_COLUMNS: Final = tuple(
-    schema.events.c[name]
-    for name in (
-        "position",
-        "session_id",
-        "version",
-        "type",
-        "key",
-        "phase",
-        "execution_id",
-        "payload",
-        "recorded_at",
-        "hash",
-        "prev_hash",
-    )
-)
+_EVENT_COLUMNS: Final = tuple(schema.events.c[name] for name in ("position", *EVENT_COLUMNS))
 """An event row's columns, in RecordedEvent's order."""
 
 

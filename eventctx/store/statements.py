@@ -275,16 +275,7 @@ class Statements:
         )
         # The global log, by position (commit-ordered on every backend).
         self.read_after = c(
-            sa.select(
-                ev.c.position,
-                ev.c.session_id,
-                *read_cols[1:],
-                ev.c.execution_id,
-                ev.c.payload,
-                ev.c.recorded_at,
-                ev.c.hash,
-                ev.c.prev_hash,
-            )
+            sa.select(ev.c.position, *(ev.c[name] for name in EVENT_COLUMNS))
             .where(ev.c.position > bindparam("after"))
             .order_by(ev.c.position)
             .limit(bindparam("limit", type_=sa.Integer))
