@@ -1,4 +1,4 @@
-"""The peer library, ``eventsourcing``, configured as ../shared/PEERS.md says is fair: explicit
+"""The peer library, ``eventsourcing``, configured as fairly as we know how: explicit
 event classes (its fastest way to trigger), WAL, and on SQLite the same ``synchronous``
 setting as ours (its own default leaves SQLite at FULL)."""
 
