@@ -261,7 +261,7 @@ class PluginContext:
             return default
         if type(value) not in kinds:
             raise ContextTypeError(
-                f"key {key!r} holds a {type(value).__name__}, not a {name}: {_preview(value)}"
+                f"key {key!r} holds {_a(type(value).__name__)}, not {_a(name)}: {_preview(value)}"
             )
         return _copy(value)
 
@@ -460,7 +460,7 @@ class PluginContext:
     def _on_the_log(self) -> bool:
         """Whether the event this state ends at is still in the log (else it was purged)."""
         version = self._state.version
-        found = list(self._runtime.store.read(self._session_id, version, version))
+        found = self._runtime.store.read_versions(self._session_id, [version])
         return bool(found) and found[0].hash == self._state.head_hash
 
     def _outlived_ttl(self) -> bool:
@@ -576,6 +576,11 @@ def _envelope(session_id: str) -> dict[str, Any]:
     if scope is None or scope.session_id != session_id:
         return {}
     return {"phase": scope.phase, "execution_id": scope.execution_id}
+
+
+def _a(noun: str) -> str:
+    """``noun`` with its indefinite article."""
+    return f"{'an' if noun[:1] in 'aeiou' else 'a'} {noun}"
 
 
 def _preview(value: Any) -> str:

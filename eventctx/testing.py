@@ -19,6 +19,9 @@ from collections.abc import Sequence
 from itertools import pairwise
 from typing import Any, Protocol
 
+import pytest
+
+from eventctx.errors import SessionNotFoundError
 from eventctx.events import GENESIS_HASH, NewEvent, RecordedEvent
 from eventctx.state import FOLD_VERSION, fold
 from eventctx.store.log import EventLog
@@ -70,7 +73,8 @@ class EventLogConformance:
         assert [e.version for e in event_log.read(sid, 3, 5)] == [3, 4, 5]
         assert [e.version for e in event_log.read(sid, 9)] == [9, 10]
         assert list(event_log.read(sid, 11)) == []
-        assert list(event_log.read(_session())) == []
+        with pytest.raises(SessionNotFoundError):  # an unknown session is an error
+            list(event_log.read(_session()))
 
     def test_events_chain_and_fold(self, event_log: AppendableLog) -> None:
         sid = _session()

@@ -12,12 +12,12 @@ __all__ = ["for_url"]
 
 def for_url(url: URL) -> Dialect:
     """The dialect for a database URL; InvalidInputError for an unsupported backend."""
-    backend = url.get_backend_name()
+    backend = url.drivername.split("+", 1)[0]
     if backend == "sqlite":
         from eventctx.store.sqlite import SQLiteDialect  # noqa: PLC0415 (lazy: per backend)
 
         return SQLiteDialect()
-    if backend == "postgresql":
+    if backend in ("postgresql", "postgres"):
         from eventctx.store.postgresql import PostgreSQLDialect  # noqa: PLC0415 (needs psycopg)
 
         return PostgreSQLDialect()

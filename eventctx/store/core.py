@@ -382,12 +382,15 @@ class EventStore:
         """Stream a session's events in version order, ``from_version`` to ``to_version``.
 
         Rows are fetched in chunks, each in its own short transaction; no connection is held
-        while the caller iterates, and the history is never materialised whole.
+        while the caller iterates, and the history is never materialised whole. A session that
+        does not exist (never created, or purged) raises SessionNotFoundError.
         """
         check_session_id(session_id)
         high = _NO_UPPER if to_version is None else to_version
         make, loads = tuple.__new__, orjson.loads  # the hot path of every restore
+        empty = True
         for rows in self._pages(self._sql.read_chunk, session_id, from_version, high, 1):
+            empty = False
             for position, version, type_, key, phase, run_id, payload, at, digest, link in rows:
                 yield make(
                     RecordedEvent,
@@ -405,6 +408,8 @@ class EventStore:
                         link if type(link) is bytes else bytes(link),
                     ),
                 )
+        if empty and self.session(session_id) is None:
+            raise SessionNotFoundError(f"session {session_id!r} does not exist")
 
     def read_versions(self, session_id: str, versions: Collection[int]) -> list[RecordedEvent]:
         """The events of a session at ``versions`` (those that exist), in version order: point

@@ -32,7 +32,7 @@ class PostgreSQLDialect(Dialect):
     row_locks = True
 
     def create_engine(self, url: URL, options: StoreOptions) -> Engine:
-        if url.drivername != "postgresql+psycopg":
+        if url.drivername != "postgresql+psycopg":  # postgres://, postgresql://: psycopg 3
             url = url.set(drivername="postgresql+psycopg")
         engine = sa.create_engine(url, pool_size=8, max_overflow=16, pool_pre_ping=False)
         self.prepare_engine(engine, options)
