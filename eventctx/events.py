@@ -99,9 +99,12 @@ class RunFailed(_Payload):
 
 
 class PhaseStarted(_Payload):
-    """Attempt ``attempt`` (from 1) of the phase in the envelope starts."""
+    """Attempt ``attempt`` (from 1) of the phase in the envelope starts. If ``isolated``, its
+    writes count only if it completes: when it fails (or is found interrupted) the context is
+    folded back to what it was before it; its events stay in the log."""
 
     attempt: int
+    isolated: bool = False
 
 
 class PhaseCompleted(_Payload):

@@ -60,7 +60,8 @@ class ReplayStep(NamedTuple):
 @dataclass(frozen=True, slots=True)
 class KeyWrite:
     """A write of a key: who made it (phase, execution, attempt; None outside a phase), when,
-    what it stored (``value``; ABSENT for a delete) and what it replaced (``previous``)."""
+    what it stored (``value``; ABSENT for a delete), what it replaced (``previous``) and
+    whether it was rolled back with a failed attempt."""
 
     key: str
     phase: str | None
@@ -72,6 +73,8 @@ class KeyWrite:
     op: str  # "set" | "delete"
     previous: Any = ABSENT
     previous_version: int | None = None
+    rolled_back: bool = False
+    """Made by an attempt that failed: it no longer counts (it stays in the log)."""
 
 
 @dataclass(frozen=True, slots=True)

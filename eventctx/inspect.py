@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import uuid
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from heapq import merge
 from typing import Any, Final, overload
@@ -44,7 +45,7 @@ from eventctx.findings import (
     VerifyResult,
 )
 from eventctx.snapshots import restore
-from eventctx.state import State, advance
+from eventctx.state import State, advance, rolled_back
 from eventctx.store import EventStore, SessionHead
 from eventctx.store.heads import check_session_id
 
@@ -184,30 +185,43 @@ class Inspector:
 
     def key_history(self, session_id: str, key: str) -> list[KeyWrite]:
         """Every write of ``key``, oldest first (clears and re-creations that removed it
-        included). Cost: one pass over the session's rows in the database."""
+        included); the writes of a failed isolated attempt are marked ``rolled_back``, and the
+        next write replaces what the key held before that attempt. Cost: one pass over the
+        session's rows in the database."""
         self._head(session_id)
         store = self._store
         writes = store.find(session_id, key=key, types=_KEY_TYPES)
-        context = store.find(session_id, types=_RESETS | {"PhaseStarted", "RunStarted"})
+        context = store.find(session_id, types=_RESETS | _RUN_TYPES)
         attempts: dict[tuple[str | None, str | None], int] = {}
+        isolated: dict[tuple[str | None, str | None], _Undo | None] = {}
         value: Any = ABSENT
         last: int | None = None
         history: list[KeyWrite] = []
         for event in merge(writes, context, key=_version_of):
-            kind = event.type
+            kind, run = event.type, (event.execution_id, event.phase)
             if kind == "RunStarted":
                 attempts.clear()
-                continue
-            if kind == "PhaseStarted":
-                attempts[(event.execution_id, event.phase)] = event.payload["attempt"]
-                continue
-            if kind in _RESETS and value is ABSENT:
+            elif kind == "PhaseStarted":
+                attempts[run] = event.payload["attempt"]
+                if event.payload.get("isolated"):
+                    isolated[run] = None
+            elif kind in _ENDS:
+                undo = isolated.pop(run, None)
+                if kind == "PhaseFailed" and undo is not None and history[-1] is undo.last:
+                    for i in undo.writes:  # the attempt's writes did not count
+                        history[i] = replace(history[i], rolled_back=True)
+                    value, last = undo.value, undo.version
+            elif kind in _RESETS and value is ABSENT:
                 continue  # it did not hold the key
-            new = event.payload["value"] if kind == "KeySet" else ABSENT
-            attempt = attempts.get((event.execution_id, event.phase)) if event.phase else None
-            op = "set" if kind == "KeySet" else "delete"
-            history.append(
-                KeyWrite(
+            elif kind not in _RUN_TYPES:
+                undo = None
+                if event.phase and run in isolated:
+                    undo = isolated[run] or _Undo(value, last)
+                    isolated[run] = undo
+                    undo.writes.append(len(history))
+                new = event.payload["value"] if kind == "KeySet" else ABSENT
+                attempt = attempts.get(run) if event.phase else None
+                write = KeyWrite(
                     key,
                     event.phase,
                     event.execution_id,
@@ -215,12 +229,14 @@ class Inspector:
                     event.version,
                     event.recorded_at,
                     new,
-                    op,
+                    "set" if kind == "KeySet" else "delete",
                     value,
                     last,
                 )
-            )
-            value, last = new, event.version
+                history.append(write)
+                if undo is not None:
+                    undo.last = write
+                value, last = new, event.version
         if not history:
             raise ContextKeyError(f"key {key!r} was never written in session {session_id!r}")
         return history
@@ -578,7 +594,17 @@ def _changed(state: State, event: RecordedEvent) -> frozenset[str]:
         return frozenset((event.key or "",))
     if event.type in _RESETS:
         return frozenset(state.data)
-    return frozenset()
+    return rolled_back(state, event)
+
+
+@dataclass(slots=True)
+class _Undo:
+    """What a key held before an isolated attempt first wrote it, and that attempt's writes."""
+
+    value: Any
+    version: int | None
+    writes: list[int] = field(default_factory=list)
+    last: KeyWrite | None = None
 
 
 def _diff(before: dict[str, Any], after: dict[str, Any]) -> ContextDiff:

@@ -108,15 +108,18 @@ class ContextAwarePhase:
         *,
         fence: Fence | None = None,
         run_coroutine: Callable[[Coroutine[Any, Any, Any]], Any] = asyncio.run,
+        isolated: bool = True,
     ) -> tuple[Any, float]:
         """Run one attempt on ``ctx`` in this thread; return (output as stored, duration ms).
 
         Every write is fenced with ``fence`` (the run lease). An async phase's coroutine is
         handed to ``run_coroutine`` (the runner's: on the caller's event loop, or a new one).
+        An ``isolated`` attempt's writes are rolled back if it fails.
         """
         writer = ctx.writer
         name = self.name
-        writer.append([runlog.phase_started(execution_id, name, attempt)], fence=fence)
+        started = runlog.phase_started(execution_id, name, attempt, isolated=isolated)
+        writer.append([started], fence=fence)
         scope = PhaseScope(ctx.session_id, name, execution_id, previous=previous, fence=fence)
         start = time.perf_counter_ns()
         try:

@@ -51,10 +51,16 @@ def run_failed(
     return NewEvent.create("RunFailed", payload, execution_id=execution_id)
 
 
-def phase_started(execution_id: str, phase: str, attempt: int) -> NewEvent:
-    """Attempt ``attempt`` (from 1) of ``phase`` starts."""
+def phase_started(
+    execution_id: str, phase: str, attempt: int, *, isolated: bool = True
+) -> NewEvent:
+    """Attempt ``attempt`` (from 1) of ``phase`` starts; an ``isolated`` one's writes are
+    rolled back by the fold if it fails."""
     return NewEvent.create(
-        "PhaseStarted", {"attempt": attempt}, phase=phase, execution_id=execution_id
+        "PhaseStarted",
+        {"attempt": attempt, "isolated": isolated},
+        phase=phase,
+        execution_id=execution_id,
     )
 
 

@@ -141,12 +141,19 @@ class PluginRunner:
         retries: int | RetryPolicy = 0,
         *,
         lease: timedelta = timedelta(seconds=30),
+        isolate_attempts: bool = True,
     ) -> None:
-        """Wrap ``phases`` (callables or objects with .name/.execute, sync or async)."""
+        """Wrap ``phases`` (callables or objects with .name/.execute, sync or async).
+
+        With ``isolate_attempts`` (the default) a failed or interrupted attempt's writes are
+        rolled back: the next attempt and later phases see the context as it was before it.
+        """
         self._manager = manager
         self._phases = wrap_phases_with_context(phases)
         self._retry = RetryPolicy.of(retries)
         self._lease = lease
+        self.isolate_attempts = isolate_attempts
+        """Whether a failed attempt's writes are rolled back (they stay in the log)."""
 
     @property
     def phases(self) -> list[ContextAwarePhase]:
@@ -281,6 +288,7 @@ class _Run:
                     previous,
                     fence=self.lease.fence,
                     run_coroutine=self.run_coroutine,
+                    isolated=self.runner.isolate_attempts,
                 )
             except Exception as exc:
                 self.lease.check(ask=True)  # a write refused for a lost lease ends the run

@@ -24,11 +24,13 @@ __all__ = [
     "State",
     "advance",
     "apply",
+    "attempt_id",
     "decode_state",
     "fold",
+    "rolled_back",
 ]
 
-FOLD_VERSION: Final = 4
+FOLD_VERSION: Final = 5
 """Version of the fold rules; bump it when ``advance`` changes meaning."""
 
 
@@ -91,6 +93,9 @@ class State:
     metadata: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Helper metadata per execution id, then per key."""
     run: RunState | None = None
+    undo: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
+    """Per open isolated attempt (``attempt_id``), what each key it wrote held before it:
+    ``[present, value, provenance or None]``, restored if the attempt fails."""
 
     def copy(self) -> State:
         """An independent copy (values are never mutated in place, so sharing them is safe)."""
@@ -105,6 +110,7 @@ class State:
             {run: dict(phases) for run, phases in self.outputs.items()},
             {run: dict(values) for run, values in self.metadata.items()},
             None if self.run is None else self.run.copy(),
+            {attempt: dict(saved) for attempt, saved in self.undo.items()},
         )
 
     def encode(self) -> bytes:
@@ -121,6 +127,7 @@ class State:
                 "outputs": self.outputs,
                 "metadata": self.metadata,
                 "run": None if self.run is None else asdict(self.run),
+                "undo": self.undo,
             }
         )
 
@@ -139,6 +146,7 @@ def decode_state(data: bytes) -> State:
         raw["outputs"],
         raw["metadata"],
         None if raw["run"] is None else RunState(**raw["run"]),
+        raw["undo"],
     )
 
 
@@ -167,6 +175,7 @@ def advance(state: State, events: Iterable[RecordedEvent]) -> None:
     version = state.version
     digest, at = state.head_hash, state.recorded_at_us
     prior = provenance.get
+    undo = state.undo
     attempts = _attempts(state)
     try:
         for event in events:
@@ -177,6 +186,8 @@ def advance(state: State, events: Iterable[RecordedEvent]) -> None:
                     + ("the log has a gap" if number != version + 1 else "another history")
                 )
             if kind in {"KeySet", "KeyDeleted"}:
+                if undo and phase:
+                    _remember(state, attempt_id(run_id, phase), (key,))  # type: ignore[arg-type]
                 if kind == "KeySet":
                     data[key] = payload["value"]  # type: ignore[index]
                     op = "set"
@@ -197,6 +208,8 @@ def advance(state: State, events: Iterable[RecordedEvent]) -> None:
                     ),
                 )
             elif kind == "ContextCleared":
+                if undo and phase:
+                    _remember(state, attempt_id(run_id, phase), list(data))
                 attempt = attempts.get((run_id, phase)) if phase else None
                 for cleared in data:
                     last = prior(cleared)
@@ -222,6 +235,7 @@ def advance(state: State, events: Iterable[RecordedEvent]) -> None:
                 state.outputs.clear()
                 state.metadata.clear()
                 state.run = None
+                undo.clear()
                 state.deleted = False
                 state.ttl_ms = payload.get("ttl_ms")
             elif kind == "ContextDeleted":
@@ -229,6 +243,59 @@ def advance(state: State, events: Iterable[RecordedEvent]) -> None:
             version, digest, at = number, chain, when
     finally:  # the state reflects exactly the events applied, even when one is refused
         state.version, state.head_hash, state.recorded_at_us = version, digest, at
+
+
+def attempt_id(execution_id: str | None, phase: str) -> str:
+    """The key of a phase's open attempt in ``State.undo``."""
+    return f"{execution_id or ''}\x00{phase}"
+
+
+def _remember(state: State, attempt: str, keys: Iterable[str]) -> None:
+    """Before an isolated attempt first writes ``keys``, keep what they held."""
+    saved = state.undo.get(attempt)
+    if saved is None:
+        return
+    data, provenance = state.data, state.provenance
+    for key in keys:
+        if key not in saved:
+            last = provenance.get(key)
+            saved[key] = [key in data, data.get(key), None if last is None else list(last)]
+
+
+def rolled_back(state: State, event: RecordedEvent) -> frozenset[str]:
+    """The keys folding ``event`` onto ``state`` gives back to what they held before an
+    isolated attempt (empty unless ``event`` ends such an attempt with a failure)."""
+    if event.type != "PhaseFailed":
+        return frozenset()
+    saved = state.undo.get(attempt_id(event.execution_id, event.phase or ""), {})
+    return frozenset(key for key in saved if _written_by(state, key, event))
+
+
+def _written_by(state: State, key: str, event: RecordedEvent) -> bool:
+    """Whether ``key`` was last written by the attempt ``event`` ends (not by anyone since)."""
+    last = state.provenance.get(key)
+    return (
+        last is not None and last.execution_id == event.execution_id and last.phase == event.phase
+    )
+
+
+def _roll_back(state: State, event: RecordedEvent) -> None:
+    """A failed isolated attempt: its keys hold again what they held before it."""
+    saved = state.undo.pop(attempt_id(event.execution_id, event.phase or ""), None)
+    if not saved:
+        return
+    data, provenance = state.data, state.provenance
+    for key, (present, value, last) in saved.items():
+        if not _written_by(state, key, event):
+            continue  # written since, outside the attempt: that write stands
+        if present:
+            data[key] = value
+        else:
+            data.pop(key, None)
+        if last is None:
+            provenance.pop(key, None)
+        else:
+            provenance[key] = Provenance(*last)
 
 
 def _attempts(state: State) -> dict[tuple[str | None, str | None], int]:
@@ -263,8 +330,13 @@ def _run_event(state: State, event: RecordedEvent) -> None:
         return
     run = state.run if state.run is not None and state.run.execution_id == execution_id else None
     phase = event.phase or ""
-    if kind == "PhaseCompleted":
+    if kind == "PhaseStarted" and payload.get("isolated"):
+        state.undo[attempt_id(execution_id, phase)] = {}
+    elif kind == "PhaseCompleted":
         state.outputs.setdefault(execution_id, {})[phase] = payload["output"]
+        state.undo.pop(attempt_id(execution_id, phase), None)
+    elif kind == "PhaseFailed":
+        _roll_back(state, event)
     if run is None:
         return
     if kind == "PhaseStarted":

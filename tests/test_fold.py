@@ -10,7 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from eventctx import ContextManager, EventStore, RecordedEvent
+from eventctx import ContextManager, EventStore, PluginContext, RecordedEvent, runlog
+from eventctx.context import PhaseScope, phase_scope
 from eventctx.snapshots import restore
 from eventctx.state import FOLD_VERSION, State, apply, decode_state, fold
 
@@ -26,13 +27,18 @@ JSON = st.recursive(
     ),
     max_leaves=12,
 )
+WRITES = st.one_of(
+    st.tuples(st.just("set"), KEYS, JSON),
+    st.tuples(st.just("update"), st.dictionaries(KEYS, JSON, max_size=3)),
+    st.tuples(st.just("delete"), KEYS),
+    st.tuples(st.just("clear")),
+)
 OPS = st.lists(
     st.one_of(
-        st.tuples(st.just("set"), KEYS, JSON),
-        st.tuples(st.just("update"), st.dictionaries(KEYS, JSON, max_size=3)),
-        st.tuples(st.just("delete"), KEYS),
-        st.tuples(st.just("clear")),
+        WRITES,
         st.tuples(st.just("recreate")),
+        # A phase attempt: its writes, whether it completes, whether it is isolated.
+        st.tuples(st.just("attempt"), st.lists(WRITES, max_size=4), st.booleans(), st.booleans()),
     ),
     min_size=1,
     max_size=25,
@@ -45,29 +51,54 @@ def store(db_url: str) -> Iterator[EventStore]:
         yield s
 
 
+def _write(ctx: PluginContext, model: dict[str, Any], op: tuple[Any, ...]) -> None:
+    if op[0] == "set":
+        ctx.set(op[1], op[2])
+        model[op[1]] = op[2]
+    elif op[0] == "update":
+        ctx.update(op[1])
+        model.update(op[1])
+    elif op[0] == "delete":
+        present = op[1] in model
+        model.pop(op[1], None)
+        assert ctx.delete(op[1]) is present
+    else:
+        ctx.clear()
+        model.clear()
+
+
+def _attempt(ctx: PluginContext, model: dict[str, Any], op: tuple[Any, ...], n: int) -> None:
+    """A phase attempt writing ``op[1]``; a failed isolated one leaves the data as before."""
+    _, writes, completes, isolated = op
+    run = f"run-{n}"
+    before = dict(model)
+    ctx.writer.append([runlog.phase_started(run, "p", 1, isolated=isolated)])
+    with phase_scope(PhaseScope(ctx.session_id, "p", run)):
+        for write in writes:
+            _write(ctx, model, write)
+    if completes:
+        ctx.writer.append([runlog.phase_completed(run, "p", 1, None, 1.0, set())])
+        return
+    ctx.writer.append([runlog.phase_failed(run, "p", 1, ValueError("no"), 1.0, set())])
+    if isolated:
+        model.clear()
+        model.update(before)
+
+
 def _run(manager: ContextManager, session_id: str, ops: list[tuple[Any, ...]]) -> dict[str, Any]:
     """Apply ``ops`` through a context; return the data a model dict says it should hold."""
     ctx = manager.create_context(session_id)
     model: dict[str, Any] = {}
-    for op in ops:
-        if op[0] == "set":
-            ctx.set(op[1], op[2])
-            model[op[1]] = op[2]
-        elif op[0] == "update":
-            ctx.update(op[1])
-            model.update(op[1])
-        elif op[0] == "delete":
-            present = op[1] in model
-            model.pop(op[1], None)
-            assert ctx.delete(op[1]) is present
-        elif op[0] == "clear":
-            ctx.clear()
-            model.clear()
-        else:
+    for n, op in enumerate(ops):
+        if op[0] == "attempt":
+            _attempt(ctx, model, op, n)
+        elif op[0] == "recreate":
             manager.delete_context(session_id)
             ctx = manager.create_context(session_id)
             model.clear()
-    assert ctx.to_dict() == model
+        else:
+            _write(ctx, model, op)
+        assert ctx.to_dict() == model
     return model
 
 

@@ -126,7 +126,13 @@ def test_replay_names_the_keys_each_event_changed(insp: Inspector, story: Story)
     assert changed[story.update_version] == {"b"}
     clear = next(s for s in steps if s.event.type == "ContextCleared")
     assert clear.changed == {"a", "files", "plan"}
-    assert all(not s.changed for s in steps if s.event.type.startswith(("Run", "Phase")))
+    rolled = [(s.event.phase, s.changed) for s in steps if s.event.type == "PhaseFailed"]
+    assert rolled == [("planning", {"plan"}), ("analysis", {"files"}), ("planning", {"plan"})]
+    assert all(
+        not s.changed
+        for s in steps
+        if s.event.type.startswith(("Run", "Phase")) and s.event.type != "PhaseFailed"
+    )
     tail = list(insp.replay("s", start=clear.event.version))
     assert tail[0].state.data == {} and tail[-1].state.data == {"late": True}
 
@@ -143,7 +149,8 @@ def test_blame_names_phase_execution_attempt_and_the_replaced_value(
         2,
         "set",
     )
-    assert plan.value == "final" and plan.previous == "draft"
+    # The failed first attempt's "draft" was rolled back: this write replaced run 1's "final".
+    assert plan.value == "final" and plan.previous == "final"
     b = blame["b"]
     assert (b.phase, b.execution_id, b.attempt, b.op, b.value) == (
         "analysis",
@@ -163,7 +170,7 @@ def test_blame_names_phase_execution_attempt_and_the_replaced_value(
     )
     files = blame["files"]
     assert (files.execution_id, files.attempt, files.value) == (story.second, 2, 3)
-    assert files.previous == "half"  # the interrupted attempt's write
+    assert files.previous == 3  # the interrupted attempt's "half" was rolled back
     now = insp.blame("s")
     assert now["plan"].op == "delete" and now["plan"].phase is None  # the clear, outside phases
     assert now["late"].value is True
@@ -172,16 +179,20 @@ def test_blame_names_phase_execution_attempt_and_the_replaced_value(
 
 def test_key_history_lists_every_write_oldest_first(insp: Inspector, story: Story) -> None:
     history = insp.key_history("s", "plan")
-    assert [(w.value, w.execution_id, w.attempt, w.op) for w in history] == [
-        ("draft", story.first, 1, "set"),
-        ("final", story.first, 2, "set"),
-        ("draft", story.second, 1, "set"),
-        ("final", story.second, 2, "set"),
-        (ABSENT, None, None, "delete"),  # the clear
+    assert [(w.value, w.execution_id, w.attempt, w.op, w.rolled_back) for w in history] == [
+        ("draft", story.first, 1, "set", True),  # its attempt failed
+        ("final", story.first, 2, "set", False),
+        ("draft", story.second, 1, "set", True),
+        ("final", story.second, 2, "set", False),
+        (ABSENT, None, None, "delete", False),  # the clear
     ]
-    assert [w.previous for w in history] == [ABSENT, "draft", "final", "draft", "final"]
+    assert [w.previous for w in history] == [ABSENT, ABSENT, "final", "final", "final"]
     files = insp.key_history("s", "files")
-    assert [(w.value, w.attempt) for w in files][:3] == [(3, 1), ("half", 1), (3, 2)]
+    assert [(w.value, w.attempt, w.rolled_back) for w in files][:3] == [
+        (3, 1, False),
+        ("half", 1, True),  # the interrupted attempt
+        (3, 2, False),
+    ]
 
 
 def test_readers_match_what_phases_read(insp: Inspector, story: Story) -> None:
