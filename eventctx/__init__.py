@@ -13,6 +13,7 @@ from eventctx.errors import (
     EventCtxError,
     IntegrityError,
     InvalidInputError,
+    PhaseError,
     RunInProgressError,
     SchemaError,
     SerializationError,
@@ -36,6 +37,7 @@ from eventctx.findings import (
 from eventctx.inspect import Inspector
 from eventctx.manager import ContextManager, SessionInfo
 from eventctx.phases import (
+    AttemptResult,
     ContextAwarePhase,
     PhaseContextHelper,
     RetryPolicy,
@@ -47,6 +49,7 @@ from eventctx.state import Provenance, State
 from eventctx.store import EventStore, SessionHead
 
 __all__ = [
+    "AttemptResult",
     "CompactionReport",
     "ConcurrencyError",
     "ContextAwarePhase",
@@ -63,6 +66,7 @@ __all__ = [
     "KeyWrite",
     "NewEvent",
     "PhaseContextHelper",
+    "PhaseError",
     "PhaseStats",
     "PluginContext",
     "PluginRunner",

@@ -526,6 +526,11 @@ class SessionWriter:
         """The session written to."""
         return self._ctx.session_id
 
+    @property
+    def store(self) -> EventStore:
+        """The store the session lives in."""
+        return self._ctx._runtime.store
+
     def append(
         self,
         events: list[NewEvent],

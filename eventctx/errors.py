@@ -6,6 +6,7 @@
     ├── SessionExistsError        create_context on a live session
     ├── SessionExpiredError       the session outlived its ttl
     ├── RunInProgressError        another runner holds the session's run lease
+    ├── PhaseError                raised by a phase to say whether retrying it can help
     ├── SchemaError               the database has another schema version
     ├── IntegrityError            a hash chain or a stored row does not verify
     ├── StorageError              the database failed (connection, disk, lock timeout)
@@ -43,6 +44,15 @@ class SessionExpiredError(EventCtxError):
 
 class RunInProgressError(EventCtxError):
     """Another runner holds the session's run lease."""
+
+
+class PhaseError(EventCtxError):
+    """Raised by a phase to say whether retrying it can help (``retryable``); the runner reads
+    a ``retryable`` attribute on any exception the same way."""
+
+    def __init__(self, message: str, *, retryable: bool = True) -> None:
+        super().__init__(message)
+        self.retryable = retryable
 
 
 class SchemaError(EventCtxError):

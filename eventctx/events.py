@@ -83,19 +83,31 @@ class RunStarted(_Payload):
     phases: list[str]
 
 
+class RunResumed(_Payload):
+    """Another process continues the run (after its last one stopped) with ``input``;
+    ``previous_ended_at_us`` is when the previous process last recorded anything of it."""
+
+    input: JsonValue
+    previous_ended_at_us: int
+
+
 class RunCompleted(_Payload):
-    """Every phase of the run completed."""
+    """Every phase of the run completed. ``duration_ms`` spans the run from its first start
+    to now, across processes; ``segments_ms`` is the time spent in each process."""
 
     duration_ms: float
+    segments_ms: list[float] = []
 
 
 class RunFailed(_Payload):
-    """The run stopped at ``phase`` after its last attempt failed."""
+    """The run stopped at ``phase`` after its last attempt failed (durations as for
+    RunCompleted)."""
 
     phase: str | None
     error_type: str
     message: str
     duration_ms: float
+    segments_ms: list[float] = []
 
 
 class PhaseStarted(_Payload):
@@ -117,14 +129,22 @@ class PhaseCompleted(_Payload):
 
 
 class PhaseFailed(_Payload):
-    """An attempt of the phase raised (``error_type`` "interrupted" when its process died)."""
+    """An attempt of the phase raised (``error_type`` "interrupted" when its process died).
+
+    ``duration_ms`` of an interrupted attempt runs to its last recorded event and is a lower
+    bound (``lower_bound``), or None when nothing was recorded after it started. ``retry``
+    says whether another attempt follows, after ``retry_after_ms``.
+    """
 
     error_type: str
     message: str
     traceback: str
-    duration_ms: float
+    duration_ms: float | None
     attempt: int
     keys_read: list[str]
+    lower_bound: bool = False
+    retry: bool = False
+    retry_after_ms: float | None = None
 
 
 EVENT_MODELS: Final[dict[str, type[_Payload]]] = {
@@ -137,6 +157,7 @@ EVENT_MODELS: Final[dict[str, type[_Payload]]] = {
         ContextDeleted,
         MetadataSet,
         RunStarted,
+        RunResumed,
         RunCompleted,
         RunFailed,
         PhaseStarted,

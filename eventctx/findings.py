@@ -199,6 +199,7 @@ class PhaseTiming:
     attempt: int
     status: str  # "completed" | "failed" | "interrupted"
     duration_ms: float | None
+    """For an interrupted attempt, a lower bound (to its last event), or None."""
     recorded_at: datetime
 
 

@@ -54,7 +54,15 @@ __all__ = ["Inspector"]
 
 _KEY_TYPES: Final = frozenset({"KeySet", "KeyDeleted", "ContextCleared"})
 _RUN_TYPES: Final = frozenset(
-    {"RunStarted", "RunCompleted", "RunFailed", "PhaseStarted", "PhaseCompleted", "PhaseFailed"}
+    {
+        "RunStarted",
+        "RunResumed",
+        "RunCompleted",
+        "RunFailed",
+        "PhaseStarted",
+        "PhaseCompleted",
+        "PhaseFailed",
+    }
 )
 _ENDS: Final = frozenset({"PhaseCompleted", "PhaseFailed"})
 _RESETS: Final = frozenset({"ContextCleared", "ContextCreated"})
@@ -285,6 +293,8 @@ class Inspector:
                 )
             elif run is None:
                 continue
+            elif e.type == "RunResumed":
+                run.input = e.payload["input"]  # the input it was resumed with
             elif e.type in ("RunCompleted", "RunFailed"):
                 run.status = "completed" if e.type == "RunCompleted" else "failed"
                 run.ended_at, run.duration_ms = e.recorded_at, e.payload["duration_ms"]
@@ -319,7 +329,7 @@ class Inspector:
                 str(e.phase),
                 e.payload["attempt"],
                 status,
-                None if status == "interrupted" else e.payload["duration_ms"],
+                e.payload["duration_ms"],
                 e.recorded_at,
             )
 
@@ -339,7 +349,7 @@ class Inspector:
             count[0] += 1
             count[1] += t.status != "completed"
             count[2] += t.attempt > 1
-            if t.duration_ms is not None:
+            if t.duration_ms is not None and t.status != "interrupted":  # no lower bounds
                 durations.setdefault(t.phase, []).append(t.duration_ms)
         return {
             name: _stats(count, sorted(durations.get(name, [])))
@@ -636,8 +646,7 @@ def _phase_event(run: Run, event: RecordedEvent) -> None:
     attempt.status = _end_status(event)
     attempt.ended_version = event.version
     attempt.keys_read = list(event.payload["keys_read"])
-    if attempt.status != "interrupted":
-        attempt.duration_ms = event.payload["duration_ms"]
+    attempt.duration_ms = event.payload["duration_ms"]
     if event.type == "PhaseCompleted":
         attempt.output = event.payload["output"]
     else:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import random
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
@@ -26,9 +27,11 @@ from eventctx.context import (
     use_context,
 )
 from eventctx.errors import EventCtxError, InvalidInputError
+from eventctx.state import RunState
 from eventctx.store import Fence
 
 __all__ = [
+    "AttemptResult",
     "ContextAwarePhase",
     "PhaseContextHelper",
     "RetryPolicy",
@@ -38,20 +41,66 @@ __all__ = [
 
 
 @dataclass(frozen=True, slots=True)
+class AttemptResult:
+    """One attempt of a phase, as the log records it."""
+
+    attempt: int
+    status: str  # "completed" | "failed" | "interrupted"
+    duration_ms: float | None
+    """None only for an interrupted attempt that recorded nothing after it started."""
+    lower_bound: bool = False
+    """The duration of an interrupted attempt runs to its last recorded event."""
+    error_type: str | None = None
+    message: str | None = None
+    retry_after_ms: float | None = None
+    """The wait before the next attempt (None: none followed)."""
+
+
+def attempt_results(run: RunState) -> dict[str, list[AttemptResult]]:
+    """Every attempt of every phase of ``run`` that started, as the log records them."""
+    return {
+        phase: [
+            AttemptResult(
+                t["attempt"],
+                t["status"],
+                t.get("duration_ms"),
+                t.get("lower_bound", False),
+                t.get("error_type"),
+                t.get("message"),
+                t.get("retry_after_ms"),
+            )
+            for t in tries
+        ]
+        for phase, tries in run.tries.items()
+    }
+
+
+@dataclass(frozen=True, slots=True)
 class RetryPolicy:
-    """How often a phase is tried: ``attempts`` in all, waiting ``backoff`` seconds before the
-    second and ``multiplier`` times longer before each next, for exceptions in ``retry_on``."""
+    """How often a phase is tried: ``attempts`` in all, for exceptions in ``retry_on`` that
+    ``retry_if`` (when given) accepts. An exception whose ``retryable`` attribute is False
+    (``eventctx.PhaseError``) is never retried; one where it is True always is, while attempts
+    remain.
+
+    After failed attempt n the runner waits ``backoff × multiplier^(n-1)`` seconds, at most
+    ``max_delay``, spread by ``jitter``: a random factor in [1 - jitter, 1 + jitter].
+    """
 
     attempts: int = 1
     backoff: float = 0.0
     multiplier: float = 2.0
     retry_on: tuple[type[BaseException], ...] = (Exception,)
+    retry_if: Callable[[BaseException], bool] | None = None
+    max_delay: float | None = None
+    jitter: float = 0.0
 
     def __post_init__(self) -> None:
         if self.attempts < 1 or self.backoff < 0 or self.multiplier < 1:
             raise InvalidInputError(
                 "RetryPolicy needs attempts >= 1, backoff >= 0 and multiplier >= 1"
             )
+        if not 0 <= self.jitter <= 1 or (self.max_delay is not None and self.max_delay < 0):
+            raise InvalidInputError("RetryPolicy needs 0 <= jitter <= 1 and max_delay >= 0")
 
     @classmethod
     def of(cls, retries: int | RetryPolicy) -> RetryPolicy:
@@ -66,11 +115,25 @@ class RetryPolicy:
 
     def retries(self, exc: BaseException, attempt: int) -> bool:
         """Whether ``attempt`` (from 1, in this run) failing with ``exc`` is tried again."""
-        return attempt < self.attempts and isinstance(exc, self.retry_on)
+        if attempt >= self.attempts:
+            return False
+        marked = getattr(exc, "retryable", None)
+        if isinstance(marked, bool):
+            return marked
+        if not isinstance(exc, self.retry_on):
+            return False
+        return self.retry_if is None or bool(self.retry_if(exc))
 
-    def delay(self, attempt: int) -> float:
-        """Seconds to wait after failed attempt ``attempt``."""
-        return self.backoff * self.multiplier ** (attempt - 1)
+    def delay(self, attempt: int, rng: random.Random | None = None) -> float:
+        """Seconds to wait after failed attempt ``attempt`` (jitter drawn from ``rng``)."""
+        wait = self.backoff * self.multiplier ** (attempt - 1)
+        if self.max_delay is not None:
+            wait = min(wait, self.max_delay)
+        if self.jitter:
+            wait *= (rng or random).uniform(1 - self.jitter, 1 + self.jitter)
+            if self.max_delay is not None:
+                wait = min(wait, self.max_delay)
+        return wait
 
 
 class ContextAwarePhase:
@@ -109,12 +172,15 @@ class ContextAwarePhase:
         fence: Fence | None = None,
         run_coroutine: Callable[[Coroutine[Any, Any, Any]], Any] = asyncio.run,
         isolated: bool = True,
+        retry: Callable[[BaseException], float | None] | None = None,
     ) -> tuple[Any, float]:
         """Run one attempt on ``ctx`` in this thread; return (output as stored, duration ms).
 
         Every write is fenced with ``fence`` (the run lease). An async phase's coroutine is
         handed to ``run_coroutine`` (the runner's: on the caller's event loop, or a new one).
-        An ``isolated`` attempt's writes are rolled back if it fails.
+        An ``isolated`` attempt's writes are rolled back if it fails. ``retry`` says, for the
+        exception a failed attempt raised, after how many seconds another attempt follows (None:
+        none); its PhaseFailed records it.
         """
         writer = ctx.writer
         name = self.name
@@ -135,8 +201,9 @@ class ContextAwarePhase:
             )
         except BaseException as exc:
             duration = (time.perf_counter_ns() - start) / 1e6
+            after = retry(exc) if retry is not None and isinstance(exc, Exception) else None
             failed = runlog.phase_failed(
-                execution_id, name, attempt, exc, duration, scope.keys_read
+                execution_id, name, attempt, exc, duration, scope.keys_read, after
             )
             writer.append([failed], fence=fence)
             raise
@@ -196,6 +263,18 @@ class PhaseContextHelper:
     def get_output(self, phase: str, default: Any = None) -> Any:
         """The output ``phase`` returned in this run, or ``default`` if it hasn't completed."""
         return self._ctx.writer.output(self.execution_id, phase, default)
+
+    def errors(self) -> dict[str, list[AttemptResult]]:
+        """The failed (and interrupted) attempts of this run so far, per phase: what earlier
+        phases, and earlier attempts of this one, ran into."""
+        run = self._ctx.writer.run()
+        if run is None:
+            return {}
+        failed = {
+            phase: [a for a in attempts if a.status in ("failed", "interrupted")]
+            for phase, attempts in attempt_results(run).items()
+        }
+        return {phase: attempts for phase, attempts in failed.items() if attempts}
 
     def previous_output(self) -> Any:
         """The output of the phase before this one in the run (None for the first)."""

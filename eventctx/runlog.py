@@ -12,6 +12,7 @@ from eventctx.events import NewEvent
 
 __all__ = [
     "INTERRUPTED",
+    "context_cleared",
     "metadata_set",
     "phase_completed",
     "phase_failed",
@@ -19,6 +20,7 @@ __all__ = [
     "phase_started",
     "run_completed",
     "run_failed",
+    "run_resumed",
     "run_started",
 ]
 
@@ -33,13 +35,26 @@ def run_started(execution_id: str, run_input: Any, phases: Sequence[str]) -> New
     )
 
 
-def run_completed(execution_id: str, duration_ms: float) -> NewEvent:
-    """Every phase of the run completed."""
-    return NewEvent.create("RunCompleted", {"duration_ms": duration_ms}, execution_id=execution_id)
+def run_resumed(execution_id: str, run_input: Any, previous_ended_at_us: int) -> NewEvent:
+    """Another process continues the run with ``run_input``."""
+    payload = {"input": run_input, "previous_ended_at_us": previous_ended_at_us}
+    return NewEvent.create("RunResumed", payload, execution_id=execution_id)
+
+
+def run_completed(
+    execution_id: str, duration_ms: float, segments_ms: Sequence[float] = ()
+) -> NewEvent:
+    """Every phase of the run completed, ``duration_ms`` after it first started."""
+    payload = {"duration_ms": duration_ms, "segments_ms": list(segments_ms)}
+    return NewEvent.create("RunCompleted", payload, execution_id=execution_id)
 
 
 def run_failed(
-    execution_id: str, phase: str | None, error: BaseException, duration_ms: float
+    execution_id: str,
+    phase: str | None,
+    error: BaseException,
+    duration_ms: float,
+    segments_ms: Sequence[float] = (),
 ) -> NewEvent:
     """The run stopped at ``phase``, whose last attempt raised ``error``."""
     payload = {
@@ -47,6 +62,7 @@ def run_failed(
         "error_type": type(error).__qualname__,
         "message": str(error),
         "duration_ms": duration_ms,
+        "segments_ms": list(segments_ms),
     }
     return NewEvent.create("RunFailed", payload, execution_id=execution_id)
 
@@ -89,8 +105,10 @@ def phase_failed(
     error: BaseException,
     duration_ms: float,
     keys_read: set[str],
+    retry_after_s: float | None = None,
 ) -> NewEvent:
-    """An attempt of ``phase`` raised ``error``."""
+    """An attempt of ``phase`` raised ``error``; another follows after ``retry_after_s``
+    seconds, or none if it is None."""
     payload = {
         "error_type": type(error).__qualname__,
         "message": str(error),
@@ -98,21 +116,37 @@ def phase_failed(
         "duration_ms": duration_ms,
         "attempt": attempt,
         "keys_read": sorted(keys_read),
+        "retry": retry_after_s is not None,
+        "retry_after_ms": None if retry_after_s is None else retry_after_s * 1000,
     }
     return NewEvent.create("PhaseFailed", payload, phase=phase, execution_id=execution_id)
 
 
-def phase_interrupted(execution_id: str, phase: str, attempt: int) -> NewEvent:
-    """An attempt of ``phase`` found started without an end: its process stopped."""
-    payload = {
+def phase_interrupted(
+    execution_id: str, phase: str, attempt: int, duration_ms: float | None
+) -> NewEvent:
+    """An attempt of ``phase`` found started without an end: its process stopped.
+    ``duration_ms`` runs to its last recorded event (a lower bound), None if it has none."""
+    message = "the process running this phase stopped before the phase ended"
+    if duration_ms is None:
+        message += "; its duration is unknown: nothing was recorded after it started"
+    payload: dict[str, Any] = {
         "error_type": INTERRUPTED,
-        "message": "the process running this phase stopped before the phase ended",
+        "message": message,
         "traceback": "",
-        "duration_ms": 0.0,
+        "duration_ms": duration_ms,
         "attempt": attempt,
         "keys_read": [],
+        "lower_bound": duration_ms is not None,
+        "retry": True,
+        "retry_after_ms": 0.0,
     }
     return NewEvent.create("PhaseFailed", payload, phase=phase, execution_id=execution_id)
+
+
+def context_cleared() -> NewEvent:
+    """Every key is removed (a run's fresh start)."""
+    return NewEvent.create("ContextCleared")
 
 
 def metadata_set(execution_id: str, phase: str, key: str, value: Any) -> NewEvent:

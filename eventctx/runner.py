@@ -31,7 +31,14 @@ from eventctx import runlog
 from eventctx.context import PluginContext, SessionWriter
 from eventctx.errors import EventCtxError, RunInProgressError
 from eventctx.manager import ContextManager
-from eventctx.phases import ContextAwarePhase, RetryPolicy, wrap_phases_with_context
+from eventctx.phases import (
+    AttemptResult,
+    ContextAwarePhase,
+    RetryPolicy,
+    attempt_results,
+    wrap_phases_with_context,
+)
+from eventctx.state import RunState
 from eventctx.store import EventStore, Fence, LeaseHolder
 
 __all__ = ["PluginRunner", "RunResult"]
@@ -42,7 +49,14 @@ RunCoroutine = Callable[[Coroutine[Any, Any, Any]], Any]
 
 @dataclass(slots=True)
 class RunResult:
-    """How a run ended. ``error`` is the exception that failed it (nothing is swallowed)."""
+    """How a run ended. ``error`` is the exception that failed it (nothing is swallowed).
+
+    ``outputs`` and ``durations_ms`` hold the completed phases (the duration of the attempt
+    that completed). ``attempts`` lists every attempt of every phase that started, failed
+    ones included, and ``wall_ms`` each phase's time from its first attempt's start to its
+    last attempt's end, back-off included. ``duration_ms`` spans the run from its first start,
+    across the processes that worked on it (``segments_ms``: the time in each).
+    """
 
     session_id: str
     execution_id: str
@@ -50,6 +64,10 @@ class RunResult:
     outputs: dict[str, Any] = field(default_factory=dict)
     durations_ms: dict[str, float] = field(default_factory=dict)
     error: BaseException | None = None
+    attempts: dict[str, list[AttemptResult]] = field(default_factory=dict)
+    wall_ms: dict[str, float] = field(default_factory=dict)
+    duration_ms: float = 0.0
+    segments_ms: list[float] = field(default_factory=list)
 
 
 class _Lease:
@@ -112,6 +130,21 @@ class _Lease:
                 return
 
 
+class _Retry:
+    """Decides, when attempt ``tried`` fails, whether another follows and after how long."""
+
+    __slots__ = ("after", "policy", "tried")
+
+    def __init__(self, policy: RetryPolicy, tried: int) -> None:
+        self.policy, self.tried = policy, tried
+        self.after: float | None = None
+
+    def __call__(self, exc: BaseException) -> float | None:
+        retries = self.policy.retries(exc, self.tried)
+        self.after = self.policy.delay(self.tried) if retries else None
+        return self.after
+
+
 def _dead_here(owner: str) -> bool:
     """Whether a lease holder ran on this host in a process that no longer exists."""
     parts = owner.rsplit(":", 2)
@@ -165,12 +198,22 @@ class PluginRunner:
         """The retry policy of phases that have none of their own."""
         return self._retry
 
-    def run(self, session_id: str, input: Any = None, resume: bool = False) -> RunResult:
+    @property
+    def names(self) -> list[str]:
+        """The phases' names, in order."""
+        return [p.name for p in self._phases]
+
+    def run(
+        self, session_id: str, input: Any = None, resume: bool = False, *, fresh: bool = False
+    ) -> RunResult:
         """Run every phase in this thread and return how the run ended.
 
-        ``resume=True`` continues the session's latest unfinished run: completed phases are
-        skipped (their stored outputs fed on), an interrupted phase is recorded as failed and
-        run again, and ``input=None`` means the recorded input. Without an unfinished run it
+        A new run sees the keys earlier runs left in the session (that is what restoring
+        context across executions is for); ``fresh=True`` clears them first (one
+        ``ContextCleared``, in the log). ``resume=True`` continues the session's latest
+        unfinished run: completed phases are skipped (their stored outputs fed on), an
+        interrupted phase is recorded as failed and run again, and ``input=None`` means the
+        recorded input (another input is recorded as the run's). Without an unfinished run it
         starts a new one; a new session is created. Async phases run on one event loop made
         for the run; from async code use ``await run_async()``.
         """
@@ -184,11 +227,11 @@ class PluginRunner:
                 def on_the_runs_loop(coro: Coroutine[Any, Any, Any]) -> Any:
                     return loop.run(coro, context=contextvars.copy_context())
 
-                return self._run(session_id, input, resume, on_the_runs_loop)
+                return self._run(session_id, input, resume, fresh, on_the_runs_loop)
         raise EventCtxError("run() was called inside an event loop: use await run_async()")
 
     async def run_async(
-        self, session_id: str, input: Any = None, resume: bool = False
+        self, session_id: str, input: Any = None, resume: bool = False, *, fresh: bool = False
     ) -> RunResult:
         """``run`` for async callers: the run goes to a worker thread, so its database calls
         and sync phases never block this event loop; async phases run on this loop."""
@@ -197,15 +240,20 @@ class PluginRunner:
         def on_this_loop(coro: Coroutine[Any, Any, Any]) -> Any:
             return asyncio.run_coroutine_threadsafe(coro, loop).result()
 
-        return await asyncio.to_thread(self._run, session_id, input, resume, on_this_loop)
+        return await asyncio.to_thread(self._run, session_id, input, resume, fresh, on_this_loop)
 
     def _run(
-        self, session_id: str, run_input: Any, resume: bool, run_coroutine: RunCoroutine
+        self,
+        session_id: str,
+        run_input: Any,
+        resume: bool,
+        fresh: bool,
+        run_coroutine: RunCoroutine,
     ) -> RunResult:
         ctx = self._manager.get_or_create_context(session_id)
         with _Lease(self._manager.store, session_id, self._lease) as lease:
             ctx.refresh()  # see everything the previous holder of the lease wrote
-            return _Run(self, ctx, lease, run_coroutine).execute(run_input, resume)
+            return _Run(self, ctx, lease, run_coroutine).execute(run_input, resume, fresh)
 
 
 @dataclass(slots=True)
@@ -224,24 +272,17 @@ class _Run:
     def append(self, event: Any) -> None:
         self.writer.append([event], fence=self.lease.fence)
 
-    def execute(self, run_input: Any, resume: bool) -> RunResult:
-        started = time.perf_counter_ns()
+    def execute(self, run_input: Any, resume: bool, fresh: bool) -> RunResult:
         previous_run = self.writer.run()
-        done: dict[str, float] = {}
-        attempts: dict[str, int] = {}
+        done: set[str] = set()
         if resume and previous_run is not None and previous_run.status == "running":
-            execution_id = previous_run.execution_id
-            if run_input is None:
-                run_input = previous_run.input
-            done, attempts = dict(previous_run.completed), dict(previous_run.attempts)
-            if previous_run.open_phase is not None:
-                open_phase = previous_run.open_phase
-                attempt = attempts.get(open_phase, 1)
-                self.append(runlog.phase_interrupted(execution_id, open_phase, attempt))
+            execution_id, done = previous_run.execution_id, set(previous_run.completed)
+            run_input = self._resume(previous_run, run_input)
         else:
             execution_id = uuid.uuid4().hex
-            names = [p.name for p in self.runner.phases]
-            started_event = runlog.run_started(execution_id, run_input, names)
+            if fresh:
+                self.append(runlog.context_cleared())
+            started_event = runlog.run_started(execution_id, run_input, self.runner.names)
             self.append(started_event)
             run_input = started_event.payload["input"]
         result = RunResult(self.ctx.session_id, execution_id, "completed")
@@ -249,17 +290,73 @@ class _Run:
         for phase in self.runner.phases:
             if phase.name in done:
                 result.outputs[phase.name] = self.writer.output(execution_id, phase.name)
-                result.durations_ms[phase.name] = done[phase.name]
             else:
-                error = self._attempts(phase, execution_id, run_input, attempts, previous, result)
+                error = self._attempts(phase, execution_id, run_input, previous, result)
                 if error is not None:
-                    ms = (time.perf_counter_ns() - started) / 1e6
-                    self.append(runlog.run_failed(execution_id, phase.name, error, ms))
+                    total, segments = self._span()
+                    self.append(runlog.run_failed(execution_id, phase.name, error, total, segments))
                     result.status, result.error = "failed", error
-                    return result
+                    return self._timings(result, total, segments)
             previous = phase.name
-        ms = (time.perf_counter_ns() - started) / 1e6
-        self.append(runlog.run_completed(execution_id, ms))
+        total, segments = self._span()
+        self.append(runlog.run_completed(execution_id, total, segments))
+        return self._timings(result, total, segments)
+
+    def _resume(self, run: RunState, run_input: Any) -> Any:
+        """Record that this process takes the run over (with its input, the recorded one
+        unless another is given) and close the attempt the last process left open."""
+        store = self.ctx.writer.store
+        segment_start = int(run.segments[-1][2] or 1) if run.segments else 1
+        last = [
+            e.recorded_at_us
+            for e in store.find(
+                self.ctx.session_id, execution_id=run.execution_id, from_version=segment_start
+            )
+        ]
+        if run_input is None:
+            run_input = run.input
+        self.append(runlog.run_resumed(run.execution_id, run_input, max(last, default=0)))
+        if run.open_phase is not None:
+            phase = run.open_phase
+            own = [
+                e.recorded_at_us
+                for e in store.find(
+                    self.ctx.session_id,
+                    execution_id=run.execution_id,
+                    phase=phase,
+                    from_version=run.open_version,
+                )
+            ]
+            began, ended = min(own, default=0), max(own, default=0)
+            duration = (ended - began) / 1000 if ended > began else None
+            attempt = run.attempts.get(phase, 1)
+            self.append(runlog.phase_interrupted(run.execution_id, phase, attempt, duration))
+        return self.writer.run().input  # type: ignore[union-attr]
+
+    def _span(self) -> tuple[float, list[float]]:
+        """The run's time from its first start to now, and the time in each process."""
+        run = self.writer.run()
+        assert run is not None
+        now = self.ctx.writer.store.clock()
+        segments = [
+            ((end if end is not None else now) - int(start or 0)) / 1000
+            for start, end, *_ in run.segments
+        ]
+        return (now - run.started_us) / 1000, segments
+
+    def _timings(self, result: RunResult, total: float, segments: list[float]) -> RunResult:
+        """Fill the attempts and times of ``result`` from the run as the log records it (the
+        run's own span, ``total`` and ``segments``, as its end event records them)."""
+        run = self.writer.run()
+        assert run is not None
+        result.attempts = attempt_results(run)
+        for phase, tries in run.tries.items():
+            ended = [t["ended_us"] for t in tries if "ended_us" in t]
+            if ended:
+                result.wall_ms[phase] = (max(ended) - tries[0]["started_us"]) / 1000
+            if tries[-1]["status"] == "completed":
+                result.durations_ms[phase] = tries[-1]["duration_ms"]
+        result.duration_ms, result.segments_ms = total, segments
         return result
 
     def _attempts(
@@ -267,7 +364,6 @@ class _Run:
         phase: ContextAwarePhase,
         execution_id: str,
         run_input: Any,
-        attempts: dict[str, int],
         previous: str | None,
         result: RunResult,
     ) -> Exception | None:
@@ -277,10 +373,11 @@ class _Run:
         while True:
             self.lease.check()
             tried += 1
-            attempt = attempts.get(phase.name, 0) + 1
-            attempts[phase.name] = attempt
+            run = self.writer.run()
+            attempt = (run.attempts.get(phase.name, 0) if run is not None else 0) + 1
+            retry = _Retry(policy, tried)
             try:
-                output, duration = phase.attempt(
+                output, _ = phase.attempt(
                     self.ctx,
                     execution_id,
                     run_input,
@@ -289,13 +386,13 @@ class _Run:
                     fence=self.lease.fence,
                     run_coroutine=self.run_coroutine,
                     isolated=self.runner.isolate_attempts,
+                    retry=retry,
                 )
             except Exception as exc:
                 self.lease.check(ask=True)  # a write refused for a lost lease ends the run
-                if not policy.retries(exc, tried):
+                if retry.after is None:
                     return exc
-                time.sleep(policy.delay(tried))
+                time.sleep(retry.after)
                 continue
             result.outputs[phase.name] = output
-            result.durations_ms[phase.name] = duration
             return None

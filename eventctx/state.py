@@ -30,7 +30,7 @@ __all__ = [
     "rolled_back",
 ]
 
-FOLD_VERSION: Final = 5
+FOLD_VERSION: Final = 6
 """Version of the fold rules; bump it when ``advance`` changes meaning."""
 
 
@@ -62,6 +62,16 @@ class RunState:
     """A phase started without an end: its process died (or it is still running)."""
     attempts: dict[str, int] = field(default_factory=dict)
     """The last attempt number of each phase started."""
+    started_us: int = 0
+    """When the run first started."""
+    segments: list[list[int | None]] = field(default_factory=list)
+    """[start µs, end µs, start version] of the run in each process that worked on it (end
+    None while that process is on it)."""
+    open_version: int = 0
+    """The version of the open phase's PhaseStarted."""
+    tries: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    """Each attempt of each phase: attempt, status, started_us, ended_us, duration_ms,
+    lower_bound, error_type, message, retry_after_ms."""
 
     def copy(self) -> RunState:
         """An independent copy."""
@@ -73,6 +83,10 @@ class RunState:
             dict(self.completed),
             self.open_phase,
             dict(self.attempts),
+            self.started_us,
+            [list(segment) for segment in self.segments],
+            self.open_version,
+            {phase: [dict(t) for t in tries] for phase, tries in self.tries.items()},
         )
 
 
@@ -310,6 +324,7 @@ _RUN_EVENTS: Final = frozenset(
     {
         "MetadataSet",
         "RunStarted",
+        "RunResumed",
         "RunCompleted",
         "RunFailed",
         "PhaseStarted",
@@ -326,7 +341,9 @@ def _run_event(state: State, event: RecordedEvent) -> None:
         state.metadata.setdefault(execution_id, {})[event.key or ""] = payload["value"]
         return
     if kind == "RunStarted":
-        state.run = RunState(execution_id, payload["input"], list(payload["phases"]))
+        at = event.recorded_at_us
+        state.run = RunState(execution_id, payload["input"], list(payload["phases"]), started_us=at)
+        state.run.segments.append([at, None, event.version])
         return
     run = state.run if state.run is not None and state.run.execution_id == execution_id else None
     phase = event.phase or ""
@@ -339,13 +356,41 @@ def _run_event(state: State, event: RecordedEvent) -> None:
         _roll_back(state, event)
     if run is None:
         return
+    at = event.recorded_at_us
     if kind == "PhaseStarted":
-        run.open_phase = phase
+        run.open_phase, run.open_version = phase, event.version
         run.attempts[phase] = payload["attempt"]
-    elif kind == "PhaseCompleted":
-        run.completed[phase] = payload["duration_ms"]
+        run.tries.setdefault(phase, []).append(
+            {"attempt": payload["attempt"], "status": "running", "started_us": at}
+        )
+    elif kind in ("PhaseCompleted", "PhaseFailed"):
         run.open_phase = None
-    elif kind == "PhaseFailed":
-        run.open_phase = None
+        tries = run.tries.get(phase)
+        if tries:
+            _ended(tries[-1], event)
+        if kind == "PhaseCompleted":
+            run.completed[phase] = payload["duration_ms"]
+    elif kind == "RunResumed":
+        run.input = payload["input"]
+        if run.segments:
+            run.segments[-1][1] = payload["previous_ended_at_us"]
+        run.segments.append([at, None, event.version])
     else:
         run.status = "completed" if kind == "RunCompleted" else "failed"
+        if run.segments:
+            run.segments[-1][1] = at
+
+
+def _ended(attempt: dict[str, Any], event: RecordedEvent) -> None:
+    """Record how an attempt ended (its PhaseCompleted or PhaseFailed)."""
+    payload = event.payload
+    attempt["ended_us"] = event.recorded_at_us
+    attempt["duration_ms"] = payload["duration_ms"]
+    if event.type == "PhaseCompleted":
+        attempt["status"] = "completed"
+        return
+    interrupted = payload["error_type"] == "interrupted"
+    attempt["status"] = "interrupted" if interrupted else "failed"
+    attempt["lower_bound"] = payload.get("lower_bound", False)
+    attempt["error_type"], attempt["message"] = payload["error_type"], payload["message"]
+    attempt["retry_after_ms"] = payload.get("retry_after_ms")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import eventctx
 
 EXPECTED = {
+    "AttemptResult",
+    "PhaseError",
     "VerifyResult",
     "SessionDiff",
     "Run",

@@ -291,7 +291,7 @@ def test_phase_stats_percentiles_equal_hand_computed_ones(manager: ContextManage
             events.append(runlog.phase_completed(run, "work", attempt, None, ms, set()))
         ctx.writer.append(events)
     ctx.writer.append(
-        [runlog.phase_started(run, "other", 1), runlog.phase_interrupted(run, "other", 1)]
+        [runlog.phase_started(run, "other", 1), runlog.phase_interrupted(run, "other", 1, None)]
     )
     stats = Inspector(manager.store).phase_stats()
     work = stats["work"]

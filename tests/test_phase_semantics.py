@@ -3,7 +3,9 @@ small defects found with them."""
 
 from __future__ import annotations
 
+import random
 import threading
+import time
 import uuid
 from typing import Any
 
@@ -17,8 +19,11 @@ from eventctx import (
     EventStore,
     Inspector,
     NewEvent,
+    PhaseError,
     PluginContext,
     PluginRunner,
+    RecordedEvent,
+    RetryPolicy,
     runlog,
 )
 
@@ -123,3 +128,176 @@ def test_isolation_can_be_turned_off(manager: ContextManager) -> None:
     ctx = manager.create_context("s")
     PluginRunner(manager, [_flaky(1)], retries=1, isolate_attempts=False).run("s")
     assert ctx.to_dict() == {"attempt-1": True, "attempt-2": True, "result": "from attempt 2"}
+
+
+def _events(manager: ContextManager, session_id: str, kind: str) -> list[RecordedEvent]:
+    return [e for e in manager.store.read(session_id) if e.type == kind]
+
+
+def _crashed_run(ctx: PluginContext, *, wrote_after: float | None) -> str:
+    """What a process that died inside phase "build" leaves behind (a write ``wrote_after``
+    seconds into the attempt, or none)."""
+    run = uuid.uuid4().hex
+    ctx.writer.append([runlog.run_started(run, {"v": 1}, ["build"])])
+    ctx.writer.append([runlog.phase_started(run, "build", 1)])
+    if wrote_after is not None:
+        time.sleep(wrote_after)
+        ctx.writer.append(
+            [NewEvent.create("KeySet", {"value": 1}, key="k", phase="build", execution_id=run)]
+        )
+    return run
+
+
+def _build(_: Any) -> str:
+    return "built"
+
+
+def test_an_interrupted_attempt_has_a_lower_bound_duration_or_none(
+    manager: ContextManager,
+) -> None:
+    ctx = manager.create_context("s")
+    _crashed_run(ctx, wrote_after=0.05)
+    PluginRunner(manager, [_build]).run("s", resume=True)
+    interrupted = _events(manager, "s", "PhaseFailed")[0].payload
+    assert interrupted["error_type"] == "interrupted" and interrupted["lower_bound"] is True
+    assert interrupted["duration_ms"] >= 50
+    other = manager.create_context("t")
+    _crashed_run(other, wrote_after=None)
+    PluginRunner(manager, [_build]).run("t", resume=True)
+    unknown = _events(manager, "t", "PhaseFailed")[0].payload
+    assert unknown["duration_ms"] is None and "unknown" in unknown["message"]
+
+
+def test_run_result_attempts_and_wall_times_equal_the_log(manager: ContextManager) -> None:
+    policy = RetryPolicy(attempts=3, backoff=0.03, multiplier=1.0)
+    result = PluginRunner(manager, [_flaky(2), _broken], retries=policy).run("s")
+    assert result.status == "failed"
+    ends = {
+        (e.phase, e.payload["attempt"]): e
+        for e in manager.store.read("s")
+        if e.type in ("PhaseCompleted", "PhaseFailed")
+    }
+    for phase, attempts in result.attempts.items():
+        for a in attempts:
+            end = ends[(phase, a.attempt)]
+            assert a.duration_ms == end.payload["duration_ms"]
+            assert a.status == ("completed" if end.type == "PhaseCompleted" else "failed")
+    assert [a.status for a in result.attempts["build"]] == ["failed", "failed", "completed"]
+    assert [a.status for a in result.attempts["_broken"]] == ["failed"] * 3  # the failed phase
+    starts = [e for e in manager.store.read("s") if e.type == "PhaseStarted"]
+    first_start = min(e.recorded_at_us for e in starts if e.phase == "build")
+    last_end = ends[("build", 3)].recorded_at_us
+    assert result.wall_ms["build"] == (last_end - first_start) / 1000
+    assert result.wall_ms["build"] >= 60  # two back-offs of 30 ms
+    assert result.durations_ms == {"build": ends[("build", 3)].payload["duration_ms"]}
+    failed = _events(manager, "s", "RunFailed")[0].payload
+    assert result.duration_ms == failed["duration_ms"]
+
+
+def _broken(_: Any) -> None:
+    raise ValueError("always")
+
+
+def test_a_resumed_runs_total_spans_both_processes(manager: ContextManager) -> None:
+    ctx = manager.create_context("s")
+    run = _crashed_run(ctx, wrote_after=0.02)
+    time.sleep(0.1)  # the first process is gone for a while
+    result = PluginRunner(manager, [_build]).run("s", resume=True)
+    assert result.execution_id == run
+    completed = _events(manager, "s", "RunCompleted")[0].payload
+    started = _events(manager, "s", "RunStarted")[0].recorded_at_us
+    ended = _events(manager, "s", "RunCompleted")[0].recorded_at_us
+    assert completed["duration_ms"] >= 120
+    assert abs(completed["duration_ms"] - (ended - started) / 1000) < 5
+    first, second = completed["segments_ms"]
+    assert 20 <= first < 100 and second < completed["duration_ms"] - 100
+    assert result.duration_ms == completed["duration_ms"]
+    assert result.segments_ms == completed["segments_ms"]
+
+
+def test_a_resume_with_a_new_input_records_it(manager: ContextManager) -> None:
+    seen: list[Any] = []
+
+    def build(run_input: Any) -> None:
+        seen.append(run_input)
+
+    ctx = manager.create_context("s")
+    _crashed_run(ctx, wrote_after=None)
+    PluginRunner(manager, [build]).run("s", input={"v": 2}, resume=True)
+    assert seen == [{"v": 2}]
+    assert _events(manager, "s", "RunResumed")[0].payload["input"] == {"v": 2}
+    assert Inspector(manager.store).runs("s")[-1].input == {"v": 2}
+
+
+def test_a_new_run_sees_earlier_runs_keys_unless_fresh(manager: ContextManager) -> None:
+    seen: list[dict[str, Any]] = []
+
+    def look(_: Any) -> None:
+        seen.append(eventctx.current_context().to_dict())
+        eventctx.current_context().set("ran", len(seen))
+
+    runner = PluginRunner(manager, [look])
+    runner.run("s")
+    runner.run("s")
+    runner.run("s", fresh=True)
+    assert seen == [{}, {"ran": 1}, {}]
+
+
+def test_retries_honour_marks_predicates_and_delays(manager: ContextManager) -> None:
+    calls: list[str] = []
+
+    def marked(_: Any) -> None:
+        calls.append("marked")
+        raise PhaseError("bad credentials", retryable=False)
+
+    policy = RetryPolicy(attempts=5)
+    assert PluginRunner(manager, [marked], retries=policy).run("a").status == "failed"
+    assert calls == ["marked"]  # not retried
+    failed = _events(manager, "a", "PhaseFailed")[0].payload
+    assert failed["retry"] is False and failed["retry_after_ms"] is None
+
+    def flagged(_: Any) -> None:
+        error = ConnectionError("reset")
+        error.retryable = True  # type: ignore[attr-defined]
+        calls.append("flagged")
+        raise error
+
+    only_value_errors = RetryPolicy(attempts=2, retry_on=(ValueError,))
+    PluginRunner(manager, [flagged], retries=only_value_errors).run("b")
+    assert calls.count("flagged") == 2  # the attribute wins over retry_on
+
+    def transient(_: Any) -> None:
+        calls.append("transient")
+        raise TimeoutError("slow" if len(calls) % 2 else "fatal")
+
+    picky = RetryPolicy(attempts=5, retry_if=lambda exc: str(exc) == "slow", backoff=0.001)
+    PluginRunner(manager, [transient], retries=picky).run("c")
+    tried = [e.payload for e in _events(manager, "c", "PhaseFailed")]
+    assert [p["message"] for p in tried][-1] == "fatal" and tried[-1]["retry"] is False
+    assert all(p["retry"] and p["retry_after_ms"] == pytest.approx(1.0) for p in tried[:-1])
+
+    capped = RetryPolicy(attempts=9, backoff=1.0, multiplier=10.0, max_delay=5.0, jitter=0.2)
+    rng = random.Random(7)
+    for attempt in range(1, 9):
+        base = min(1.0 * 10.0 ** (attempt - 1), 5.0)
+        for _ in range(50):
+            wait = capped.delay(attempt, rng)
+            assert base * 0.8 <= wait <= min(base * 1.2, 5.0)
+
+
+def test_a_later_phase_reads_an_earlier_attempts_error(manager: ContextManager) -> None:
+    errors: list[Any] = []
+
+    def report(_: Any) -> None:
+        errors.append(eventctx.helper().errors())
+
+    PluginRunner(manager, [_flaky(1), report], retries=1).run("s")
+    (found,) = errors
+    assert list(found) == ["build"]
+    (attempt,) = found["build"]
+    assert (attempt.attempt, attempt.error_type, attempt.message) == (
+        1,
+        "ConnectionError",
+        "attempt 1 failed",
+    )
+    assert attempt.retry_after_ms == 0.0
