@@ -5,7 +5,7 @@ the events on top of the latest snapshot. See README.md and docs/ for the tour.
 """
 
 from eventctx.compaction import CompactionReport
-from eventctx.context import PluginContext, current_context, use_context
+from eventctx.context import KeyInfo, PluginContext, current_context, use_context
 from eventctx.errors import (
     ConcurrencyError,
     ContextKeyError,
@@ -62,6 +62,7 @@ __all__ = [
     "Inspector",
     "IntegrityError",
     "InvalidInputError",
+    "KeyInfo",
     "KeyRead",
     "KeyWrite",
     "NewEvent",

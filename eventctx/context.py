@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, suppress
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any, Final, TypeVar
 
 import orjson
@@ -29,13 +30,14 @@ from eventctx.errors import (
     SessionExpiredError,
     SessionNotFoundError,
 )
-from eventctx.events import NewEvent, RecordedEvent
+from eventctx.events import NewEvent, RecordedEvent, from_us
 from eventctx.snapshots import SnapshotPolicy, restore
 from eventctx.state import RunState, State, advance
 from eventctx.store import EventStore, Fence, Head, SessionHead
 from eventctx.store.heads import expired_at
 
 __all__ = [
+    "KeyInfo",
     "Limits",
     "PhaseScope",
     "PluginContext",
@@ -48,6 +50,14 @@ __all__ = [
 M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
 _MISSING: Final = object()
+
+
+class _Same:
+    def __repr__(self) -> str:
+        return "<this session's ttl>"
+
+
+_SAME: Final = _Same()
 _CONTAINERS: Final = (dict, list)
 
 
@@ -101,6 +111,8 @@ class Runtime:
     gate: Gate
     limits: Limits
     snapshot_every: int
+    create: Callable[[list[NewEvent], str], PluginContext]
+    """Appends a new session's first events and hands out its context (the manager's)."""
 
 
 @dataclass(slots=True)
@@ -253,6 +265,27 @@ class PluginContext:
         with self._lock:
             return orjson.dumps(self._read_all(), option=orjson.OPT_SORT_KEYS)
 
+    def info(self, key: str) -> KeyInfo:
+        """What the log says of ``key``: when it was created and last updated, who wrote it
+        last (phase, execution, attempt), at which version, and its JSON type. Derived from
+        the fold: no read of the database, no write."""
+        self._lookup(key)
+        with self._lock:
+            value = self._state.data.get(key, _MISSING)
+            written = self._state.provenance.get(key)
+        if value is _MISSING or written is None:
+            raise ContextKeyError(f"key {key!r} is not in session {self._session_id!r}")
+        return KeyInfo(
+            key,
+            from_us(written.created_us),
+            from_us(written.recorded_at_us),
+            written.phase,
+            written.execution_id,
+            written.attempt,
+            written.version,
+            _json_type(value),
+        )
+
     def _typed(self, key: str, default: Any, kinds: tuple[type, ...], name: str) -> Any:
         value = self._lookup(key)
         if value is _MISSING:
@@ -370,6 +403,38 @@ class PluginContext:
     def clear(self) -> None:
         """Remove every key (one event)."""
         self._write([NewEvent.create("ContextCleared", **_envelope(self._session_id))])
+
+    def from_json(self, data: bytes | str) -> None:
+        """Replace the whole context by the JSON object ``data`` (what ``to_json`` gives), in
+        one transaction: a ContextCleared, then one KeySet per key."""
+        try:
+            values = orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidInputError(f"from_json needs a JSON object: {exc}") from None
+        if type(values) is not dict:
+            raise InvalidInputError(f"from_json needs a JSON object, not {type(values).__name__}")
+        events = [NewEvent.create("ContextCleared", **_envelope(self._session_id))]
+        events += [self._key_set(key, value) for key, value in values.items()]
+        self._write(events)
+
+    def clone(self, session_id: str, ttl: timedelta | _Same | None = _SAME) -> PluginContext:
+        """A new session starting from this context's data (not its runs' outputs or
+        metadata), its first event naming this session and version as its parent. Writing to
+        either never affects the other. ``ttl`` defaults to this session's."""
+        runtime = self._runtime
+        with runtime.gate:
+            with self._lock:
+                self._usable()
+                state = self._state
+                ttl_ms = state.ttl_ms if isinstance(ttl, _Same) else _ttl_ms(ttl)
+                parent = {"session_id": self._session_id, "version": state.version}
+                data = dict(state.data)
+            created = NewEvent.create("ContextCreated", {"ttl_ms": ttl_ms, "parent": parent})
+            events = [
+                created,
+                *(NewEvent.create("KeySet", {"value": v}, key=k) for k, v in data.items()),
+            ]
+            return runtime.create(events, session_id)
 
     def refresh(self) -> None:
         """Catch up with writes other processes appended since this object last saw the log."""
@@ -574,6 +639,44 @@ class SessionWriter:
     def close(self, reason: str, *, expired: bool = False) -> None:
         """Mark the session gone: every later call on the context raises with ``reason``."""
         self._ctx._forget(reason, expired)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyInfo:
+    """Metadata of one key, derived from the log."""
+
+    key: str
+    created_at: datetime
+    """When the key was last set while absent (its current life began)."""
+    updated_at: datetime
+    phase: str | None
+    execution_id: str | None
+    attempt: int | None
+    version: int
+    json_type: str  # "null" | "boolean" | "integer" | "number" | "string" | "array" | "object"
+
+
+_JSON_TYPES: Final = {
+    type(None): "null",
+    bool: "boolean",
+    int: "integer",
+    float: "number",
+    str: "string",
+    list: "array",
+    dict: "object",
+}
+
+
+def _json_type(value: Any) -> str:
+    return _JSON_TYPES.get(type(value), "object")
+
+
+def _ttl_ms(ttl: timedelta | None) -> int | None:
+    if ttl is None:
+        return None
+    if not isinstance(ttl, timedelta) or ttl <= timedelta(0):
+        raise InvalidInputError(f"ttl must be a positive timedelta or None, not {ttl!r}")
+    return max(1, int(ttl / timedelta(milliseconds=1)))
 
 
 def _envelope(session_id: str) -> dict[str, Any]:

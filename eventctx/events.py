@@ -47,9 +47,11 @@ class _Payload(BaseModel):
 
 
 class ContextCreated(_Payload):
-    """A session starts (or starts again after a delete); ``ttl_ms`` None means never expires."""
+    """A session starts (or starts again after a delete); ``ttl_ms`` None means never expires.
+    A clone names the session and version it was cloned from (``parent``)."""
 
     ttl_ms: int | None = None
+    parent: dict[str, JsonValue] | None = None
 
 
 class KeySet(_Payload):

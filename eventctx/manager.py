@@ -13,7 +13,7 @@ from typing import Final
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from eventctx.compaction import CompactionReport, compact
-from eventctx.context import Gate, Limits, PluginContext, Runtime
+from eventctx.context import Gate, Limits, PluginContext, Runtime, _ttl_ms
 from eventctx.errors import (
     InvalidInputError,
     SessionExistsError,
@@ -50,14 +50,6 @@ class SessionInfo:
     expires_at: datetime | None
 
 
-def _ttl_ms(ttl: timedelta | None) -> int | None:
-    if ttl is None:
-        return None
-    if not isinstance(ttl, timedelta) or ttl <= timedelta(0):
-        raise InvalidInputError(f"ttl must be a positive timedelta or None, not {ttl!r}")
-    return max(1, int(ttl / timedelta(milliseconds=1)))
-
-
 class ContextManager:
     """Hands out one PluginContext per session and owns their lifecycle.
 
@@ -92,7 +84,7 @@ class ContextManager:
         if not isinstance(store, EventStore):
             store = EventStore.open(store or os.environ.get("EVENTCTX_URL") or DEFAULT_URL)
         self._runtime = Runtime(
-            store, Gate(), Limits(max_key_length, max_value_bytes), snapshot_every
+            store, Gate(), Limits(max_key_length, max_value_bytes), snapshot_every, self._create
         )
         self._contexts: dict[str, PluginContext] = {}
         self._lock = threading.Lock()
@@ -150,19 +142,23 @@ class ContextManager:
     ) -> PluginContext:
         """Create a session (SessionExistsError if it is live); a deleted id may be reused."""
         ttl_ms = self._ttl_ms if isinstance(ttl, _Default) else _ttl_ms(ttl)
-        runtime = self._runtime
-        with runtime.gate:
+        with self._runtime.gate:
             created = NewEvent.create("ContextCreated", {"ttl_ms": ttl_ms})
-            recorded = runtime.store.append(session_id, [created])
-            ctx = PluginContext(
-                runtime, session_id, fold(recorded), SnapshotPolicy(runtime.snapshot_every)
-            )
-            with self._lock:
-                old = self._contexts.get(session_id)
-                if old is not None:
-                    old.writer.close(f"session {session_id!r} was deleted and created again")
-                self._contexts[session_id] = ctx
-            return ctx
+            return self._create([created], session_id)
+
+    def _create(self, events: list[NewEvent], session_id: str) -> PluginContext:
+        """Append ``events`` (a ContextCreated first) and hand out the new session's context."""
+        runtime = self._runtime
+        recorded = runtime.store.append(session_id, events)
+        ctx = PluginContext(
+            runtime, session_id, fold(recorded), SnapshotPolicy(runtime.snapshot_every)
+        )
+        with self._lock:
+            old = self._contexts.get(session_id)
+            if old is not None:
+                old.writer.close(f"session {session_id!r} was deleted and created again")
+            self._contexts[session_id] = ctx
+        return ctx
 
     def get_context(self, session_id: str) -> PluginContext:
         """The session's context, restored from the store if this manager hasn't got it yet.

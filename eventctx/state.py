@@ -30,7 +30,7 @@ __all__ = [
     "rolled_back",
 ]
 
-FOLD_VERSION: Final = 6
+FOLD_VERSION: Final = 7
 """Version of the fold rules; bump it when ``advance`` changes meaning."""
 
 
@@ -46,6 +46,8 @@ class Provenance(NamedTuple):
     """The attempt of the phase that wrote it (None outside a phase of the session's run)."""
     prior: int | None = None
     """The version of the key's write before this one (None: the key's first)."""
+    created_us: int = 0
+    """When the key was last set while absent: the start of its current life."""
 
 
 @dataclass(slots=True)
@@ -219,6 +221,7 @@ def advance(state: State, events: Iterable[RecordedEvent]) -> None:
                         op,
                         attempts.get((run_id, phase)) if phase else None,
                         None if last is None else last[2],
+                        last[7] if last is not None and last[4] == "set" else when,
                     ),
                 )
             elif kind == "ContextCleared":
@@ -237,6 +240,7 @@ def advance(state: State, events: Iterable[RecordedEvent]) -> None:
                             "delete",
                             attempt,
                             None if last is None else last[2],
+                            when,
                         ),
                     )
                 data.clear()

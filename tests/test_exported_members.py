@@ -5,6 +5,7 @@ from __future__ import annotations
 import eventctx
 
 EXPECTED = {
+    "KeyInfo",
     "AttemptResult",
     "PhaseError",
     "VerifyResult",

@@ -7,6 +7,7 @@ import random
 import threading
 import time
 import uuid
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -14,16 +15,19 @@ import sqlalchemy as sa
 
 import eventctx
 from eventctx import (
+    ContextKeyError,
     ContextManager,
     ContextTypeError,
     EventStore,
     Inspector,
+    InvalidInputError,
     NewEvent,
     PhaseError,
     PluginContext,
     PluginRunner,
     RecordedEvent,
     RetryPolicy,
+    SessionExistsError,
     runlog,
 )
 
@@ -301,3 +305,73 @@ def test_a_later_phase_reads_an_earlier_attempts_error(manager: ContextManager) 
         "attempt 1 failed",
     )
     assert attempt.retry_after_ms == 0.0
+
+
+def test_clone_continues_independently_and_names_its_parent(manager: ContextManager) -> None:
+    ctx = manager.create_context("s", ttl=timedelta(hours=2))
+    ctx.update({"a": 1, "b": [2]})
+    copy = ctx.clone("s-copy")
+    assert copy.to_dict() == {"a": 1, "b": [2]} and manager.get_context("s-copy") is copy
+    copy.set("a", 10)
+    ctx.set("c", 3)
+    assert ctx.to_dict() == {"a": 1, "b": [2], "c": 3}
+    assert copy.to_dict() == {"a": 10, "b": [2]}
+    created = next(iter(manager.store.read("s-copy")))
+    assert created.payload["parent"] == {"session_id": "s", "version": 3}
+    assert created.payload["ttl_ms"] == 2 * 3600 * 1000  # this session's ttl by default
+    assert manager.store.verify("s-copy") == 4
+    with pytest.raises(SessionExistsError):
+        ctx.clone("s-copy")
+
+
+def test_info_equals_what_the_log_says(manager: ContextManager) -> None:
+    ctx = manager.create_context("s")
+    ctx.set("k", 1)
+    time.sleep(0.002)
+
+    def touch(_: Any) -> None:
+        eventctx.current_context().set("k", {"now": "a dict"})
+
+    run = PluginRunner(manager, [touch]).run("s")
+    info = ctx.info("k")
+    sets = [e for e in manager.store.read("s") if e.key == "k"]
+    assert info.created_at == sets[0].recorded_at
+    assert info.updated_at == sets[-1].recorded_at and info.version == sets[-1].version
+    assert (info.phase, info.execution_id, info.attempt) == ("touch", run.execution_id, 1)
+    assert info.json_type == "object"
+    ctx.delete("k")
+    ctx.set("k", "again")
+    again = ctx.info("k")
+    assert again.created_at == again.updated_at  # a new life after the delete
+    assert (again.phase, again.json_type) == (None, "string")
+    with pytest.raises(ContextKeyError):
+        ctx.info("missing")
+
+
+def test_to_json_and_from_json_round_trip(manager: ContextManager) -> None:
+    source = manager.create_context("a")
+    source.update({"x": [1, {"y": None}], "ü": 1.5, "flag": True})
+    target = manager.create_context("b")
+    target.set("stale", 1)
+    target.from_json(source.to_json())
+    assert target.to_dict() == source.to_dict()
+    assert target.to_json() == source.to_json()
+    version = target.version
+    with pytest.raises(InvalidInputError, match="JSON object"):
+        target.from_json(b"[1, 2]")
+    with pytest.raises(InvalidInputError, match="JSON object"):
+        target.from_json("{not json")
+    assert target.version == version
+
+
+def test_phase_metadata_is_kept_apart_from_context_keys(manager: ContextManager) -> None:
+    def tag(_: Any) -> None:
+        eventctx.helper().set_metadata("language", "go")
+        eventctx.current_context().set("files", 3)
+
+    PluginRunner(manager, [tag]).run("s")
+    ctx = manager.get_context("s")
+    assert ctx.keys() == ["files"] and "language" not in ctx
+    assert set(Inspector(manager.store).blame("s")) == {"files"}
+    with pytest.raises(ContextKeyError):
+        Inspector(manager.store).key_history("s", "language")
