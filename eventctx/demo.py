@@ -131,7 +131,8 @@ def _timeline(events: list[RecordedEvent], out: Callable[[str], None]) -> None:
             status = "interrupted" if status == "interrupted" else f"failed ({status})"
         else:
             continue
-        duration = f"{e.payload['duration_ms']:.1f} ms" if status != "interrupted" else "-"
+        ms = e.payload["duration_ms"]
+        duration = "-" if ms is None else f"{'≥' if status == 'interrupted' else ''}{ms:.1f} ms"
         out(f"  {e.phase:<10} {e.payload['attempt']:>7}  {status:<12} {duration:>10}  {detail}")
     out("")
 

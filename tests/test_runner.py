@@ -280,8 +280,13 @@ def test_sigkill_in_phase_two_then_resume(manager: ContextManager, db_url: str) 
     ]
     interrupted = next(e for e in log(manager, "crash") if e.type == "PhaseFailed")
     assert interrupted.payload["error_type"] == "interrupted"
+    assert interrupted.payload["lower_bound"] and interrupted.payload["duration_ms"] > 0
     runs = {e.execution_id for e in log(manager, "crash") if e.execution_id}
     assert runs == {result.execution_id}  # the same run, continued
+    completed = next(e for e in log(manager, "crash") if e.type == "RunCompleted").payload
+    assert len(completed["segments_ms"]) == 2  # the killed process, then this one
+    assert completed["duration_ms"] >= sum(completed["segments_ms"])
+    assert result.duration_ms == completed["duration_ms"]
     assert manager.get_context("crash").get("plan") == ["lint", "test"]
     assert manager.store.verify("crash") == len(log(manager, "crash"))
 
