@@ -305,30 +305,28 @@ class _Run:
     def _resume(self, run: RunState, run_input: Any) -> Any:
         """Record that this process takes the run over (with its input, the recorded one
         unless another is given) and close the attempt the last process left open."""
-        store = self.ctx.writer.store
+        store, session_id = self.ctx.writer.store, self.ctx.session_id
         segment_start = int(run.segments[-1][2] or 1) if run.segments else 1
-        last = [
-            e.recorded_at_us
-            for e in store.find(
-                self.ctx.session_id, execution_id=run.execution_id, from_version=segment_start
-            )
-        ]
+        this_segment = store.find(
+            session_id, execution_id=run.execution_id, from_version=segment_start
+        )
+        last_seen = max((e.recorded_at_us for e in this_segment), default=0)
         if run_input is None:
             run_input = run.input
-        self.append(runlog.run_resumed(run.execution_id, run_input, max(last, default=0)))
+        self.append(runlog.run_resumed(run.execution_id, run_input, last_seen))
         if run.open_phase is not None:
             phase = run.open_phase
-            own = [
+            times = [  # in version order, so never decreasing
                 e.recorded_at_us
                 for e in store.find(
-                    self.ctx.session_id,
+                    session_id,
                     execution_id=run.execution_id,
                     phase=phase,
                     from_version=run.open_version,
                 )
             ]
-            began, ended = min(own, default=0), max(own, default=0)
-            duration = (ended - began) / 1000 if ended > began else None
+            span = times[-1] - times[0] if times else 0
+            duration = span / 1000 if span > 0 else None
             attempt = run.attempts.get(phase, 1)
             self.append(runlog.phase_interrupted(run.execution_id, phase, attempt, duration))
         return self.writer.run().input  # type: ignore[union-attr]
