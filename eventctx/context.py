@@ -21,6 +21,7 @@ from typing import Any, Final, TypeVar
 import orjson
 from pydantic import BaseModel, ValidationError
 
+from eventctx.clock import check_count, check_duration
 from eventctx.errors import (
     ContextKeyError,
     ContextTypeError,
@@ -34,7 +35,7 @@ from eventctx.events import NewEvent, RecordedEvent, from_us
 from eventctx.snapshots import SnapshotPolicy, restore
 from eventctx.state import RunState, State, advance
 from eventctx.store import EventStore, Fence, Head, SessionHead
-from eventctx.store.heads import expired_at
+from eventctx.store.heads import check_text, expired_at
 
 __all__ = [
     "KeyInfo",
@@ -359,7 +360,7 @@ class PluginContext:
                 f"context keys are 1 to {limit} characters (got {len(key)}); "
                 "raise ContextManager(max_key_length=…) for longer ones"
             )
-        return key
+        return check_text(key, "context key")
 
     def _key_set(self, key: object, value: Any) -> NewEvent:
         event = NewEvent.create(
@@ -383,6 +384,10 @@ class PluginContext:
     def update(self, values: Mapping[str, Any], expected_version: int | None = None) -> None:
         """Store every item in one transaction; with ``expected_version``, only if the session's
         head is still there (else ConcurrencyError and nothing is written)."""
+        if not isinstance(values, Mapping):
+            raise InvalidInputError(f"update takes a mapping of keys to values, not {values!r}")
+        if expected_version is not None:
+            check_count(expected_version, "expected_version", minimum=0)
         events = [self._key_set(key, value) for key, value in values.items()]
         if events:
             self._write(events, expected_version)
@@ -672,11 +677,10 @@ def _json_type(value: Any) -> str:
 
 
 def _ttl_ms(ttl: timedelta | None) -> int | None:
+    """A session's ttl in ms (None: for ever), checked: at most ``clock.MAX_DURATION``."""
     if ttl is None:
         return None
-    if not isinstance(ttl, timedelta) or ttl <= timedelta(0):
-        raise InvalidInputError(f"ttl must be a positive timedelta or None, not {ttl!r}")
-    return max(1, int(ttl / timedelta(milliseconds=1)))
+    return max(1, int(check_duration(ttl, "ttl") / timedelta(milliseconds=1)))
 
 
 def _envelope(session_id: str) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from itertools import repeat
 from typing import Any, Final, NamedTuple
 
 import orjson
@@ -21,6 +22,7 @@ from eventctx.errors import SerializationError
 __all__ = [
     "EVENT_MODELS",
     "GENESIS_HASH",
+    "MAX_DEPTH",
     "NewEvent",
     "RecordedEvent",
     "chain_hash",
@@ -33,6 +35,9 @@ __all__ = [
 
 INT_MIN: Final = -(2**63)
 INT_MAX: Final = 2**63 - 1
+MAX_DEPTH: Final = 128
+"""How deeply values may nest (lists and dicts): deeper ones are refused before anything is
+written, so that every state holding them can be encoded as a snapshot."""
 GENESIS_HASH: Final = bytes(32)
 """The ``prev_hash`` of a session's first event."""
 
@@ -176,15 +181,17 @@ EVENT_MODELS: Final[dict[str, type[_Payload]]] = {
 def check_value(value: Any, key: str) -> None:
     """Raise SerializationError unless ``value`` is JSON as eventctx defines it.
 
-    Allowed: None, bool, 64-bit int, finite float, str, lists and tuples, dicts with str keys,
-    and pydantic models. The error names the key, the offending path and why.
+    Allowed: None, bool, 64-bit int, finite float, str (valid unicode: no lone surrogates),
+    lists and tuples, dicts with str keys, and pydantic models, nested at most ``MAX_DEPTH``
+    levels. The error names the key, the offending path and why.
     """
-    if not _valid(value):
-        raise _explain(value, key, "") or _refuse(key, "", "the value is not JSON")
+    if not _valid(value, 0):
+        raise _explain(value, key, "", 0) or _refuse(key, "", "the value is not JSON")
 
 
-def _valid(value: Any) -> bool:
-    """The fast check: no allocation, no messages (``_explain`` finds out why)."""
+def _valid(value: Any, depth: int) -> bool:
+    """The fast check: no allocation, no messages (``_explain`` finds out why). Strings are
+    checked for lone surrogates when they are encoded."""
     kind = type(value)
     if kind is str or kind is bool or value is None:
         return True
@@ -192,18 +199,22 @@ def _valid(value: Any) -> bool:
         return bool(INT_MIN <= value <= INT_MAX)
     if kind is float:
         return bool(value - value == 0.0)  # false for NaN and ±Inf
+    if depth >= MAX_DEPTH:
+        return False
     if kind is dict:
-        return all(type(k) is str and _valid(v) for k, v in value.items())
+        return all(type(k) is str and _valid(v, depth + 1) for k, v in value.items())
     if kind is list or kind is tuple:
-        return all(map(_valid, value))
+        return all(map(_valid, value, repeat(depth + 1)))
     if isinstance(value, BaseModel):
-        return _valid(value.model_dump(mode="json"))
+        return _valid(value.model_dump(mode="json"), depth)
     return False
 
 
-def _explain(value: Any, key: str, path: str) -> SerializationError | None:
+def _explain(value: Any, key: str, path: str, depth: int) -> SerializationError | None:
     """The error for the first part of ``value`` that breaks the rules, or None."""
     kind = type(value)
+    if kind in (dict, list, tuple) and depth >= MAX_DEPTH:
+        return _refuse(key, path, f"it nests deeper than {MAX_DEPTH} levels")
     if kind is int and not INT_MIN <= value <= INT_MAX:
         return _refuse(key, path, f"int {value} is outside the signed 64-bit range")
     if kind is float and not math.isfinite(value):
@@ -212,18 +223,18 @@ def _explain(value: Any, key: str, path: str) -> SerializationError | None:
         for k, v in value.items():
             if type(k) is not str:
                 return _refuse(key, path, f"dict key {k!r} is a {type(k).__name__}, not a str")
-            found = _explain(v, key, f"{path}[{k!r}]")
+            found = _explain(v, key, f"{path}[{k!r}]", depth + 1)
             if found:
                 return found
         return None
     if kind is list or kind is tuple:
         for i, v in enumerate(value):
-            found = _explain(v, key, f"{path}[{i}]")
+            found = _explain(v, key, f"{path}[{i}]", depth + 1)
             if found:
                 return found
         return None
     if isinstance(value, BaseModel):
-        return _explain(value.model_dump(mode="json"), key, path)
+        return _explain(value.model_dump(mode="json"), key, path, depth)
     if kind in (str, bool, int, float, type(None)):
         return None
     return _refuse(
@@ -316,7 +327,12 @@ class NewEvent:
         payload = payload or {}
         for name, value in payload.items():
             check_value(value, key if key is not None else name)
-        data = encode_payload(payload)
+        try:
+            data = encode_payload(payload)
+        except orjson.JSONEncodeError as exc:  # a str with a lone surrogate is not unicode text
+            raise SerializationError(
+                f"cannot store value for key {key if key is not None else '?'!r}: {exc}"
+            ) from None
         # Decoding the bytes gives the payload as stored: plain JSON, and an independent copy.
         return cls(type_, orjson.loads(data), data, key, phase, execution_id)
 

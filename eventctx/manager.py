@@ -12,6 +12,7 @@ from typing import Final
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from eventctx.clock import check_count, check_duration
 from eventctx.compaction import CompactionReport, compact
 from eventctx.context import Gate, Limits, PluginContext, Runtime, _ttl_ms
 from eventctx.errors import (
@@ -71,15 +72,18 @@ class ContextManager:
         max_value_bytes: int = 16 * 1024 * 1024,
     ) -> None:
         """Open (or adopt) the store; a store opened here from a URL is closed by ``stop()``."""
-        if snapshot_every < 1:
-            raise InvalidInputError(f"snapshot_every must be at least 1, not {snapshot_every}")
+        check_count(snapshot_every, "snapshot_every")
+        check_count(max_key_length, "max_key_length")
+        check_count(max_value_bytes, "max_value_bytes")
         self._ttl_ms = _ttl_ms(ttl)
-        if cleanup_interval is not None and cleanup_interval <= timedelta(0):
-            raise InvalidInputError(
-                f"cleanup_interval must be positive or None, not {cleanup_interval}"
-            )
+        if cleanup_interval is not None:
+            check_duration(cleanup_interval, "cleanup_interval")
         self._cleanup_interval = cleanup_interval
         self._scheduler: BackgroundScheduler | None = None
+        if store is not None and not isinstance(store, (EventStore, str)):
+            raise InvalidInputError(
+                f"store must be an EventStore, a database URL or None, not {store!r}"
+            )
         self._owns_store = not isinstance(store, EventStore)
         if not isinstance(store, EventStore):
             store = EventStore.open(store or os.environ.get("EVENTCTX_URL") or DEFAULT_URL)

@@ -29,6 +29,7 @@ from eventctx.context import (
 from eventctx.errors import EventCtxError, InvalidInputError
 from eventctx.state import RunState
 from eventctx.store import Fence
+from eventctx.store.heads import check_text
 
 __all__ = [
     "AttemptResult",
@@ -155,7 +156,7 @@ class ContextAwarePhase:
         found = name or getattr(phase, "name", None) or getattr(phase, "__name__", None)
         if not found or not isinstance(found, str):
             raise InvalidInputError(f"phase {phase!r} has no name: give it .name or name=")
-        self.name: str = found
+        self.name: str = check_text(found, "phase name")
         self.retry = None if retry is None else RetryPolicy.of(retry)
 
     def __repr__(self) -> str:

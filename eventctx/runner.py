@@ -28,6 +28,7 @@ from datetime import timedelta
 from typing import Any
 
 from eventctx import runlog
+from eventctx.clock import check_duration
 from eventctx.context import PluginContext, SessionWriter
 from eventctx.errors import EventCtxError, RunInProgressError
 from eventctx.manager import ContextManager
@@ -184,7 +185,9 @@ class PluginRunner:
         self._manager = manager
         self._phases = wrap_phases_with_context(phases)
         self._retry = RetryPolicy.of(retries)
-        self._lease = lease
+        self._lease = check_duration(
+            lease, "lease", minimum=timedelta(milliseconds=99), maximum=timedelta(days=1)
+        )
         self.isolate_attempts = isolate_attempts
         """Whether a failed attempt's writes are rolled back (they stay in the log)."""
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Final
 
-from eventctx.errors import EventCtxError, IntegrityError
+from eventctx.errors import IntegrityError
 from eventctx.state import FOLD_VERSION, State, advance, decode_state
 from eventctx.store import EventStore
 from eventctx.store.log import EventLog
@@ -46,10 +46,10 @@ class SnapshotPolicy:
             return
         if self.bytes_since < MIN_BYTES and self.events_since < self.every:
             return
-        encoded = state.encode()
         try:
+            encoded = state.encode()
             store.save_snapshot(session_id, state.version, FOLD_VERSION, state.head_hash, encoded)
-        except EventCtxError as exc:
+        except Exception as exc:  # a cache: its failure never fails the write that committed
             log.warning(
                 "snapshot of %r at version %d not saved: %s", session_id, state.version, exc
             )

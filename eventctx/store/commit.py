@@ -134,6 +134,7 @@ class GroupCommitter:
             conn.close()
 
     def _commit(self, batch: list[AppendRequest]) -> None:
+        committing = False
         try:
             with self._dialect.translate_errors():
                 if self._conn is None:  # the pool's connection, kept; its driver's used directly
@@ -153,15 +154,23 @@ class GroupCommitter:
                     ]
                     if staged:
                         self._insert_staged(cur, staged)
+                    committing = True
                     conn.commit()
                     self._remember(written)
                 except BaseException:
                     self._rollback(conn)
                     raise
         except BaseException as exc:  # a driver error: nothing of the group was committed
-            for request in batch:
-                if not request.alone:
-                    request.result, request.error = None, request.error or _own_copy(exc)
+            members = [r for r in batch if not r.alone and r.error is None]
+            retry_alone = not committing and len(members) > 1 and isinstance(exc, Exception)
+            for request in members:
+                request.result = None
+                if retry_alone:
+                    # One member's bad row may have failed them all: each appends alone, so
+                    # it fails (or not) on its own and harms no other.
+                    request.alone = True
+                else:
+                    request.error = _own_copy(exc)
             return
         for request in batch:  # in commit order, before anyone is woken
             if request.result is not None and request.inbox is not None:

@@ -17,7 +17,7 @@ import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import URL, Engine
 
-from eventctx.clock import Clock, now_us
+from eventctx.clock import Clock, check_duration, now_us
 from eventctx.errors import IntegrityError, InvalidInputError, SessionNotFoundError
 from eventctx.events import GENESIS_HASH, NewEvent, RecordedEvent, chain_hash, from_us
 from eventctx.store import append as append_protocol
@@ -117,6 +117,7 @@ class EventStore:
     ) -> EventStore:
         if synchronous not in ("NORMAL", "FULL"):
             raise InvalidInputError(f"synchronous must be 'NORMAL' or 'FULL', not {synchronous!r}")
+        check_duration(busy_timeout, "busy_timeout", maximum=timedelta(days=1))
         options = StoreOptions(synchronous, busy_timeout.total_seconds())
         if isinstance(target, Engine):
             dialect = for_url(target.url)

@@ -27,6 +27,7 @@ __all__ = [
     "SessionHead",
     "alive_at",
     "check_session_id",
+    "check_text",
     "expired_at",
 ]
 
@@ -134,18 +135,25 @@ class SessionHead:
         return None if ttl is None else self.last_activity + ttl
 
 
+def check_text(text: str, what: str) -> str:
+    """``text`` if every database can store it (no NUL, valid unicode), else InvalidInputError."""
+    if "\x00" in text:
+        raise InvalidInputError(f"{what} {text!r} contains NUL, which a database cannot store")
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidInputError(f"{what} {text!r} is not valid unicode text: {exc}") from None
+    return text
+
+
 def check_session_id(session_id: object) -> str:
     """Return ``session_id`` if it is a valid id, else raise InvalidInputError."""
     if type(session_id) is not str:
         raise InvalidInputError(f"session id must be a str, not {type(session_id).__name__}")
-    if not session_id or len(session_id) > schema.MAX_SESSION_ID or "\x00" in session_id:
+    if not session_id or len(session_id) > schema.MAX_SESSION_ID:
         raise InvalidInputError(
             f"session id must be 1 to {schema.MAX_SESSION_ID} characters without NUL "
             f"(got {len(session_id)} characters)"
         )
-    if not session_id.isascii():
-        try:
-            session_id.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise InvalidInputError(f"session id is not valid unicode text: {exc}") from None
-    return session_id
+    return check_text(session_id, "session id")

@@ -1,0 +1,143 @@
+"""No input of one caller breaks another's writes or the store: bad keys and strings, deep
+values, huge durations and wrong argument types are refused up front with precise errors."""
+
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from eventctx import (
+    ConcurrencyError,
+    ContextManager,
+    EventStore,
+    InvalidInputError,
+    NewEvent,
+    PluginRunner,
+    SerializationError,
+)
+from eventctx.events import MAX_DEPTH
+from eventctx.store.commit import AppendRequest
+
+BAD_KEYS = ["bad\ud800key", "nul\x00key"]
+
+
+@pytest.mark.parametrize("key", BAD_KEYS)
+def test_a_bad_key_is_refused_and_harms_no_other_writer(manager: ContextManager, key: str) -> None:
+    bad = manager.create_context("bad")
+    good = [manager.create_context(f"good-{n}") for n in range(4)]
+    errors: list[Exception] = []
+    done = threading.Barrier(len(good) + 1)
+
+    def write_good(ctx: Any) -> None:
+        done.wait()
+        for i in range(40):
+            ctx.set(f"k{i}", i)
+
+    def write_bad() -> None:
+        done.wait()
+        for _ in range(40):
+            try:
+                bad.set(key, 1)
+            except InvalidInputError as exc:
+                errors.append(exc)
+
+    threads = [threading.Thread(target=write_good, args=(c,)) for c in good]
+    threads.append(threading.Thread(target=write_bad))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(errors) == 40 and bad.version == 1
+    for ctx in good:
+        assert len(ctx) == 40 and ctx.version == 41
+
+
+def test_strings_that_are_not_unicode_are_refused(manager: ContextManager) -> None:
+    ctx = manager.create_context("s")
+    with pytest.raises(SerializationError, match="surrogates"):
+        ctx.set("k", "bad\ud800value")
+    with pytest.raises(SerializationError, match="surrogates"):
+        ctx.set("k", {"bad\ud800": 1})
+    with pytest.raises(InvalidInputError, match="NUL"):
+        PluginRunner(manager, [lambda _: None]).phases[0].__class__(lambda _: None, name="a\x00")
+    ctx.set("k", "nul\x00in a value is fine")  # escaped in the JSON payload
+    assert ctx.get("k") == "nul\x00in a value is fine" and ctx.version == 2
+
+
+def test_a_group_member_whose_row_fails_fails_alone(db_url: str) -> None:
+    """A row the database itself refuses, inside a shared group transaction, fails only its
+    own append: the others are appended again alone, each in its own transaction."""
+    with EventStore.open(db_url) as store:
+        for sid in ("a", "b"):
+            store.append(sid, [NewEvent.create("ContextCreated")])
+        with store.engine.begin() as conn:  # a stray row where b's next event must go
+            conn.execute(
+                sa.text(
+                    "INSERT INTO eventctx_events (session_id, version, type, payload, "
+                    "recorded_at, hash, prev_hash) VALUES ('b', 2, 'KeySet', :p, 0, :h, :h)"
+                ),
+                {"p": b"{}", "h": bytes(32)},
+            )
+        ok = AppendRequest("a", [NewEvent.create("KeySet", {"value": 1}, key="k")])
+        bad = AppendRequest("b", [NewEvent.create("KeySet", {"value": 2}, key="k")])
+        store._committer._commit([ok, bad])  # one transaction for both: the insert clashes
+        assert ok.alone and bad.alone and ok.error is None  # each goes on by itself
+        assert [e.version for e in store.read("a")] == [1]  # nothing of the group committed
+        assert [e.version for e in store._committer._append_alone(ok)] == [2]
+        with pytest.raises(ConcurrencyError):
+            store._committer._append_alone(bad)
+        assert [e.version for e in store.read("a")] == [1, 2]
+
+
+def test_values_nested_past_the_limit_are_refused_before_anything_is_written(
+    manager: ContextManager,
+) -> None:
+    ctx = manager.create_context("s")
+    ok: Any = 1
+    for _ in range(MAX_DEPTH):
+        ok = [ok]
+    ctx.set("deep", ok)  # at the limit: stored, and snapshots of it encode
+    too_deep: Any = [ok]
+    with pytest.raises(SerializationError, match=f"deeper than {MAX_DEPTH}"):
+        ctx.set("deeper", too_deep)
+    very: Any = 1
+    for _ in range(5000):
+        very = {"x": very}
+    with pytest.raises(SerializationError, match="deeper than"):
+        ctx.set("much-deeper", very)
+    assert ctx.version == 2
+    ctx._state.encode()  # the state holding the deepest allowed value encodes
+
+
+def test_durations_and_arguments_are_checked_up_front(manager: ContextManager) -> None:
+    with pytest.raises(InvalidInputError, match="ttl must be more than"):
+        manager.create_context("forever", ttl=timedelta.max)
+    assert manager.store.session("forever") is None
+    assert manager.create_context("long", ttl=timedelta(days=365 * 1000)).version == 1
+    assert manager.sessions()  # listing still works
+    store = manager.store
+    for kwargs, match in [
+        ({"cleanup_interval": 60}, "cleanup_interval must be a datetime.timedelta"),
+        ({"snapshot_every": "10"}, "snapshot_every must be an int"),
+        ({"ttl": timedelta(0)}, "ttl must be more than"),
+        ({"max_value_bytes": -1}, "max_value_bytes must be an int"),
+    ]:
+        with pytest.raises(InvalidInputError, match=match):
+            ContextManager(store, **kwargs)
+    with pytest.raises(InvalidInputError, match="store must be"):
+        ContextManager(42)  # type: ignore[arg-type]
+    for lease in (30, timedelta(0), timedelta(seconds=-1)):
+        with pytest.raises(InvalidInputError, match="lease"):
+            PluginRunner(manager, [lambda _: None], lease=lease)  # type: ignore[arg-type]
+    ctx = manager.create_context("s")
+    with pytest.raises(InvalidInputError, match="mapping"):
+        ctx.update([("k", 1)])  # type: ignore[arg-type]
+    with pytest.raises(InvalidInputError, match="expected_version must be an int"):
+        ctx.update({"k": 1}, expected_version="2")  # type: ignore[arg-type]
+    assert ctx.version == 1
+    with pytest.raises(InvalidInputError, match="busy_timeout"):
+        EventStore.open(str(store.url), busy_timeout=5)  # type: ignore[arg-type]
