@@ -517,7 +517,7 @@ class PluginContext:
             advance(state, recorded)  # the usual case: right after what this object saw
             return
         if first.version > state.version + 1:  # another writer got in first
-            with suppress(IntegrityError):  # purged since: reloaded below
+            with suppress(IntegrityError, SessionNotFoundError):  # purged since: see below
                 self._catch_up(first.version - 1, first.prev_hash)
             if self._state.head_hash == first.prev_hash:
                 advance(self._state, recorded)
@@ -556,6 +556,8 @@ class PluginContext:
         head = self._runtime.store.session(self._session_id)
         if head is not None and head.live:
             self._restore_at(head.version, head.head_hash)
+        else:  # purged (or deleted) since: this state is of a history that is gone
+            self._forget(f"session {self._session_id!r} was deleted or removed")
 
     def _sync(self, head: SessionHead | None, *, fresh: bool = True) -> None:
         """Follow the head row ``head``; called under the lock.

@@ -12,6 +12,7 @@ from eventctx.state import State
 
 __all__ = [
     "ABSENT",
+    "DELETED",
     "Attempt",
     "ContextDiff",
     "KeyRead",
@@ -47,6 +48,18 @@ class _Absent:
 
 ABSENT: Final = _Absent()
 """Stands for a value that is not there (a JSON ``null`` is a value: ``None``)."""
+
+
+class _Deleted:
+    """The marker for a key a phase removed (deleted, or cleared with the rest)."""
+
+    def __repr__(self) -> str:
+        return "DELETED"
+
+
+DELETED: Final = _Deleted()
+"""In a comparison of what phases wrote: the phase removed the key (ABSENT: it did not
+write it at all)."""
 
 
 class ReplayStep(NamedTuple):
@@ -168,7 +181,8 @@ class PhaseDiff:
     duration_ms: tuple[float | None, float | None]
     output: tuple[Any, Any]
     keys: dict[str, tuple[Any, Any]]
-    """Keys the phase wrote differently: key -> (value, value); ABSENT where not written."""
+    """Keys the phase wrote differently: key -> (value, value); ABSENT where it did not write
+    the key, DELETED where it removed it."""
 
     @property
     def diverges(self) -> bool:
@@ -236,7 +250,8 @@ class RerunReport:
     output: Any
     error: BaseException | None
     keys: dict[str, tuple[Any, Any]]
-    """Keys written differently: key -> (recorded, re-run); ABSENT where not written."""
+    """Keys written differently: key -> (recorded, re-run); ABSENT where not written, DELETED
+    where removed."""
 
     @property
     def output_changed(self) -> bool:

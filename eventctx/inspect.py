@@ -30,6 +30,7 @@ from eventctx.errors import (
 from eventctx.events import NewEvent, RecordedEvent, encode_payload, from_us, to_us
 from eventctx.findings import (
     ABSENT,
+    DELETED,
     Attempt,
     ContextDiff,
     KeyRead,
@@ -224,7 +225,9 @@ class Inspector:
             elif kind not in _RUN_TYPES:
                 undo = None
                 if event.phase and run in isolated:
-                    undo = isolated[run] or _Undo(value, last)
+                    undo = isolated[run]
+                    if undo is None or not history or history[-1] is not undo.last:
+                        undo = _Undo(value, last)  # before it, or after an outside write
                     isolated[run] = undo
                     undo.writes.append(len(history))
                 new = event.payload["value"] if kind == "KeySet" else ABSENT
@@ -397,13 +400,11 @@ class Inspector:
             raise SessionExistsError(f"session {new!r} exists; fork into a new id")
         batch: list[NewEvent] = []
         for event in self._store.read(session_id, 1, version):
-            # A batch may not start with a re-creation or end in a delete mid-history: the
-            # store reads those as lifecycle changes of the whole batch.
-            if (
-                len(batch) >= 1000
-                and event.type != "ContextCreated"
-                and batch[-1].type != "ContextDeleted"
-            ):
+            # The store reads a batch's first and last events as the lifecycle of the session:
+            # a re-creation (with its ttl) must start a batch, and a delete must end one only
+            # where the history does.
+            created = event.type == "ContextCreated"
+            if batch and (created or (len(batch) >= 1000 and batch[-1].type != "ContextDeleted")):
                 self._store.append(new, batch)
                 batch = []
             batch.append(_copy(event))
@@ -448,7 +449,10 @@ class Inspector:
                 error = exc
         ended = list(self._store.find(fork_id, types=_ENDS, from_version=started + 1))
         duration = ended[-1].payload["duration_ms"] if ended else 0.0
-        mine = _writes(self._store.find(fork_id, types=_KEY_TYPES, from_version=at + 1), phase)
+        before = set(self.state_at(fork_id, at).data)
+        mine = _writes(
+            self._store.find(fork_id, types=_KEY_TYPES, from_version=at + 1), phase, before
+        )
         theirs = _writes(
             self._store.find(
                 session_id,
@@ -457,6 +461,7 @@ class Inspector:
                 to_version=recorded.ended_version,
             ),
             phase,
+            before,
         )
         keys = {
             k: (theirs.get(k, ABSENT), mine.get(k, ABSENT))
@@ -500,6 +505,8 @@ class Inspector:
             return VerifyResult(session_id, True, self._store.verify(session_id))
         except IntegrityError as exc:
             return VerifyResult(session_id, False, 0, exc.version, str(exc))
+        except SessionNotFoundError as exc:  # removed while the others were being checked
+            return VerifyResult(session_id, False, 0, None, str(exc))
 
     def _head(self, session_id: str) -> SessionHead:
         head = self._store.session(session_id)
@@ -571,7 +578,8 @@ class Inspector:
                 from_version=last.started_version,
                 to_version=last.ended_version,
             )
-            found[name] = _writes(events, name)
+            before = restore(self._store, session_id, last.started_version - 1)[0].data
+            found[name] = _writes(events, name, set(before))
         return found
 
 
@@ -661,16 +669,23 @@ def _attempt(attempts: list[Attempt], number: int, phase: str) -> Attempt:
     raise InvalidInputError(f"phase {phase!r} has no attempt {number} in that run")
 
 
-def _writes(events: Iterable[RecordedEvent], phase: str) -> dict[str, Any]:
-    """What the writes of ``phase`` among ``events`` left in each key (ABSENT: deleted)."""
+def _writes(events: Iterable[RecordedEvent], phase: str, present: set[str]) -> dict[str, Any]:
+    """What the writes of ``phase`` among ``events`` left in each key (DELETED: removed), the
+    keys in ``present`` being those the context held before them (a clear removes those too)."""
     found: dict[str, Any] = {}
+    present = set(present)
     for event in events:
         if event.phase != phase:
             continue
         if event.type == "ContextCleared":
-            found = dict.fromkeys(found, ABSENT)
+            found = dict.fromkeys([*present, *found], DELETED)
+            present.clear()
+        elif event.type == "KeyDeleted":
+            found[event.key or ""] = DELETED
+            present.discard(event.key or "")
         else:
-            found[event.key or ""] = _value_after(event)
+            found[event.key or ""] = event.payload["value"]
+            present.add(event.key or "")
     return found
 
 

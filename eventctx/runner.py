@@ -132,7 +132,8 @@ class _Lease:
 
 
 class _Retry:
-    """Decides, when attempt ``tried`` fails, whether another follows and after how long."""
+    """Decides, when attempt ``tried`` (of the run) fails, whether another follows and after
+    how long."""
 
     __slots__ = ("after", "policy", "tried")
 
@@ -370,13 +371,12 @@ class _Run:
     ) -> Exception | None:
         """Try ``phase`` by its policy; record its output in ``result`` or return the error."""
         policy = phase.retry or self.runner.retry
-        tried = 0
         while True:
             self.lease.check()
-            tried += 1
             run = self.writer.run()
             attempt = (run.attempts.get(phase.name, 0) if run is not None else 0) + 1
-            retry = _Retry(policy, tried)
+            # The budget is the run's: attempts made by a process that died count too.
+            retry = _Retry(policy, attempt)
             try:
                 output, _ = phase.attempt(
                     self.ctx,

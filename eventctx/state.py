@@ -203,7 +203,7 @@ def advance(state: State, events: Iterable[RecordedEvent]) -> None:
                 )
             if kind in {"KeySet", "KeyDeleted"}:
                 if undo and phase:
-                    _remember(state, attempt_id(run_id, phase), (key,))  # type: ignore[arg-type]
+                    _remember(state, run_id, phase, (key,))  # type: ignore[arg-type]
                 if kind == "KeySet":
                     data[key] = payload["value"]  # type: ignore[index]
                     op = "set"
@@ -226,7 +226,7 @@ def advance(state: State, events: Iterable[RecordedEvent]) -> None:
                 )
             elif kind == "ContextCleared":
                 if undo and phase:
-                    _remember(state, attempt_id(run_id, phase), list(data))
+                    _remember(state, run_id, phase, list(data))
                 attempt = attempts.get((run_id, phase)) if phase else None
                 for cleared in data:
                     last = prior(cleared)
@@ -268,16 +268,19 @@ def attempt_id(execution_id: str | None, phase: str) -> str:
     return f"{execution_id or ''}\x00{phase}"
 
 
-def _remember(state: State, attempt: str, keys: Iterable[str]) -> None:
-    """Before an isolated attempt first writes ``keys``, keep what they held."""
-    saved = state.undo.get(attempt)
+def _remember(state: State, execution_id: str | None, phase: str, keys: Iterable[str]) -> None:
+    """Before an isolated attempt writes ``keys``, keep what they hold unless it is the
+    attempt's own earlier write: a write made from outside the attempt in between is kept
+    (and is what a rollback gives back)."""
+    saved = state.undo.get(attempt_id(execution_id, phase))
     if saved is None:
         return
     data, provenance = state.data, state.provenance
     for key in keys:
-        if key not in saved:
-            last = provenance.get(key)
-            saved[key] = [key in data, data.get(key), None if last is None else list(last)]
+        last = provenance.get(key)
+        if key in saved and last is not None and (last[1], last[0]) == (execution_id, phase):
+            continue
+        saved[key] = [key in data, data.get(key), None if last is None else list(last)]
 
 
 def rolled_back(state: State, event: RecordedEvent) -> frozenset[str]:

@@ -4,6 +4,7 @@ values, huge durations and wrong argument types are refused up front with precis
 from __future__ import annotations
 
 import threading
+import time
 from datetime import timedelta
 from typing import Any
 
@@ -141,3 +142,26 @@ def test_durations_and_arguments_are_checked_up_front(manager: ContextManager) -
     assert ctx.version == 1
     with pytest.raises(InvalidInputError, match="busy_timeout"):
         EventStore.open(str(store.url), busy_timeout=5)  # type: ignore[arg-type]
+
+
+def test_a_session_with_a_live_run_is_never_expired(manager: ContextManager) -> None:
+    """ttl 0.5 s, a 1.5 s phase: compaction runs meanwhile and the session stays, with the
+    outputs it had; the run completes."""
+    manager.create_context("s", ttl=timedelta(milliseconds=500))
+    removed: list[list[str]] = []
+
+    def first(_: Any) -> str:
+        return "kept"
+
+    def slow(_: Any) -> str:
+        for _ in range(3):
+            time.sleep(0.5)
+            removed.append(manager.cleanup_expired().sessions)
+        return "done"
+
+    runner = PluginRunner(manager, [first, slow], lease=timedelta(seconds=1))
+    result = runner.run("s")
+    assert result.status == "completed", result.error
+    assert removed == [[], [], []]
+    assert result.outputs == {"first": "kept", "slow": "done"}
+    assert manager.store.session("s") is not None

@@ -23,7 +23,7 @@ from eventctx import (
     SessionNotFoundError,
     runlog,
 )
-from eventctx.findings import ABSENT
+from eventctx.findings import ABSENT, DELETED
 from eventctx.state import fold
 
 
@@ -350,7 +350,7 @@ def test_a_rerun_with_changed_code_reports_the_change_and_leaves_the_session_alo
 
     failed = insp.rerun("s", "planning", broken)
     assert failed.status == "failed" and isinstance(failed.error, RuntimeError)
-    assert failed.keys == {"plan": ("final", ABSENT)}
+    assert failed.keys == {"plan": ("final", ABSENT)}  # it wrote nothing that counts
 
 
 def test_the_inspector_records_no_activity(
@@ -410,3 +410,31 @@ def test_bad_input_gets_precise_errors(insp: Inspector, story: Story) -> None:
 def _empty(insp: Inspector) -> str:
     insp.store.append("empty", [eventctx.NewEvent.create("ContextCreated")])
     return "empty"
+
+
+def test_a_fork_keeps_the_ttl_of_a_recreated_session(manager: ContextManager) -> None:
+    manager.create_context("s", ttl=timedelta(seconds=1)).set("a", 1)
+    manager.delete_context("s")
+    manager.create_context("s", ttl=None).set("b", 2)
+    insp = Inspector(manager.store)
+    insp.fork("s", "f")
+    head = manager.store.session("f")
+    assert head is not None and head.ttl_ms is None
+    assert manager.get_context("f").to_dict() == {"b": 2} and insp.verify("f").ok
+
+
+def test_a_phase_that_clears_the_context_diverges_from_one_that_does_not(
+    manager: ContextManager,
+) -> None:
+    def reset(run_input: Any) -> None:
+        if run_input["clear"]:
+            eventctx.current_context().clear()
+
+    for sid, clear in (("s", True), ("t", False)):
+        manager.create_context(sid).set("keep", 1)
+        PluginRunner(manager, [reset]).run(sid, {"clear": clear})
+    insp = Inspector(manager.store)
+    diff = insp.diff_sessions("s", "t")
+    assert diff.first_divergence == "reset"
+    assert diff.phases[0].keys == {"keep": (DELETED, ABSENT)}
+    assert insp.rerun("s", "reset", lambda _: None).keys == {"keep": (DELETED, ABSENT)}

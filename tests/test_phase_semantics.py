@@ -375,3 +375,49 @@ def test_phase_metadata_is_kept_apart_from_context_keys(manager: ContextManager)
     assert set(Inspector(manager.store).blame("s")) == {"files"}
     with pytest.raises(ContextKeyError):
         Inspector(manager.store).key_history("s", "language")
+
+
+def test_a_rollback_keeps_an_outside_write_made_between_the_attempts_writes(
+    manager: ContextManager,
+) -> None:
+    ctx = manager.create_context("s")
+    ctx.set("k", "before")
+
+    def twice(_: Any) -> None:
+        phase_ctx = eventctx.current_context()
+        phase_ctx.set("k", "attempt, first write")
+        writer = threading.Thread(target=lambda: ctx.set("k", "outside"))
+        writer.start()
+        writer.join()
+        phase_ctx.set("k", "attempt, second write")
+        raise RuntimeError("boom")
+
+    PluginRunner(manager, [twice]).run("s")
+    assert ctx.get("k") == "outside"
+    history = Inspector(manager.store).key_history("s", "k")
+    assert [(w.value, w.rolled_back) for w in history] == [
+        ("before", False),
+        ("attempt, first write", False),  # superseded by the outside write, not rolled back
+        ("outside", False),
+        ("attempt, second write", True),
+    ]
+
+
+def test_the_retry_budget_is_the_runs_across_a_crash(manager: ContextManager) -> None:
+    ctx = manager.create_context("s")
+    run = uuid.uuid4().hex
+    ctx.writer.append(
+        [
+            runlog.run_started(run, None, ["always"]),
+            runlog.phase_started(run, "always", 1),
+            runlog.phase_failed(run, "always", 1, ValueError("no"), 1.0, set(), 0.0),
+            runlog.phase_started(run, "always", 2),  # then the process died
+        ]
+    )
+
+    def always(_: Any) -> None:
+        raise ValueError("always fails")
+
+    result = PluginRunner(manager, [always], retries=RetryPolicy(attempts=2)).run("s", resume=True)
+    statuses = [(a.attempt, a.status) for a in result.attempts["always"]]
+    assert statuses == [(1, "failed"), (2, "interrupted"), (3, "failed")]  # no fresh budget

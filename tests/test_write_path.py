@@ -10,6 +10,7 @@ import threading
 import time
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -22,10 +23,12 @@ from eventctx import (
     NewEvent,
     PluginRunner,
     RecordedEvent,
+    RunInProgressError,
     SessionNotFoundError,
     StorageError,
 )
 from eventctx.state import fold
+from eventctx.store import Fence
 from eventctx.store.commit import AppendRequest
 
 
@@ -226,3 +229,38 @@ def test_the_cli_reports_a_bad_url_in_one_line() -> None:
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr.startswith("eventctx: 'foo' is not a database URL")
     assert result.stderr.count("\n") == 1
+
+
+def test_a_context_whose_session_vanished_after_its_write_is_closed(db_url: str) -> None:
+    with ContextManager(db_url, cleanup_interval=None) as manager:
+        ctx = manager.create_context("s")
+        ctx.update({"old": 1})
+        with EventStore.open(db_url) as other:  # another process: purge, create, and later delete
+            other.purge("s")
+            other.append("s", [NewEvent.create("ContextCreated"), _key_set("new", 1)])
+            store = manager.store
+            append = store.append
+
+            def then_deleted(*args: Any, **kwargs: Any) -> Any:
+                recorded = append(*args, **kwargs)
+                other.append("s", [NewEvent.create("ContextDeleted")])  # before our fold
+                return recorded
+
+            store.append = then_deleted  # type: ignore[method-assign]
+            ctx.set("mine", 1)
+            store.append = append  # type: ignore[method-assign]
+        with pytest.raises(SessionNotFoundError):
+            ctx.keys()  # never the purged history's keys
+
+
+def test_a_session_created_again_starts_without_the_old_run_lease(db_url: str) -> None:
+    with EventStore.open(db_url) as store:
+        store.append("s", [NewEvent.create("ContextCreated")])
+        old = store.take_lease("s", "runner-a", timedelta(seconds=30))
+        assert isinstance(old, Fence)
+        store.append("s", [NewEvent.create("ContextDeleted")])
+        store.append("s", [NewEvent.create("ContextCreated")])
+        with pytest.raises(RunInProgressError):
+            store.append("s", [_key_set("k", 1)], fence=old)
+        taken = store.take_lease("s", "runner-b", timedelta(seconds=30))
+        assert isinstance(taken, Fence) and taken.token > old.token

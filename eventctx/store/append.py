@@ -174,8 +174,8 @@ def _locked_head(
         raise SessionNotFoundError(
             f"session {session_id!r} does not exist; create it with create_context"
         )
-    version, head_hash, last_activity, status, ttl_ms, lease_owner, lease_token = row
-    if status == ACTIVE and expired_at(last_activity, ttl_ms, now):
+    version, head_hash, last_activity, status, ttl_ms, lease_owner, lease_token, lease = row
+    if status == ACTIVE and expired_at(last_activity, ttl_ms, now, lease):
         status = EXPIRED
     head = Head(int(version), bytes(head_hash), int(last_activity))
     return head, str(status), Fence(lease_owner or "", int(lease_token))

@@ -209,7 +209,8 @@ class EventStore:
         ``fence`` (a run lease as taken), the session's lease must still be that one
         (RunInProgressError). Concurrent appends share transactions (group commit); each returns
         once its own is committed. ``inbox``, when given, receives the recorded events once
-        committed, in commit order, before any caller of the group returns.
+        committed (in commit order within a group, before any of its callers returns; an
+        append made alone, past a locked head row, arrives when it commits).
         """
         check_session_id(session_id)
         if not events:

@@ -39,16 +39,27 @@ EXPIRED: Final = "expired"
 """Not stored: an active session past its ttl, as a locked head read reports it."""
 
 
-def expired_at(last_activity_us: int, ttl_ms: int | None, now_us: int) -> bool:
-    """The expiry rule: a session with a ttl expires once it has been idle for longer."""
-    return ttl_ms is not None and last_activity_us + ttl_ms * 1000 < now_us
+def expired_at(
+    last_activity_us: int, ttl_ms: int | None, now_us: int, lease_until_us: int | None = None
+) -> bool:
+    """The expiry rule: a session with a ttl expires once it has been idle for longer; a live
+    run lease is activity, so a session being run never expires."""
+    if ttl_ms is None or (lease_until_us is not None and lease_until_us >= now_us):
+        return False
+    return last_activity_us + ttl_ms * 1000 < now_us
 
 
 def alive_at(now: sa.BindParameter[int]) -> sa.ColumnElement[bool]:
-    """The expiry rule in SQL: the head row has not outlived its ttl at ``now``."""
+    """The expiry rule in SQL: the head row has not outlived its ttl at ``now``, or a run
+    holds a live lease on it."""
     se = schema.sessions
     thousand = sa.literal_column("1000", sa.BigInteger)
-    return sa.or_(se.c.ttl_ms.is_(None), se.c.last_activity + se.c.ttl_ms * thousand >= now)
+    return sa.or_(
+        se.c.ttl_ms.is_(None),
+        se.c.last_activity + se.c.ttl_ms * thousand >= now,
+        # Not just ``>= now``: NULL (no lease) would make the whole test NULL, not false.
+        sa.and_(se.c.lease_expires_at.is_not(None), se.c.lease_expires_at >= now),
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,11 +99,13 @@ class SessionHead:
     last_activity_us: int
     ttl_ms: int | None
     status: str
+    lease_until_us: int | None = None
+    """Until when a run holds the session's lease (None: no run holds it)."""
 
     @classmethod
     def from_row(cls, row: Any) -> SessionHead:
         """From a row of the store's session columns."""
-        session_id, version, head_hash, created_at, last_activity, ttl_ms, status = row
+        session_id, version, head_hash, created_at, last_activity, ttl_ms, status, lease = row
         return cls(
             session_id,
             int(version),
@@ -101,6 +114,7 @@ class SessionHead:
             int(last_activity),
             None if ttl_ms is None else int(ttl_ms),
             str(status),
+            None if lease is None else int(lease),
         )
 
     @property
@@ -126,7 +140,7 @@ class SessionHead:
 
     def expired(self, now_us: int) -> bool:
         """Whether the session outlived its ttl at ``now_us`` (microseconds since the epoch)."""
-        return expired_at(self.last_activity_us, self.ttl_ms, now_us)
+        return expired_at(self.last_activity_us, self.ttl_ms, now_us, self.lease_until_us)
 
     @property
     def expires_at(self) -> datetime | None:

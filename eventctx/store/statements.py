@@ -32,6 +32,7 @@ _SESSION_COLUMNS: Final = (
     schema.sessions.c.last_activity,
     schema.sessions.c.ttl_ms,
     schema.sessions.c.status,
+    schema.sessions.c.lease_expires_at,
 )
 
 
@@ -53,6 +54,7 @@ class Statements:
             se.c.ttl_ms,
             se.c.lease_owner,
             se.c.lease_token,
+            se.c.lease_expires_at,
         ).where(se.c.session_id == sid)
         self.head_for_update = c(locked_head.with_for_update())
         # In a group commit a head row that another transaction holds is skipped, not waited
@@ -98,6 +100,8 @@ class Statements:
                 status=bindparam("status"),
             )
         )
+        # A session created again starts without a run lease; the token moves on, so that a
+        # runner of its earlier life is fenced out.
         self.recreate_head = c(
             sa.update(se)
             .where(se.c.session_id == sid)
@@ -108,6 +112,9 @@ class Statements:
                 last_activity=bindparam("now"),
                 ttl_ms=bindparam("ttl_ms"),
                 status=bindparam("status"),
+                lease_owner=sa.null(),
+                lease_expires_at=sa.null(),
+                lease_token=se.c.lease_token + sa.literal_column("1", sa.BigInteger),
             )
         )
         # Activity counts only for a live session that has not expired yet: opening an expired
