@@ -10,6 +10,7 @@
     ├── SchemaError               the database has another schema version
     ├── IntegrityError            a hash chain or a stored row does not verify
     ├── StorageError              the database failed (connection, disk, lock timeout)
+    │   └── OutcomeUnknownError   the connection failed during COMMIT and could not be checked
     ├── InvalidInputError         (also ValueError) a bad session id, key, or oversized value
     ├── ContextKeyError           (also KeyError) a missing key
     ├── ContextTypeError          (also TypeError) a stored value of another type
@@ -74,6 +75,11 @@ class IntegrityError(EventCtxError):
 
 class StorageError(EventCtxError):
     """The database failed to carry out an operation; nothing of it was committed."""
+
+
+class OutcomeUnknownError(StorageError):
+    """The connection failed while committing and the outcome could not be checked: the write
+    may or may not be stored. Read the session before writing it again."""
 
 
 class InvalidInputError(EventCtxError, ValueError):

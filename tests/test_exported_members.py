@@ -5,6 +5,7 @@ from __future__ import annotations
 import eventctx
 
 EXPECTED = {
+    "OutcomeUnknownError",
     "KeyInfo",
     "AttemptResult",
     "PhaseError",

@@ -3,11 +3,13 @@ values, huge durations and wrong argument types are refused up front with precis
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
 from datetime import timedelta
 from typing import Any
 
+import psycopg
 import pytest
 import sqlalchemy as sa
 
@@ -17,8 +19,10 @@ from eventctx import (
     EventStore,
     InvalidInputError,
     NewEvent,
+    OutcomeUnknownError,
     PluginRunner,
     SerializationError,
+    StorageError,
 )
 from eventctx.events import MAX_DEPTH
 from eventctx.store.commit import AppendRequest
@@ -165,3 +169,81 @@ def test_a_session_with_a_live_run_is_never_expired(manager: ContextManager) -> 
     assert removed == [[], [], []]
     assert result.outputs == {"first": "kept", "slow": "done"}
     assert manager.store.session("s") is not None
+
+
+class _CommitFault:
+    """The writer connection, with a COMMIT that fails as a lost connection does: after the
+    server committed (``lands``), or before it could."""
+
+    def __init__(self, conn: Any, error: Exception, *, lands: bool) -> None:
+        self._conn, self._error, self._lands = conn, error, lands
+
+    def commit(self) -> None:
+        if self._lands:
+            self._conn.commit()
+        else:
+            self._conn.rollback()
+        raise self._error
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+
+def _lost_connection(backend: str) -> Exception:
+    if backend == "sqlite":
+        return sqlite3.OperationalError("disk I/O error")
+    return psycopg.OperationalError("server closed the connection unexpectedly")
+
+
+@pytest.mark.parametrize("lands", [True, False])
+def test_a_failed_commit_is_checked_before_it_is_reported(
+    manager: ContextManager, backend: str, lands: bool
+) -> None:
+    ctx = manager.create_context("s")
+    ctx.set("warm", 1)  # the committer now holds its writer connection
+    committer = manager.store._committer
+    proxy = committer._conn
+    real = proxy.driver_connection
+
+    class Faulty:
+        driver_connection = _CommitFault(real, _lost_connection(backend), lands=lands)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(proxy, name)
+
+    committer._conn = Faulty()
+    try:
+        if lands:
+            ctx.set("k", 1)  # committed after all: reported as done, not as "nothing"
+        else:
+            with pytest.raises(StorageError, match="nothing was committed"):
+                ctx.set("k", 1)
+    finally:
+        committer._conn = proxy
+    stored = [e.key for e in manager.store.read("s")]
+    assert stored.count("k") == (1 if lands else 0)
+    assert ("k" in ctx) is lands
+
+
+def test_a_commit_that_cannot_be_checked_says_the_outcome_is_unknown(
+    manager: ContextManager, backend: str
+) -> None:
+    ctx = manager.create_context("s")
+    ctx.set("warm", 1)
+    committer = manager.store._committer
+    proxy = committer._conn
+    real = proxy.driver_connection
+
+    class Faulty:
+        driver_connection = _CommitFault(real, _lost_connection(backend), lands=True)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(proxy, name)
+
+    def unreachable(*_: Any) -> bytes:
+        raise StorageError("the database is unreachable")
+
+    committer._conn = Faulty()
+    committer._committed = unreachable  # type: ignore[method-assign]
+    with pytest.raises(OutcomeUnknownError, match="may or may not be stored"):
+        ctx.set("k", 1)

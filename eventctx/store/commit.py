@@ -26,7 +26,7 @@ from typing import Any, Final
 
 from sqlalchemy.engine import Engine
 
-from eventctx.errors import EventCtxError
+from eventctx.errors import EventCtxError, OutcomeUnknownError
 from eventctx.events import NewEvent, RecordedEvent
 from eventctx.store.dialect import Cursor, Dialect, Transaction
 from eventctx.store.heads import Fence, Head
@@ -86,12 +86,15 @@ class GroupCommitter:
         stage: Stage,
         insert: Insert,
         transaction: Transaction,
+        event_hash: str,
     ) -> None:
         self._engine = engine
         self._dialect = dialect
         self._stage = stage
         self._insert = insert
         self._transaction = transaction
+        self._event_hash = event_hash
+        """SQL reading the hash at (session_id, version): how a failed COMMIT is checked."""
         self._cv = threading.Condition()
         self._queue: list[AppendRequest] = []
         self._leading = False
@@ -160,9 +163,18 @@ class GroupCommitter:
                 except BaseException:
                     self._rollback(conn)
                     raise
-        except BaseException as exc:  # a driver error: nothing of the group was committed
+        except BaseException as exc:
             members = [r for r in batch if not r.alone and r.error is None]
-            retry_alone = not committing and len(members) > 1 and isinstance(exc, Exception)
+            if committing and isinstance(exc, Exception):
+                # The COMMIT itself failed: it may have happened all the same. Look.
+                committed = self._resolve(members, exc)
+                if committed is None:
+                    return
+                if committed:
+                    self._deliver(batch)
+                    return
+                # It did not: nothing of the group was committed, as for any earlier failure.
+            retry_alone = len(members) > 1 and isinstance(exc, Exception)
             for request in members:
                 request.result = None
                 if retry_alone:
@@ -172,9 +184,39 @@ class GroupCommitter:
                 else:
                     request.error = _own_copy(exc)
             return
+        self._deliver(batch)
+
+    @staticmethod
+    def _deliver(batch: list[AppendRequest]) -> None:
         for request in batch:  # in commit order, before anyone is woken
             if request.result is not None and request.inbox is not None:
                 request.inbox.append(request.result)
+
+    def _resolve(self, members: list[AppendRequest], failure: Exception) -> bool | None:
+        """After a failed COMMIT, whether the group's events are in the database: the last
+        event each member meant to append is there with its chain hash, or not. None when it
+        cannot be known (every member then gets OutcomeUnknownError)."""
+        expected = [r.result[-1] for r in members if r.result]
+        try:
+            found = [self._committed(e.session_id, e.version) == e.hash for e in expected]
+        except Exception as exc:
+            for request in members:
+                request.result = None
+                request.error = OutcomeUnknownError(
+                    f"the database connection failed while committing ({failure}) and the "
+                    f"outcome could not be checked ({exc}): the write may or may not be stored; "
+                    "read the session before writing it again"
+                )
+                request.error.__cause__ = failure
+            return None
+        return bool(found) and all(found)
+
+    def _committed(self, session_id: str, version: int) -> bytes | None:
+        """The chain hash stored at ``version`` of a session, read on a fresh connection."""
+        with self._transaction(write=False) as cur:
+            cur.execute(self._event_hash, {"session_id": session_id, "version": version})
+            row = cur.fetchone()
+        return None if row is None else bytes(row[0])
 
     def _stage_unit(
         self, cur: Cursor, unit: list[AppendRequest], heads: MutableMapping[str, Head]
@@ -207,9 +249,23 @@ class GroupCommitter:
 
     def _append_alone(self, request: AppendRequest) -> list[RecordedEvent]:
         """Append in a transaction of its own that waits for the head row (busy timeout)."""
-        with self._transaction(write=True) as cur:
-            rows = self._stage(cur, request, {}, True)
-            positions = self._insert(cur, rows)
+        rows: list[dict[str, Any]] = []
+        positions: list[int] = []
+        try:
+            with self._transaction(write=True) as cur:
+                staged = self._stage(cur, request, {}, True)
+                positions = self._insert(cur, staged)
+                rows = staged
+        except Exception as exc:
+            if not rows:
+                raise
+            # Everything but the COMMIT succeeded: it may have happened all the same. Look.
+            request.result = _recorded(iter(positions), iter(rows), request.events)
+            committed = self._resolve([request], exc)
+            if committed is None:
+                raise request.error from exc  # type: ignore[misc]
+            if not committed:
+                raise
         recorded = _recorded(iter(positions), iter(rows), request.events)
         if request.inbox is not None:
             request.inbox.append(recorded)

@@ -65,7 +65,7 @@ class EventStore:
         """The time of appends, activity and leases, in µs since the epoch."""
         self._sql = Statements(dialect)
         self._committer = GroupCommitter(
-            engine, dialect, self._stage, self._insert, self._transaction
+            engine, dialect, self._stage, self._insert, self._transaction, self._sql.event_hash
         )
         self.removal = Removal(self._transaction, self._sql)
         """The steps compaction is made of (``eventctx.compaction`` runs them)."""
