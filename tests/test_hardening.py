@@ -3,9 +3,11 @@ values, huge durations and wrong argument types are refused up front with precis
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 import time
+import uuid
 from datetime import timedelta
 from typing import Any
 
@@ -247,3 +249,51 @@ def test_a_commit_that_cannot_be_checked_says_the_outcome_is_unknown(
     committer._committed = unreachable  # type: ignore[method-assign]
     with pytest.raises(OutcomeUnknownError, match="may or may not be stored"):
         ctx.set("k", 1)
+
+
+def test_a_store_outlives_its_connections_being_dropped(pg_url: str) -> None:
+    """A server restart drops every connection: the next reads and writes reconnect (the pool
+    checks a connection before use; a write that failed before COMMIT is made again alone)."""
+    name = f"eventctx-drop-{uuid.uuid4().hex[:8]}"
+    url = sa.make_url(pg_url).update_query_dict({"application_name": name})
+    with ContextManager(url.render_as_string(hide_password=False), cleanup_interval=None) as m:
+        ctx = m.create_context("s")
+        ctx.set("a", 1)
+        m.get_context("s")
+        with psycopg.connect("host=127.0.0.1 user=postgres dbname=test", autocommit=True) as admin:
+            killed = admin.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE application_name = %s",
+                (name,),
+            ).fetchone()
+        assert killed is not None and killed[0] >= 2  # the writer and a pooled reader
+        assert m.get_context("s").get("a") == 1  # first try
+        ctx.set("b", 2)  # first try
+        result = PluginRunner(m, [lambda _: "ok"]).run("s")
+        assert result.status == "completed"
+        assert m.store.verify("s") == ctx.version
+
+
+def _forked_append(store: EventStore, session_id: str) -> int:
+    """In a forked child: append and read on the child's own connections; the exit status."""
+    try:
+        store.append(session_id, [NewEvent.create("ContextCreated")])
+        for i in range(20):
+            store.append(session_id, [NewEvent.create("KeySet", {"value": i}, key=f"k{i}")])
+        return 0 if store.verify(session_id) == 21 else 1
+    except Exception:
+        return 2
+
+
+def test_a_forked_child_uses_its_own_connections(db_url: str) -> None:
+    with EventStore.open(db_url) as store:
+        store.append("parent", [NewEvent.create("ContextCreated")])
+        assert store.verify("parent") == 1  # the pool and the writer hold connections now
+        pid = os.fork()
+        if pid == 0:  # the child
+            os._exit(_forked_append(store, "child"))
+        for i in range(20):  # meanwhile the parent writes on its own connections
+            store.append("parent", [NewEvent.create("KeySet", {"value": i}, key=f"k{i}")])
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert store.verify("parent") == 21 and store.verify("child") == 21

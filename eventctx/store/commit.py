@@ -128,6 +128,14 @@ class GroupCommitter:
         assert request.result is not None
         return request.result
 
+    def after_fork(self) -> None:
+        """In a forked child: forget the parent's writer connection (never touching it) and
+        any group the parent had in flight."""
+        self._cv = threading.Condition()
+        self._queue, self._leading = [], False
+        self._conn = self._cur = None
+        self._heads = {}
+
     def close(self) -> None:
         """Wait for the group in flight and give the writer connection back."""
         with self._cv:
@@ -174,12 +182,13 @@ class GroupCommitter:
                     self._deliver(batch)
                     return
                 # It did not: nothing of the group was committed, as for any earlier failure.
-            retry_alone = len(members) > 1 and isinstance(exc, Exception)
+            retry_alone = isinstance(exc, Exception)
             for request in members:
                 request.result = None
                 if retry_alone:
-                    # One member's bad row may have failed them all: each appends alone, so
-                    # it fails (or not) on its own and harms no other.
+                    # Nothing was committed. One member's bad row may have failed them all, or
+                    # the writer connection was dropped: each appends alone, on a checked pooled
+                    # connection, and fails (or not) on its own, harming no other.
                     request.alone = True
                 else:
                     request.error = _own_copy(exc)

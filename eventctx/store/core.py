@@ -8,6 +8,8 @@ compaction's steps in ``removal``. Time comes from the store's clock.
 
 from __future__ import annotations
 
+import os
+import weakref
 from collections.abc import Collection, Iterator, MutableMapping, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
@@ -69,6 +71,9 @@ class EventStore:
         )
         self.removal = Removal(self._transaction, self._sql)
         """The steps compaction is made of (``eventctx.compaction`` runs them)."""
+        # A forked child must not share the parent's connections: it gets its own.
+        ref = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: _after_fork(ref))
 
     # --- opening ------------------------------------------------------------------------------
 
@@ -151,6 +156,10 @@ class EventStore:
     def engine(self) -> Engine:
         """The SQLAlchemy engine (for tools that need direct SQL access)."""
         return self._engine
+
+    def _after_fork(self) -> None:
+        self._committer.after_fork()
+        self._engine.dispose(close=False)  # the parent's connections stay the parent's
 
     def close(self) -> None:
         """Close every pooled connection; the store can't be used afterwards."""
@@ -571,6 +580,12 @@ class EventStore:
                 version=checked + 1,
             )
         return checked
+
+
+def _after_fork(ref: weakref.ReferenceType[EventStore]) -> None:
+    store = ref()
+    if store is not None:
+        store._after_fork()
 
 
 _EVENT_COLUMNS: Final = tuple(schema.events.c[name] for name in ("position", *EVENT_COLUMNS))

@@ -34,7 +34,9 @@ class PostgreSQLDialect(Dialect):
     def create_engine(self, url: URL, options: StoreOptions) -> Engine:
         if url.drivername != "postgresql+psycopg":  # postgres://, postgresql://: psycopg 3
             url = url.set(drivername="postgresql+psycopg")
-        engine = sa.create_engine(url, pool_size=8, max_overflow=16, pool_pre_ping=False)
+        # pre_ping: a pooled connection the server dropped (a restart, an idle timeout) is
+        # replaced before use instead of failing the read or write that gets it.
+        engine = sa.create_engine(url, pool_size=8, max_overflow=16, pool_pre_ping=True)
         self.prepare_engine(engine, options)
         return engine
 
