@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: demo test lint bench schema clean
+.PHONY: demo test stress lint bench schema clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+stress: $(STAMP)
+	EVENTCTX_CRASH_KILLS=$${EVENTCTX_CRASH_KILLS:-400} $(BIN)/python -m pytest -q -s tests/test_crash.py tests/test_fuzz.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check eventctx tests tools

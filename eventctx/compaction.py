@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Final
 
+from eventctx import faults
 from eventctx.store import EventStore
 
 __all__ = ["CompactionReport", "compact"]
@@ -144,6 +145,7 @@ class _Compactor:
         for upto in range(self.chunk, version, self.chunk):
             if not self._renew():
                 return False  # marked: the next run finishes it
+            faults.point("compaction.mid_session")
             removed = self.store.removal.delete_events_upto(session_id, upto)
             if removed is None:  # purged meanwhile (and perhaps created again): not ours now
                 return True

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from eventctx import runlog
+from eventctx import faults, runlog
 from eventctx.context import (
     PhaseScope,
     PluginContext,
@@ -187,6 +187,7 @@ class ContextAwarePhase:
         name = self.name
         started = runlog.phase_started(execution_id, name, attempt, isolated=isolated)
         writer.append([started], fence=fence)
+        faults.point("run.after_phase_started")
         scope = PhaseScope(ctx.session_id, name, execution_id, previous=previous, fence=fence)
         start = time.perf_counter_ns()
         try:
@@ -208,6 +209,7 @@ class ContextAwarePhase:
             )
             writer.append([failed], fence=fence)
             raise
+        faults.point("run.before_phase_end")
         writer.append([completed], fence=fence)
         return completed.payload["output"], duration
 

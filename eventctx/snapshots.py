@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Final
 
+from eventctx import faults
 from eventctx.errors import IntegrityError
 from eventctx.state import FOLD_VERSION, State, advance, decode_state
 from eventctx.store import EventStore
@@ -48,6 +49,7 @@ class SnapshotPolicy:
             return
         try:
             encoded = state.encode()
+            faults.point("snapshot.before_save")
             store.save_snapshot(session_id, state.version, FOLD_VERSION, state.head_hash, encoded)
         except Exception as exc:  # a cache: its failure never fails the write that committed
             log.warning(

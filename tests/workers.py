@@ -95,6 +95,44 @@ def run_contested(url: str, session_id: str) -> None:
         print(f"finished: {result.status}", flush=True)
 
 
+def crash_writer(url: str, session_id: str) -> None:
+    """Write until killed (sets and two-key updates, snapshots often), printing each version
+    once the write that made it has returned."""
+    with ContextManager(url, snapshot_every=7, cleanup_interval=None) as manager:
+        ctx = manager.get_or_create_context(session_id, ttl=None)
+        i = ctx.version
+        while True:  # a bounded set of keys: the state stays small, snapshots keep coming
+            i += 1
+            if i % 3:
+                ctx.set(f"k{i % 20}", {"i": i, "pad": "x" * (i % 50)})
+            else:
+                ctx.update({f"u{i % 10}a": i, f"u{i % 10}b": i})
+            print(ctx.version, flush=True)
+
+
+def crash_runner(url: str, session_id: str) -> None:
+    """Run three phases (resuming whatever run is open) until done or killed."""
+    with ContextManager(url, cleanup_interval=None) as manager:
+        runner = PluginRunner(manager, [step_one, step_two, step_three])
+        print(runner.run(session_id, input={"n": 1}, resume=True).status, flush=True)
+
+
+def step_one(_: object) -> int:
+    eventctx.current_context().set("one", 1)
+    return 1
+
+
+def step_two(_: object) -> int:
+    ctx = eventctx.current_context()
+    ctx.set("two", ctx.get("one", 0) + 1)
+    return 2
+
+
+def step_three(_: object) -> int:
+    eventctx.current_context().set("three", 3)
+    return 3
+
+
 def open_store(url: str) -> None:
     """Open (creating) the store at ``url``."""
     EventStore.open(url).close()
@@ -114,6 +152,10 @@ if __name__ == "__main__":
         run_plugin(args[0], args[1])
     elif command == "run-contested":
         run_contested(args[0], args[1])
+    elif command == "crash-writer":
+        crash_writer(args[0], args[1])
+    elif command == "crash-runner":
+        crash_runner(args[0], args[1])
     elif command == "open":
         open_store(args[0])
     else:

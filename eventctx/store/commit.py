@@ -26,6 +26,7 @@ from typing import Any, Final
 
 from sqlalchemy.engine import Engine
 
+from eventctx import faults
 from eventctx.errors import EventCtxError, OutcomeUnknownError
 from eventctx.events import NewEvent, RecordedEvent
 from eventctx.store.dialect import Cursor, Dialect, Transaction
@@ -166,7 +167,9 @@ class GroupCommitter:
                     if staged:
                         self._insert_staged(cur, staged)
                     committing = True
+                    faults.point("append.before_commit")
                     conn.commit()
+                    faults.point("append.after_commit")
                     self._remember(written)
                 except BaseException:
                     self._rollback(conn)
