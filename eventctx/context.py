@@ -59,6 +59,11 @@ class _Same:
 
 
 _SAME: Final = _Same()
+_SIZE_LIMITED: Final = frozenset(
+    {"KeySet", "MetadataSet", "RunStarted", "RunResumed", "PhaseCompleted"}
+)
+"""Events that carry a caller's value (``max_value_bytes`` applies); the runner's own
+records of failures do not."""
 _CONTAINERS: Final = (dict, list)
 
 
@@ -363,16 +368,9 @@ class PluginContext:
         return check_text(key, "context key")
 
     def _key_set(self, key: object, value: Any) -> NewEvent:
-        event = NewEvent.create(
+        return NewEvent.create(
             "KeySet", {"value": value}, key=self._key(key), **_envelope(self._session_id)
         )
-        limit = self._runtime.limits.max_value_bytes
-        if len(event.data) > limit:
-            raise InvalidInputError(
-                f"value for key {key!r} is {len(event.data)} bytes encoded, over the {limit}-byte "
-                "limit; raise ContextManager(max_value_bytes=…) or store a reference instead"
-            )
-        return event
 
     def set(self, key: str, value: Any) -> None:
         """Store ``value`` at ``key``; committed when this returns."""
@@ -466,6 +464,14 @@ class PluginContext:
         the lock first folds all that is there, so folds happen in version order.
         """
         runtime = self._runtime
+        limit = runtime.limits.max_value_bytes
+        for event in events:  # values, run inputs, phase outputs and metadata alike
+            if event.type in _SIZE_LIMITED and len(event.data) > limit:
+                what = f"value for key {event.key!r}" if event.key else f"{event.type} payload"
+                raise InvalidInputError(
+                    f"{what} is {len(event.data)} bytes encoded, over the {limit}-byte limit; "
+                    "raise ContextManager(max_value_bytes=…) or store a reference instead"
+                )
         if fence is None:
             scope = _phase.get()
             if scope is not None and scope.session_id == self._session_id:

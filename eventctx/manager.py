@@ -6,6 +6,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Final
@@ -87,6 +88,8 @@ class ContextManager:
         self._owns_store = not isinstance(store, EventStore)
         if not isinstance(store, EventStore):
             store = EventStore.open(store or os.environ.get("EVENTCTX_URL") or DEFAULT_URL)
+            # A manager dropped without stop() still gives its connections back.
+            weakref.finalize(self, store.close)
         self._runtime = Runtime(
             store, Gate(), Limits(max_key_length, max_value_bytes), snapshot_every, self._create
         )

@@ -210,7 +210,14 @@ class ContextAwarePhase:
             writer.append([failed], fence=fence)
             raise
         faults.point("run.before_phase_end")
-        writer.append([completed], fence=fence)
+        try:
+            writer.append([completed], fence=fence)
+        except InvalidInputError as refused:  # the output itself (too large): the attempt failed
+            failed = runlog.phase_failed(
+                execution_id, name, attempt, refused, duration, scope.keys_read
+            )
+            writer.append([failed], fence=fence)
+            raise
         return completed.payload["output"], duration
 
 

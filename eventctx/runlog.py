@@ -25,6 +25,8 @@ __all__ = [
 ]
 
 INTERRUPTED = "interrupted"
+MAX_TRACEBACK = 32 * 1024
+"""How much of a failed attempt's traceback is kept (the end, where the error is)."""
 """The ``error_type`` of an attempt whose process stopped before the attempt ended."""
 
 
@@ -112,7 +114,7 @@ def phase_failed(
     payload = {
         "error_type": type(error).__qualname__,
         "message": str(error),
-        "traceback": "".join(traceback.format_exception(error)),
+        "traceback": _traceback(error),
         "duration_ms": duration_ms,
         "attempt": attempt,
         "keys_read": sorted(keys_read),
@@ -120,6 +122,12 @@ def phase_failed(
         "retry_after_ms": None if retry_after_s is None else retry_after_s * 1000,
     }
     return NewEvent.create("PhaseFailed", payload, phase=phase, execution_id=execution_id)
+
+
+def _traceback(error: BaseException) -> str:
+    """The error's traceback, its last ``MAX_TRACEBACK`` characters at most."""
+    text = "".join(traceback.format_exception(error))
+    return text if len(text) <= MAX_TRACEBACK else "…" + text[-MAX_TRACEBACK:]
 
 
 def phase_interrupted(

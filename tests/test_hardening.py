@@ -3,6 +3,7 @@ values, huge durations and wrong argument types are refused up front with precis
 
 from __future__ import annotations
 
+import gc
 import os
 import sqlite3
 import threading
@@ -15,9 +16,11 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 
+import eventctx
 from eventctx import (
     ConcurrencyError,
     ContextManager,
+    EventCtxError,
     EventStore,
     InvalidInputError,
     NewEvent,
@@ -295,3 +298,41 @@ def test_a_forked_child_uses_its_own_connections(db_url: str) -> None:
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0
         assert store.verify("parent") == 21 and store.verify("child") == 21
+
+
+def test_size_limits_cover_run_inputs_outputs_and_metadata(db_url: str) -> None:
+    with ContextManager(db_url, cleanup_interval=None, max_value_bytes=1024) as manager:
+        big = "x" * 2000
+        with pytest.raises(InvalidInputError, match="RunStarted payload is 2"):
+            PluginRunner(manager, [lambda _: None]).run("a", input=big)
+
+        def returns_big(_: Any) -> str:
+            return big
+
+        result = PluginRunner(manager, [returns_big]).run("b")
+        assert result.status == "failed" and isinstance(result.error, InvalidInputError)
+        ends = [e.type for e in manager.store.read("b") if e.phase == "returns_big"]
+        assert ends == ["PhaseStarted", "PhaseFailed"]  # the attempt has its end event
+
+        def big_metadata(_: Any) -> None:
+            eventctx.helper().set_metadata("blob", big)
+
+        result = PluginRunner(manager, [big_metadata]).run("c")
+        assert isinstance(result.error, InvalidInputError)
+
+
+def test_a_closed_store_refuses_work_and_a_dropped_manager_closes_its_store(
+    db_url: str,
+) -> None:
+    manager = ContextManager(db_url, cleanup_interval=None)
+    manager.create_context("s")
+    store = manager.store
+    manager.stop()
+    with pytest.raises(EventCtxError, match="closed"):
+        store.append("s", [NewEvent.create("KeySet", {"value": 1}, key="k")])
+    dropped = ContextManager(db_url, cleanup_interval=None)
+    dropped_store = dropped.store
+    del dropped
+    gc.collect()
+    with pytest.raises(EventCtxError, match="closed"):
+        dropped_store.session("s")

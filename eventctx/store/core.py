@@ -20,7 +20,12 @@ import sqlalchemy as sa
 from sqlalchemy.engine import URL, Engine
 
 from eventctx.clock import Clock, check_duration, now_us
-from eventctx.errors import IntegrityError, InvalidInputError, SessionNotFoundError
+from eventctx.errors import (
+    EventCtxError,
+    IntegrityError,
+    InvalidInputError,
+    SessionNotFoundError,
+)
 from eventctx.events import GENESIS_HASH, NewEvent, RecordedEvent, chain_hash, from_us
 from eventctx.store import append as append_protocol
 from eventctx.store import schema
@@ -61,6 +66,7 @@ class EventStore:
         """Wrap a prepared engine; use :meth:`open`, which also checks the schema."""
         self._engine = engine
         self._dialect = dialect
+        self._closed = False
         self.busy_timeout = busy_timeout
         """How long an operation waits for locks held by others before it gives up."""
         self.clock = clock
@@ -163,6 +169,7 @@ class EventStore:
 
     def close(self) -> None:
         """Close every pooled connection; the store can't be used afterwards."""
+        self._closed = True
         self._committer.close()
         self._engine.dispose()
 
@@ -177,6 +184,8 @@ class EventStore:
     @contextmanager
     def _transaction(self, *, write: bool) -> Iterator[Cursor]:
         """A pooled connection in one transaction; committed only if the block succeeds."""
+        if self._closed:
+            raise EventCtxError("the store is closed: open it again to go on")
         with self._dialect.translate_errors():
             raw = self._engine.raw_connection()
             try:
@@ -222,6 +231,8 @@ class EventStore:
         append made alone, past a locked head row, arrives when it commits).
         """
         check_session_id(session_id)
+        if self._closed:
+            raise EventCtxError("the store is closed: open it again to go on")
         if not events:
             return []
         request = AppendRequest(session_id, events, expected_version, head, inbox, fence)
