@@ -23,6 +23,7 @@ __all__ = [
     "EVENT_MODELS",
     "GENESIS_HASH",
     "MAX_DEPTH",
+    "RUN_EVENTS",
     "NewEvent",
     "RecordedEvent",
     "chain_hash",
@@ -173,6 +174,19 @@ EVENT_MODELS: Final[dict[str, type[_Payload]]] = {
     )
 }
 """Payload model of each event type, by type name."""
+
+RUN_EVENTS: Final = frozenset(
+    {
+        "RunStarted",
+        "RunResumed",
+        "RunCompleted",
+        "RunFailed",
+        "PhaseStarted",
+        "PhaseCompleted",
+        "PhaseFailed",
+    }
+)
+"""The events a run records about itself and its phases."""
 
 
 # --- values -----------------------------------------------------------------------------------

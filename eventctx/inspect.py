@@ -27,7 +27,14 @@ from eventctx.errors import (
     SessionExistsError,
     SessionNotFoundError,
 )
-from eventctx.events import NewEvent, RecordedEvent, encode_payload, from_us, to_us
+from eventctx.events import (
+    RUN_EVENTS,
+    NewEvent,
+    RecordedEvent,
+    encode_payload,
+    from_us,
+    to_us,
+)
 from eventctx.findings import (
     ABSENT,
     DELETED,
@@ -54,17 +61,7 @@ __all__ = ["Inspector"]
 
 
 _KEY_TYPES: Final = frozenset({"KeySet", "KeyDeleted", "ContextCleared"})
-_RUN_TYPES: Final = frozenset(
-    {
-        "RunStarted",
-        "RunResumed",
-        "RunCompleted",
-        "RunFailed",
-        "PhaseStarted",
-        "PhaseCompleted",
-        "PhaseFailed",
-    }
-)
+_RUN_TYPES: Final = RUN_EVENTS
 _ENDS: Final = frozenset({"PhaseCompleted", "PhaseFailed"})
 _RESETS: Final = frozenset({"ContextCleared", "ContextCreated"})
 

@@ -15,7 +15,7 @@ from typing import Any, Final, NamedTuple
 import orjson
 
 from eventctx.errors import IntegrityError
-from eventctx.events import GENESIS_HASH, RecordedEvent
+from eventctx.events import GENESIS_HASH, RUN_EVENTS, RecordedEvent
 
 __all__ = [
     "FOLD_VERSION",
@@ -327,18 +327,7 @@ def _attempts(state: State) -> dict[tuple[str | None, str | None], int]:
     return {(run.execution_id, phase): n for phase, n in run.attempts.items()}
 
 
-_RUN_EVENTS: Final = frozenset(
-    {
-        "MetadataSet",
-        "RunStarted",
-        "RunResumed",
-        "RunCompleted",
-        "RunFailed",
-        "PhaseStarted",
-        "PhaseCompleted",
-        "PhaseFailed",
-    }
-)
+_RUN_EVENTS: Final = RUN_EVENTS | {"MetadataSet"}
 
 
 def _run_event(state: State, event: RecordedEvent) -> None:

@@ -200,29 +200,36 @@ def _lost_connection(backend: str) -> Exception:
     return psycopg.OperationalError("server closed the connection unexpectedly")
 
 
+def _fail_commits(manager: ContextManager, backend: str, *, lands: bool) -> Any:
+    """Make the writer connection's COMMIT fail (after or before the server committed);
+    returns the real connection, to put back."""
+    committer = manager.store._committer
+    proxy = committer._conn
+    fault = _CommitFault(proxy.driver_connection, _lost_connection(backend), lands=lands)
+
+    class Faulty:
+        driver_connection = fault
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(proxy, name)
+
+    committer._conn = Faulty()
+    return proxy
+
+
 @pytest.mark.parametrize("lands", [True, False])
 def test_a_failed_commit_is_checked_before_it_is_reported(
     manager: ContextManager, backend: str, lands: bool
 ) -> None:
     ctx = manager.create_context("s")
     ctx.set("warm", 1)  # the committer now holds its writer connection
-    committer = manager.store._committer
-    proxy = committer._conn
-    real = proxy.driver_connection
-
-    class Faulty:
-        driver_connection = _CommitFault(real, _lost_connection(backend), lands=lands)
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(proxy, name)
-
-    committer._conn = Faulty()
+    proxy = _fail_commits(manager, backend, lands=lands)
     try:
         # Landed: reported as done (not as "nothing was committed", which would make the
         # caller write it twice). Not landed: known not committed, so made again alone.
         ctx.set("k", 1)
     finally:
-        committer._conn = proxy
+        manager.store._committer._conn = proxy
     stored = [e.key for e in manager.store.read("s")]
     assert stored.count("k") == 1  # once, either way
     assert ctx.get("k") == 1 and manager.store.verify("s") == ctx.version
@@ -233,21 +240,12 @@ def test_a_commit_that_cannot_be_checked_says_the_outcome_is_unknown(
 ) -> None:
     ctx = manager.create_context("s")
     ctx.set("warm", 1)
-    committer = manager.store._committer
-    proxy = committer._conn
-    real = proxy.driver_connection
-
-    class Faulty:
-        driver_connection = _CommitFault(real, _lost_connection(backend), lands=True)
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(proxy, name)
+    _fail_commits(manager, backend, lands=True)
 
     def unreachable(*_: Any) -> bytes:
         raise StorageError("the database is unreachable")
 
-    committer._conn = Faulty()
-    committer._committed = unreachable  # type: ignore[method-assign]
+    manager.store._committer._committed = unreachable  # type: ignore[method-assign]
     with pytest.raises(OutcomeUnknownError, match="may or may not be stored"):
         ctx.set("k", 1)
 
