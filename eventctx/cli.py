@@ -16,7 +16,12 @@ import orjson
 
 from eventctx import demo
 from eventctx.compaction import compact
-from eventctx.errors import EventCtxError, SessionNotFoundError
+from eventctx.errors import (
+    EventCtxError,
+    IntegrityError,
+    SessionExpiredError,
+    SessionNotFoundError,
+)
 from eventctx.manager import DEFAULT_URL
 from eventctx.store import EventStore
 
@@ -114,9 +119,28 @@ def _history(store: EventStore, args: argparse.Namespace) -> tuple[Any, list[str
 
 
 def _verify(store: EventStore, args: argparse.Namespace) -> tuple[Any, list[str]]:
-    ids = [args.session] if args.session else [h.session_id for h in store.sessions()]
-    doc = {sid: store.verify(sid) for sid in ids}
-    return doc, [f"{sid}: {n} events verified" for sid, n in doc.items()] or ["no sessions"]
+    if args.session:
+        n = store.verify(args.session)
+        return {args.session: n}, [f"{args.session}: {n} events verified"]
+    doc: dict[str, Any] = {}
+    failed = []
+    for head in store.sessions():  # one failure never stops the check of the others
+        sid = head.session_id
+        try:
+            doc[sid] = store.verify(sid)
+        except (SessionExpiredError, SessionNotFoundError):
+            doc[sid] = "being removed"  # compaction is (or was) removing it
+        except IntegrityError as exc:
+            doc[sid] = f"FAILED: {exc}"
+            failed.append(sid)
+    lines = [
+        f"{sid}: {n} events verified" if isinstance(n, int) else f"{sid}: {n}"
+        for sid, n in doc.items()
+    ]
+    if failed:
+        _emit(args.json, doc, lines)
+        raise IntegrityError(f"{len(failed)} of {len(doc)} sessions failed: {', '.join(failed)}")
+    return doc, lines or ["no sessions"]
 
 
 def _compact(store: EventStore, args: argparse.Namespace) -> tuple[Any, list[str]]:

@@ -14,18 +14,16 @@ One compactor runs at a time across processes and hosts (a lease row, renewed pe
 
 from __future__ import annotations
 
-import os
-import socket
 import time
-import uuid
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Final
 
 from eventctx import faults
+from eventctx.owners import dead_here, new_owner
 from eventctx.store import EventStore
 
-__all__ = ["CompactionReport", "compact"]
+__all__ = ["CompactionReport", "compact", "finish_removal"]
 
 LEASE: Final = "compaction"
 CHUNK_EVENTS: Final = 5000
@@ -70,8 +68,10 @@ def compact(
             report.events_removed += version
         report.duration_s = time.perf_counter() - started
         return report
-    owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+    owner = new_owner()
     holder = store.take_named_lease(LEASE, owner, lease)
+    if holder is not None and dead_here(holder.owner):  # a compactor that crashed: go on now
+        holder = store.take_named_lease(LEASE, owner, lease, previous=holder.owner)
     if holder is not None:
         report.skipped = f"another compactor ({holder[0]}) holds the lease until {holder[1]}"
         report.duration_s = time.perf_counter() - started
@@ -82,6 +82,24 @@ def compact(
         store.release_named_lease(LEASE, owner)
         report.duration_s = time.perf_counter() - started
     return report
+
+
+def finish_removal(
+    store: EventStore, session_id: str, *, lease: timedelta = timedelta(seconds=60)
+) -> bool:
+    """Finish removing one expired session now (what a compactor that died left half done):
+    True when it is gone, False when another live compactor is at work."""
+    owner = new_owner()
+    holder = store.take_named_lease(LEASE, owner, lease)
+    if holder is not None and dead_here(holder.owner):
+        holder = store.take_named_lease(LEASE, owner, lease, previous=holder.owner)
+    if holder is not None:
+        return False
+    try:
+        store.removal.finish_removal(session_id)
+    finally:
+        store.release_named_lease(LEASE, owner)
+    return True
 
 
 @dataclass(slots=True)

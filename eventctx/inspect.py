@@ -25,6 +25,7 @@ from eventctx.errors import (
     IntegrityError,
     InvalidInputError,
     SessionExistsError,
+    SessionExpiredError,
     SessionNotFoundError,
 )
 from eventctx.events import (
@@ -502,7 +503,7 @@ class Inspector:
             return VerifyResult(session_id, True, self._store.verify(session_id))
         except IntegrityError as exc:
             return VerifyResult(session_id, False, 0, exc.version, str(exc))
-        except SessionNotFoundError as exc:  # removed while the others were being checked
+        except (SessionNotFoundError, SessionExpiredError) as exc:  # (being) removed
             return VerifyResult(session_id, False, 0, None, str(exc))
 
     def _head(self, session_id: str) -> SessionHead:

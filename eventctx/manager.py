@@ -14,7 +14,7 @@ from typing import Final
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from eventctx.clock import check_count, check_duration
-from eventctx.compaction import CompactionReport, compact
+from eventctx.compaction import CompactionReport, compact, finish_removal
 from eventctx.context import Gate, Limits, PluginContext, Runtime, _ttl_ms
 from eventctx.errors import (
     InvalidInputError,
@@ -219,7 +219,10 @@ class ContextManager:
             except SessionExpiredError:
                 if time.monotonic() > deadline:
                     raise
-                time.sleep(0.01)  # compaction is removing its rows: wait for it
+                # Being removed: finish it here unless a live compactor is at it (one that
+                # died would otherwise leave the session blocked until its lease ran out).
+                if not finish_removal(self._runtime.store, session_id):
+                    time.sleep(0.01)
 
     def delete_context(self, session_id: str, purge: bool = False) -> None:
         """Delete a session: append ContextDeleted, keeping its history, or with ``purge``

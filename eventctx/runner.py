@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import os
-import socket
 import threading
 import time
 import uuid
@@ -32,6 +30,7 @@ from eventctx.clock import check_duration
 from eventctx.context import PluginContext, SessionWriter
 from eventctx.errors import EventCtxError, RunInProgressError
 from eventctx.manager import ContextManager
+from eventctx.owners import dead_here, new_owner
 from eventctx.phases import (
     AttemptResult,
     ContextAwarePhase,
@@ -44,7 +43,6 @@ from eventctx.store import EventStore, Fence, LeaseHolder
 
 __all__ = ["PluginRunner", "RunResult"]
 
-_HOST = socket.gethostname()
 RunCoroutine = Callable[[Coroutine[Any, Any, Any]], Any]
 
 
@@ -76,7 +74,7 @@ class _Lease:
 
     def __init__(self, store: EventStore, session_id: str, ttl: timedelta) -> None:
         self._store, self._session_id, self._ttl = store, session_id, ttl
-        self.owner = f"{_HOST}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+        self.owner = new_owner()
         self.fence: Fence | None = None
         self._lost: str | None = None
         self._stop = threading.Event()
@@ -84,7 +82,7 @@ class _Lease:
 
     def __enter__(self) -> _Lease:
         taken = self._store.take_lease(self._session_id, self.owner, self._ttl)
-        if isinstance(taken, LeaseHolder) and _dead_here(taken.owner):
+        if isinstance(taken, LeaseHolder) and dead_here(taken.owner):
             taken = self._store.take_lease(
                 self._session_id, self.owner, self._ttl, previous=taken.owner
             )
@@ -145,20 +143,6 @@ class _Retry:
         retries = self.policy.retries(exc, self.tried)
         self.after = self.policy.delay(self.tried) if retries else None
         return self.after
-
-
-def _dead_here(owner: str) -> bool:
-    """Whether a lease holder ran on this host in a process that no longer exists."""
-    parts = owner.rsplit(":", 2)
-    if len(parts) != 3 or parts[0] != _HOST or not parts[1].isdigit():
-        return False
-    try:
-        os.kill(int(parts[1]), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # alive, under another user
-        return False
-    return False
 
 
 class PluginRunner:

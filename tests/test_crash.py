@@ -12,11 +12,14 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
 from eventctx import ContextManager, EventStore, PluginRunner
+from eventctx.cli import main
+from eventctx.compaction import compact
 from eventctx.snapshots import restore
 from eventctx.state import FOLD_VERSION, fold
 
@@ -108,3 +111,44 @@ def test_a_run_killed_mid_phase_resumes_to_completion(db_url: str, fault: str) -
         assert result.status == "completed", result.error
         assert manager.get_context("c").to_dict() == {"one": 1, "two": 2, "three": 3}
         assert manager.store.verify("c") == manager.get_context("c").version
+
+
+def _half_removed(db_url: str) -> None:
+    """A large expired session that a compactor was killed in the middle of removing."""
+    with ContextManager(db_url, cleanup_interval=None) as manager:
+        big = manager.create_context("big", ttl=timedelta(milliseconds=500))
+        for start in range(0, 3000, 300):
+            big.update({f"k{i}": i for i in range(start, start + 300)})
+        if manager.store.session("other") is None:
+            manager.create_context("other", ttl=None).set("a", 1)
+    time.sleep(0.6)
+    child = subprocess.Popen(
+        [sys.executable, WORKERS, "compact", db_url],
+        env={**os.environ, "EVENTCTX_FAULT": "compaction.mid_session@2"},
+    )
+    child.wait(timeout=60)
+    assert child.returncode == -signal.SIGKILL
+    with EventStore.open(db_url) as store:
+        head = store.session("big")
+        assert head is not None and head.status == "expiring"  # half removed
+
+
+def test_a_compactor_killed_mid_session_is_finished_promptly(
+    db_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _half_removed(db_url)
+    assert main(["--url", db_url, "verify"]) == 0  # not "tampered"; the others checked
+    out = capsys.readouterr().out
+    assert "big: being removed" in out and "other: 2 events verified" in out
+    started = time.monotonic()
+    with ContextManager(db_url, cleanup_interval=None) as manager:
+        again = manager.get_or_create_context("big")  # no waiting out the dead one's lease
+        assert again.version == 1 and again.to_dict() == {}
+    assert time.monotonic() - started < 5
+    with EventStore.open(db_url) as store:  # once more: the next compactor finishes it at once
+        store.purge("big")
+    _half_removed(db_url)
+    with EventStore.open(db_url) as store:
+        report = compact(store)
+        assert report.sessions == ["big"] and report.skipped is None
+        assert store.session("big") is None

@@ -9,6 +9,7 @@ from datetime import timedelta
 
 import eventctx
 from eventctx import ContextManager, EventStore, NewEvent, PluginRunner
+from eventctx.compaction import compact
 from eventctx.store import Head
 
 
@@ -133,6 +134,12 @@ def step_three(_: object) -> int:
     return 3
 
 
+def compact_all(url: str) -> None:
+    """Run one compaction in small chunks (the crash suite kills it between chunks)."""
+    with EventStore.open(url) as store:
+        compact(store, chunk_events=500)
+
+
 def open_store(url: str) -> None:
     """Open (creating) the store at ``url``."""
     EventStore.open(url).close()
@@ -156,6 +163,8 @@ if __name__ == "__main__":
         crash_writer(args[0], args[1])
     elif command == "crash-runner":
         crash_runner(args[0], args[1])
+    elif command == "compact":
+        compact_all(args[0])
     elif command == "open":
         open_store(args[0])
     else:

@@ -24,6 +24,7 @@ from eventctx.errors import (
     EventCtxError,
     IntegrityError,
     InvalidInputError,
+    SessionExpiredError,
     SessionNotFoundError,
 )
 from eventctx.events import GENESIS_HASH, NewEvent, RecordedEvent, chain_hash, from_us
@@ -34,6 +35,7 @@ from eventctx.store.commit import AppendRequest, GroupCommitter, Inbox
 from eventctx.store.dialect import Cursor, Dialect, StoreOptions, Synchronous
 from eventctx.store.heads import (
     ACTIVE,
+    EXPIRING,
     Fence,
     Head,
     LeaseHolder,
@@ -312,13 +314,17 @@ class EventStore:
         with self._transaction(write=True) as cur:
             cur.execute(self._sql.release_lease, params)
 
-    def take_named_lease(self, name: str, owner: str, ttl: timedelta) -> LeaseHolder | None:
+    def take_named_lease(
+        self, name: str, owner: str, ttl: timedelta, *, previous: str | None = None
+    ) -> LeaseHolder | None:
         """Take (or renew) the store-wide lease ``name`` for ``ttl``: None on success, else
-        who holds it. One holder at a time across processes and hosts."""
+        who holds it. One holder at a time across processes and hosts; ``previous`` names a
+        holder known to be dead, whose lease is taken over at once."""
         now = self.clock()
         params = {
             "name": name,
             "owner": owner,
+            "previous": previous or "",
             "now": now,
             "expires": now + ttl // timedelta(microseconds=1),
         }
@@ -332,7 +338,7 @@ class EventStore:
             cur.execute(self._sql.read_named_lease, params)
             row = cur.fetchone()
         if row is None:  # released between our statements: try again
-            return self.take_named_lease(name, owner, ttl)
+            return self.take_named_lease(name, owner, ttl, previous=previous)
         return LeaseHolder(str(row[0]), from_us(int(row[1])))
 
     def release_named_lease(self, name: str, owner: str) -> None:
@@ -561,6 +567,11 @@ class EventStore:
         found = self.session(session_id)
         if found is None:
             raise SessionNotFoundError(f"session {session_id!r} does not exist")
+        if found.status == EXPIRING:
+            raise SessionExpiredError(
+                f"session {session_id!r} expired and is being removed (its first events are "
+                "gone already); there is nothing to verify"
+            )
         expected_version, prev = 1, GENESIS_HASH
         for rows in self._pages(self._sql.read_chain, session_id, 1, _NO_UPPER, 0):
             for version, type_, key, phase, execution_id, payload, at, hash_, prev_hash in rows:

@@ -203,7 +203,11 @@ class Statements:
             sa.update(le)
             .where(
                 le.c.name == bindparam("name"),
-                sa.or_(le.c.owner == bindparam("owner"), le.c.expires_at < bindparam("now")),
+                sa.or_(
+                    le.c.owner == bindparam("owner"),
+                    le.c.owner == bindparam("previous"),
+                    le.c.expires_at < bindparam("now"),
+                ),
             )
             .values(owner=bindparam("owner"), expires_at=bindparam("expires"))
         )
