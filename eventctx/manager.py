@@ -93,7 +93,11 @@ class ContextManager:
         self._runtime = Runtime(
             store, Gate(), Limits(max_key_length, max_value_bytes), snapshot_every, self._create
         )
-        self._contexts: dict[str, PluginContext] = {}
+        # Held weakly: a context nobody uses any more is dropped (restored again when asked
+        # for), so a manager that opened 100k sessions does not keep 100k states.
+        self._contexts: weakref.WeakValueDictionary[str, PluginContext] = (
+            weakref.WeakValueDictionary()
+        )
         self._lock = threading.Lock()
 
     @property
@@ -196,7 +200,7 @@ class ContextManager:
                 runtime, session_id, state, SnapshotPolicy(runtime.snapshot_every, size, tail)
             )
             with self._lock:
-                return self._contexts.setdefault(session_id, fresh)
+                return self._contexts.setdefault(session_id, fresh)  # one object per session
 
     def get_or_create_context(
         self, session_id: str, ttl: timedelta | _Default | None = _DEFAULT

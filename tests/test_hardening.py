@@ -334,3 +334,13 @@ def test_a_closed_store_refuses_work_and_a_dropped_manager_closes_its_store(
     gc.collect()
     with pytest.raises(EventCtxError, match="closed"):
         dropped_store.session("s")
+
+
+def test_a_manager_keeps_only_the_contexts_in_use(manager: ContextManager) -> None:
+    kept = manager.create_context("kept")
+    for n in range(300):
+        manager.create_context(f"s{n}").set("k", n)
+    gc.collect()
+    assert manager.get_context("kept") is kept  # one object per session while it is used
+    assert len(manager._contexts) < 10  # the others were let go
+    assert manager.get_context("s7").get("k") == 7  # and come back restored
