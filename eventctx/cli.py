@@ -16,12 +16,7 @@ import orjson
 
 from eventctx import demo
 from eventctx.compaction import compact
-from eventctx.errors import (
-    EventCtxError,
-    IntegrityError,
-    SessionExpiredError,
-    SessionNotFoundError,
-)
+from eventctx.errors import EventCtxError, IntegrityError, SessionNotFoundError
 from eventctx.manager import DEFAULT_URL
 from eventctx.store import EventStore
 
@@ -124,15 +119,14 @@ def _verify(store: EventStore, args: argparse.Namespace) -> tuple[Any, list[str]
         return {args.session: n}, [f"{args.session}: {n} events verified"]
     doc: dict[str, Any] = {}
     failed = []
-    for head in store.sessions():  # one failure never stops the check of the others
-        sid = head.session_id
-        try:
-            doc[sid] = store.verify(sid)
-        except (SessionExpiredError, SessionNotFoundError):
-            doc[sid] = "being removed"  # compaction is (or was) removing it
-        except IntegrityError as exc:
-            doc[sid] = f"FAILED: {exc}"
+    for sid, found in store.verify_all():  # one streamed pass; a failure never stops it
+        if isinstance(found, int):
+            doc[sid] = found
+        elif isinstance(found, IntegrityError):
+            doc[sid] = f"FAILED: {found}"
             failed.append(sid)
+        else:
+            doc[sid] = "being removed"  # compaction is (or was) removing it
     lines = [
         f"{sid}: {n} events verified" if isinstance(n, int) else f"{sid}: {n}"
         for sid, n in doc.items()

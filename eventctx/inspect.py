@@ -22,10 +22,10 @@ from typing import Any, Final, overload
 
 from eventctx.errors import (
     ContextKeyError,
+    EventCtxError,
     IntegrityError,
     InvalidInputError,
     SessionExistsError,
-    SessionExpiredError,
     SessionNotFoundError,
 )
 from eventctx.events import (
@@ -494,17 +494,15 @@ class Inspector:
         if session_id is not None:
             self._head(session_id)
             return self._verify(session_id)
-        return [self._verify(h.session_id) for h in self._store.sessions()]
+        return [_verified(sid, found) for sid, found in self._store.verify_all()]
 
     # --- helpers -----------------------------------------------------------------------------
 
     def _verify(self, session_id: str) -> VerifyResult:
         try:
-            return VerifyResult(session_id, True, self._store.verify(session_id))
-        except IntegrityError as exc:
-            return VerifyResult(session_id, False, 0, exc.version, str(exc))
-        except (SessionNotFoundError, SessionExpiredError) as exc:  # (being) removed
-            return VerifyResult(session_id, False, 0, None, str(exc))
+            return _verified(session_id, self._store.verify(session_id))
+        except EventCtxError as exc:
+            return _verified(session_id, exc)
 
     def _head(self, session_id: str) -> SessionHead:
         head = self._store.session(session_id)
@@ -582,6 +580,14 @@ class Inspector:
 
 
 # --- pure helpers ----------------------------------------------------------------------------
+
+
+def _verified(session_id: str, found: int | EventCtxError) -> VerifyResult:
+    """A check's result: the events verified, or what failed (and at which version)."""
+    if isinstance(found, int):
+        return VerifyResult(session_id, True, found)
+    version = found.version if isinstance(found, IntegrityError) else None
+    return VerifyResult(session_id, False, 0, version, str(found))
 
 
 def _us(at: datetime | None, name: str) -> int | None:

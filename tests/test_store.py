@@ -437,3 +437,27 @@ def test_compaction_leaves_a_purged_and_recreated_session_alone(store: EventStor
     assert store.removal.delete_events_upto("s", 1) is None
     assert store.removal.finish_removal("s") is None
     assert [e.key for e in store.read("s")] == [None, "new"] and store.verify("s") == 2
+
+
+def test_verify_all_streams_and_agrees_with_verify(store: EventStore) -> None:
+    for sid in ("a", "b", "c", "d"):
+        store.append(sid, [created(), *(key_set(f"k{i}", i) for i in range(3))])
+    store.append("e", [created()])
+    with store.engine.begin() as conn:
+        _drop_update_trigger(store, conn)
+        conn.execute(
+            sa.text(
+                "UPDATE eventctx_events SET payload = :p WHERE session_id = 'b' AND version = 2"
+            ),
+            {"p": b'{"value":999}'},
+        )
+        conn.execute(sa.text("DELETE FROM eventctx_events WHERE session_id = 'd' AND version = 4"))
+        conn.execute(sa.text("DELETE FROM eventctx_events WHERE session_id = 'e'"))
+    results = dict(store.verify_all())
+    assert list(results) == ["a", "b", "c", "d", "e"]
+    assert results["a"] == 4 and results["c"] == 4
+    for sid in ("b", "d", "e"):
+        with pytest.raises(IntegrityError) as caught:
+            store.verify(sid)
+        found = results[sid]
+        assert isinstance(found, IntegrityError) and str(found) == str(caught.value)

@@ -19,7 +19,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import sqlalchemy as sa
 
-from tools.bench import append, compaction, readside, restore, throughput, writers
+from tools.bench import (
+    append,
+    compaction,
+    maintenance,
+    readside,
+    restore,
+    throughput,
+    writers,
+)
 from tools.bench.common import PG_URL, ROUNDS, Figure, pg_available, table
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
@@ -280,8 +288,9 @@ def main() -> int:
     print("measuring the store's append and compaction…", file=sys.stderr)
     sections.append(append.run())
     sections.append(compaction.run())
-    print("measuring the read side…", file=sys.stderr)
+    print("measuring the read side and maintenance at scale…", file=sys.stderr)
     sections.append(readside.run())
+    sections.append(maintenance.run())
     _plot_writers(writer_results, DOCS / "bench-writers.png")
     _plot_restore(restore_results, DOCS / "bench-restore.png")
     target_rows = [[name, got, "met" if ok else "**missed**"] for name, got, ok in targets]
