@@ -695,17 +695,8 @@ class _Chain:
             return exc
 
 
-_CHAIN_COLUMNS: Final = (
-    "version",
-    "type",
-    "key",
-    "phase",
-    "execution_id",
-    "payload",
-    "recorded_at",
-    "hash",
-    "prev_hash",
-)
+_CHAIN_COLUMNS: Final = EVENT_COLUMNS[1:]
+"""What the chain check reads of each event: every column but the session id."""
 
 
 def _after_fork(ref: weakref.ReferenceType[EventStore]) -> None:
