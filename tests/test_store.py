@@ -461,3 +461,18 @@ def test_verify_all_streams_and_agrees_with_verify(store: EventStore) -> None:
             store.verify(sid)
         found = results[sid]
         assert isinstance(found, IntegrityError) and str(found) == str(caught.value)
+
+
+def test_verify_all_does_not_depend_on_how_ids_sort(store: EventStore) -> None:
+    """Ids that Python and the database may order differently, and events whose head row is
+    gone: every session is reported once, with its own result."""
+    ids = ["B", "a", "Ä", "b", "_x", "z9", "Z1"]
+    for sid in ids:
+        store.append(sid, [created(), key_set("k", 1)])
+    with store.engine.begin() as conn:  # a head row removed (events left behind)
+        conn.execute(sa.text("DELETE FROM eventctx_sessions WHERE session_id = 'b'"))
+    reported = list(store.verify_all())
+    assert sorted(sid for sid, _ in reported) == sorted(ids)  # each once
+    results = dict(reported)
+    assert all(results[sid] == 2 for sid in ids if sid != "b")
+    assert isinstance(results["b"], SessionNotFoundError)

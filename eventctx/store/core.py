@@ -590,33 +590,26 @@ class EventStore:
         )
         compiled = stmt.compile(dialect=self._dialect.sql_dialect)
         sql, params = str(compiled), dict(compiled.params)
-        pending = iter(sorted(heads))
+        seen: set[str] = set()
         current: tuple[str, _Chain] | None = None
         while True:
             with self._transaction(write=False) as cur:
                 cur.execute(sql, params)
                 rows = cur.fetchall()
-            for session_id, *row in rows:
+            for session_id, *row in rows:  # grouped by session, in the database's order
                 if current is None or current[0] != session_id:
                     if current is not None:
                         yield current[0], current[1].result()
-                    for earlier in pending:  # heads without events (before this one)
-                        if earlier == session_id:
-                            break
-                        yield earlier, _Chain(heads[earlier]).result()
-                    head = heads.get(session_id)
-                    if head is None:  # events without a head row: removed meanwhile
-                        current = (session_id, _Chain(None))
-                    else:
-                        current = (session_id, _Chain(head))
+                    seen.add(session_id)  # None: events without a head row (removed meanwhile)
+                    current = (session_id, _Chain(heads.get(session_id)))
                 current[1].feed(*row)
             if len(rows) < READ_CHUNK:
                 break
             params["after_session"], params["after_version"] = rows[-1][0], rows[-1][1]
         if current is not None:
             yield current[0], current[1].result()
-        for rest in pending:
-            yield rest, _Chain(heads[rest]).result()
+        for session_id in sorted(heads.keys() - seen):  # head rows without any event
+            yield session_id, _Chain(heads[session_id]).result()
 
 
 class _Chain:
