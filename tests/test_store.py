@@ -476,3 +476,16 @@ def test_verify_all_does_not_depend_on_how_ids_sort(store: EventStore) -> None:
     results = dict(reported)
     assert all(results[sid] == 2 for sid in ids if sid != "b")
     assert isinstance(results["b"], SessionNotFoundError)
+
+
+def test_a_batch_with_a_lifecycle_event_inside_is_refused(store: EventStore) -> None:
+    """The head row takes a batch's lifecycle (and a re-creation's ttl) from its first and
+    last events: a creation or deletion in the middle would be misread, so it is refused."""
+    store.append("s", [created(), key_set("a", 1)])
+    for batch in (
+        [NewEvent.create("ContextDeleted"), created(ttl_ms=None)],
+        [key_set("b", 2), created(ttl_ms=None), key_set("c", 3)],
+    ):
+        with pytest.raises(InvalidInputError, match="may only start a batch"):
+            store.append("s", batch)
+    assert versions(store, "s") == [1, 2]

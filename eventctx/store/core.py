@@ -237,6 +237,11 @@ class EventStore:
             raise EventCtxError("the store is closed: open it again to go on")
         if not events:
             return []
+        if len(events) > 1 and _lifecycle_inside(events):
+            raise InvalidInputError(
+                "a ContextCreated may only start a batch and a ContextDeleted only end one: "
+                "the head row takes a batch's lifecycle from its first and last events"
+            )
         request = AppendRequest(session_id, events, expected_version, head, inbox, fence)
         return self._committer.submit(request)
 
@@ -690,6 +695,13 @@ class _Chain:
 
 _CHAIN_COLUMNS: Final = EVENT_COLUMNS[1:]
 """What the chain check reads of each event: every column but the session id."""
+
+
+def _lifecycle_inside(events: Sequence[NewEvent]) -> bool:
+    """Whether a session is created after the start of ``events``, or deleted before their end."""
+    return any(e.type == "ContextCreated" for e in events[1:]) or any(
+        e.type == "ContextDeleted" for e in events[:-1]
+    )
 
 
 def _after_fork(ref: weakref.ReferenceType[EventStore]) -> None:
