@@ -245,7 +245,7 @@ def test_a_commit_that_cannot_be_checked_says_the_outcome_is_unknown(
     def unreachable(*_: Any) -> bytes:
         raise StorageError("the database is unreachable")
 
-    manager.store._committer._committed = unreachable  # type: ignore[method-assign]
+    manager.store._committer._stored_hash = unreachable
     with pytest.raises(OutcomeUnknownError, match="may or may not be stored"):
         ctx.set("k", 1)
 

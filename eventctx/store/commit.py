@@ -87,15 +87,15 @@ class GroupCommitter:
         stage: Stage,
         insert: Insert,
         transaction: Transaction,
-        event_hash: str,
+        stored_hash: Callable[[str, int], bytes | None],
     ) -> None:
         self._engine = engine
         self._dialect = dialect
         self._stage = stage
         self._insert = insert
         self._transaction = transaction
-        self._event_hash = event_hash
-        """SQL reading the hash at (session_id, version): how a failed COMMIT is checked."""
+        self._stored_hash = stored_hash
+        """The chain hash stored at (session_id, version): how a failed COMMIT is checked."""
         self._cv = threading.Condition()
         self._queue: list[AppendRequest] = []
         self._leading = False
@@ -210,7 +210,7 @@ class GroupCommitter:
         cannot be known (every member then gets OutcomeUnknownError)."""
         expected = [r.result[-1] for r in members if r.result]
         try:
-            found = [self._committed(e.session_id, e.version) == e.hash for e in expected]
+            found = [self._stored_hash(e.session_id, e.version) == e.hash for e in expected]
         except Exception as exc:
             for request in members:
                 request.result = None
@@ -222,13 +222,6 @@ class GroupCommitter:
                 request.error.__cause__ = failure
             return None
         return bool(found) and all(found)
-
-    def _committed(self, session_id: str, version: int) -> bytes | None:
-        """The chain hash stored at ``version`` of a session, read on a fresh connection."""
-        with self._transaction(write=False) as cur:
-            cur.execute(self._event_hash, {"session_id": session_id, "version": version})
-            row = cur.fetchone()
-        return None if row is None else bytes(row[0])
 
     def _stage_unit(
         self, cur: Cursor, unit: list[AppendRequest], heads: MutableMapping[str, Head]

@@ -75,7 +75,7 @@ class EventStore:
         """The time of appends, activity and leases, in µs since the epoch."""
         self._sql = Statements(dialect)
         self._committer = GroupCommitter(
-            engine, dialect, self._stage, self._insert, self._transaction, self._sql.event_hash
+            engine, dialect, self._stage, self._insert, self._transaction, self._stored_hash
         )
         self.removal = Removal(self._transaction, self._sql, dialect.sql_dialect)
         """The steps compaction is made of (``eventctx.compaction`` runs them)."""
@@ -249,6 +249,10 @@ class EventStore:
         self, cur: Cursor, request: AppendRequest, heads: MutableMapping[str, Head], wait: bool
     ) -> list[dict[str, Any]]:
         return append_protocol.stage(cur, self._sql, request, heads, wait, self.clock())
+
+    def _stored_hash(self, session_id: str, version: int) -> bytes | None:
+        found = self.read_versions(session_id, [version])
+        return found[0].hash if found else None
 
     def _insert(self, cur: Cursor, rows: list[dict[str, Any]]) -> list[int]:
         sql = self._sql

@@ -245,9 +245,6 @@ class Statements:
             .limit(sa.literal_column("1", sa.Integer))
             .offset(_ZERO)
         )
-        self.event_hash = c(
-            sa.select(ev.c.hash).where(ev.c.session_id == sid, ev.c.version == bindparam("version"))
-        )
         self.session = c(sa.select(*_SESSION_COLUMNS).where(se.c.session_id == sid))
         self.sessions = c(sa.select(*_SESSION_COLUMNS).order_by(se.c.session_id))
         read_cols = (ev.c.position, ev.c.version, ev.c.type, ev.c.key, ev.c.phase)
