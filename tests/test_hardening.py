@@ -19,6 +19,7 @@ import sqlalchemy as sa
 import eventctx
 from eventctx import (
     ConcurrencyError,
+    ContextAwarePhase,
     ContextManager,
     EventCtxError,
     EventStore,
@@ -73,7 +74,7 @@ def test_strings_that_are_not_unicode_are_refused(manager: ContextManager) -> No
     with pytest.raises(SerializationError, match="surrogates"):
         ctx.set("k", {"bad\ud800": 1})
     with pytest.raises(InvalidInputError, match="NUL"):
-        PluginRunner(manager, [lambda _: None]).phases[0].__class__(lambda _: None, name="a\x00")
+        ContextAwarePhase(lambda _: None, name="a\x00")
     ctx.set("k", "nul\x00in a value is fine")  # escaped in the JSON payload
     assert ctx.get("k") == "nul\x00in a value is fine" and ctx.version == 2
 

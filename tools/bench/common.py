@@ -82,6 +82,16 @@ def pg_available() -> bool:
         return False
 
 
+def each_backend() -> Iterator[tuple[str, str]]:
+    """("SQLite", URL of a fresh file), then ("PostgreSQL", URL of a fresh schema) when the
+    server answers; each is removed once the caller moves on."""
+    with sqlite_file() as path:
+        yield "SQLite", f"sqlite:///{path}"
+    if pg_available():
+        with pg_schema() as (_, url):
+            yield "PostgreSQL", url
+
+
 def table(title: str, header: list[str], rows: list[list[str]]) -> str:
     """A Markdown table (it also reads well in a terminal)."""
     lines = [f"### {title}", "", "| " + " | ".join(header) + " |"]

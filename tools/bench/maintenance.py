@@ -16,7 +16,7 @@ from eventctx.compaction import compact
 from eventctx.events import GENESIS_HASH
 from eventctx.store import Head, schema
 from eventctx.store.append import _chain
-from tools.bench.common import pg_available, pg_schema, sqlite_file, table
+from tools.bench.common import each_backend, table
 
 SESSIONS = 100_000
 EVENTS = [
@@ -76,12 +76,7 @@ def _backend(name: str, url: str) -> list[list[str]]:
 
 def run() -> str:
     """Measure on SQLite (and PostgreSQL when it answers); return the Markdown table."""
-    rows = []
-    with sqlite_file() as path:
-        rows += _backend("SQLite", f"sqlite:///{path}")
-    if pg_available():
-        with pg_schema() as (_, url):
-            rows += _backend("PostgreSQL", url)
+    rows = [row for name, url in each_backend() for row in _backend(name, url)]
     return table(
         f"Maintenance of {SESSIONS:,} sessions of three events",
         ["operation", "time", "sessions per second"],

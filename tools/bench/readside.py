@@ -13,7 +13,7 @@ from typing import Any
 
 from eventctx import ContextManager, EventStore, Inspector, runlog
 from eventctx.events import NewEvent
-from tools.bench.common import Figure, pg_available, pg_schema, sqlite_file, table
+from tools.bench.common import Figure, each_backend, table
 from tools.bench.restore import _populate, timed
 
 SIZES = (10_000, 1_000_000)
@@ -89,12 +89,7 @@ def _ratio(by_size: dict[int, Figure]) -> str:
 
 def run() -> str:
     """Measure on SQLite (and PostgreSQL when it answers); return the Markdown table."""
-    rows = []
-    with sqlite_file() as path:
-        rows += _backend("SQLite", f"sqlite:///{path}")
-    if pg_available():
-        with pg_schema() as (_, url):
-            rows += _backend("PostgreSQL", url)
+    rows = [row for name, url in each_backend() for row in _backend(name, url)]
     return table(
         "Read side: Inspector queries, milliseconds (median, min–max)",
         ["query", f"{SIZES[0]:,}-event session", f"{SIZES[1]:,}-event session", "1M / 10k"],
