@@ -32,13 +32,6 @@ __all__ = [
 class _Absent:
     """The marker for "no value": a key absent, a phase that wrote nothing, no output."""
 
-    _instance: _Absent | None = None
-
-    def __new__(cls) -> _Absent:
-        if cls._instance is None:
-            cls._instance = super().__new__(cls)
-        return cls._instance
-
     def __repr__(self) -> str:
         return "ABSENT"
 
