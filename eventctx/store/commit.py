@@ -27,9 +27,9 @@ from typing import Any, Final
 from sqlalchemy.engine import Engine
 
 from eventctx import faults
-from eventctx.errors import EventCtxError, OutcomeUnknownError
+from eventctx.errors import EventCtxError, OutcomeUnknownError, StorageError
 from eventctx.events import NewEvent, RecordedEvent
-from eventctx.store.dialect import Cursor, Dialect, Transaction
+from eventctx.store.dialect import TRIES_AFTER_DROP, Cursor, Dialect, Transaction
 from eventctx.store.heads import Fence, Head
 
 __all__ = ["AppendRequest", "GroupCommitter", "Inbox", "RowLockedError"]
@@ -253,7 +253,18 @@ class GroupCommitter:
                 request.result = _recorded(positions, rows_in_order, request.events)
 
     def _append_alone(self, request: AppendRequest) -> list[RecordedEvent]:
-        """Append in a transaction of its own that waits for the head row (busy timeout)."""
+        """Append in a transaction of its own that waits for the head row (busy timeout). One
+        the server dropped the connection of, known not committed, is made again."""
+        for tries in range(1, TRIES_AFTER_DROP + 1):
+            last = tries == TRIES_AFTER_DROP
+            try:
+                return self._try_alone(request)
+            except StorageError as exc:
+                if last or isinstance(exc, OutcomeUnknownError) or not self._dialect.dropped(exc):
+                    raise
+        raise AssertionError("unreachable")
+
+    def _try_alone(self, request: AppendRequest) -> list[RecordedEvent]:
         rows: list[dict[str, Any]] = []
         positions: list[int] = []
         try:

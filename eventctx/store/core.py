@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import os
 import weakref
-from collections.abc import Collection, Iterator, MutableMapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, MutableMapping, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import orjson
 import sqlalchemy as sa
@@ -26,13 +26,20 @@ from eventctx.errors import (
     InvalidInputError,
     SessionExpiredError,
     SessionNotFoundError,
+    StorageError,
 )
 from eventctx.events import GENESIS_HASH, NewEvent, RecordedEvent, chain_hash, from_us
 from eventctx.store import append as append_protocol
 from eventctx.store import schema
 from eventctx.store.backends import for_url
 from eventctx.store.commit import AppendRequest, GroupCommitter, Inbox
-from eventctx.store.dialect import Cursor, Dialect, StoreOptions, Synchronous
+from eventctx.store.dialect import (
+    TRIES_AFTER_DROP,
+    Cursor,
+    Dialect,
+    StoreOptions,
+    Synchronous,
+)
 from eventctx.store.heads import (
     ACTIVE,
     EXPIRING,
@@ -50,6 +57,7 @@ __all__ = ["EventStore"]
 
 READ_CHUNK: Final = 5000
 _NO_UPPER: Final = 2**62
+T = TypeVar("T")
 
 
 class EventStore:
@@ -207,6 +215,29 @@ class EventStore:
             finally:
                 raw.close()
 
+    def _run(self, work: Callable[[Cursor], T], *, write: bool) -> T:
+        """``work`` in one short transaction. When the server dropped the connection, it is
+        made again on a fresh connection instead of failing its caller (a restart or a
+        terminated backend costs no error once the server answers): ``work`` must be safe to
+        repeat even when the dropped try did commit."""
+        for tries in range(1, TRIES_AFTER_DROP + 1):
+            try:
+                with self._transaction(write=write) as cur:
+                    return work(cur)
+            except StorageError as exc:
+                if tries == TRIES_AFTER_DROP or not self._dialect.dropped(exc):
+                    raise
+        raise AssertionError("unreachable")
+
+    def _fetch(self, sql: str, params: Mapping[str, Any] | None = None) -> list[Any]:
+        """The rows of one read (made again on a fresh connection if the server dropped it)."""
+
+        def rows(cur: Cursor) -> list[Any]:
+            cur.execute(sql, params or {})
+            return list(cur.fetchall())
+
+        return self._run(rows, write=False)
+
     # --- writing ------------------------------------------------------------------------------
 
     def append(
@@ -265,10 +296,13 @@ class EventStore:
         """
         check_session_id(session_id)
         params = {"session_id": session_id, "now": self.clock(), "active": ACTIVE}
-        with self._transaction(write=True) as cur:
+
+        def touch(cur: Cursor) -> Any:
             cur.execute(self._sql.touch, params)
             cur.execute(self._sql.session, params)
-            row = cur.fetchone()
+            return cur.fetchone()
+
+        row = self._run(touch, write=True)
         return None if row is None else SessionHead.from_row(row)
 
     def take_lease(
@@ -290,13 +324,23 @@ class EventStore:
             "expires": now + ttl // timedelta(microseconds=1),
             "active": ACTIVE,
         }
-        with self._transaction(write=True) as cur:
+
+        tries: list[None] = []
+
+        def take(cur: Cursor) -> Fence | Any:
+            if tries:  # an earlier try whose connection dropped may have taken it: take over
+                params["previous"] = owner
+            tries.append(None)
             cur.execute(self._sql.take_lease, params)
             taken = cur.fetchone()
             if taken is not None:
                 return Fence(owner, int(taken[0]))
             cur.execute(self._sql.read_lease, params)
-            row = cur.fetchone()
+            return cur.fetchone()
+
+        row = self._run(take, write=True)
+        if isinstance(row, Fence):
+            return row
         if row is None or row[0] is None:
             raise SessionNotFoundError(f"session {session_id!r} does not exist or was deleted")
         return LeaseHolder(str(row[0]), from_us(int(row[1])))
@@ -312,16 +356,18 @@ class EventStore:
             "expires": now + ttl // timedelta(microseconds=1),
             "active": ACTIVE,
         }
-        with self._transaction(write=True) as cur:
+
+        def renew(cur: Cursor) -> bool:
             cur.execute(self._sql.renew_lease, params)
             return bool(cur.rowcount == 1)
+
+        return self._run(renew, write=True)
 
     def release_lease(self, session_id: str, fence: Fence) -> None:
         """Give up the run lease ``fence`` (a no-op if it is no longer held)."""
         check_session_id(session_id)
         params = {"session_id": session_id, "owner": fence.owner, "token": fence.token}
-        with self._transaction(write=True) as cur:
-            cur.execute(self._sql.release_lease, params)
+        self._run(lambda cur: cur.execute(self._sql.release_lease, params), write=True)
 
     def take_named_lease(
         self, name: str, owner: str, ttl: timedelta, *, previous: str | None = None
@@ -337,23 +383,28 @@ class EventStore:
             "now": now,
             "expires": now + ttl // timedelta(microseconds=1),
         }
-        with self._transaction(write=True) as cur:
+
+        def take(cur: Cursor) -> Any:
             cur.execute(self._sql.insert_named_lease, params)
             if cur.rowcount == 1:
-                return None
+                return True
             cur.execute(self._sql.take_named_lease, params)
             if cur.rowcount == 1:
-                return None
+                return True
             cur.execute(self._sql.read_named_lease, params)
-            row = cur.fetchone()
+            return cur.fetchone()
+
+        row = self._run(take, write=True)
+        if row is True:
+            return None
         if row is None:  # released between our statements: try again
             return self.take_named_lease(name, owner, ttl, previous=previous)
         return LeaseHolder(str(row[0]), from_us(int(row[1])))
 
     def release_named_lease(self, name: str, owner: str) -> None:
         """Give up the lease ``name`` if ``owner`` still holds it."""
-        with self._transaction(write=True) as cur:
-            cur.execute(self._sql.release_named_lease, {"name": name, "owner": owner})
+        params = {"name": name, "owner": owner}
+        self._run(lambda cur: cur.execute(self._sql.release_named_lease, params), write=True)
 
     # --- snapshots and purge -----------------------------------------------------------------
 
@@ -369,8 +420,7 @@ class EventStore:
             "state": state,
             "now": self.clock(),
         }
-        with self._transaction(write=True) as cur:
-            cur.execute(self._sql.insert_snapshot, params)
+        self._run(lambda cur: cur.execute(self._sql.insert_snapshot, params), write=True)
 
     def latest_snapshot(
         self, session_id: str, fold_version: int, max_version: int | None = None
@@ -382,9 +432,8 @@ class EventStore:
             "fold_version": fold_version,
             "high": _NO_UPPER if max_version is None else max_version,
         }
-        with self._transaction(write=False) as cur:
-            cur.execute(self._sql.latest_snapshot, params)
-            row = cur.fetchone()
+        rows = self._fetch(self._sql.latest_snapshot, params)
+        row = rows[0] if rows else None
         return None if row is None else (int(row[0]), bytes(row[1]), bytes(row[2]))
 
     def purge(self, session_id: str) -> int:
@@ -402,16 +451,12 @@ class EventStore:
     def session(self, session_id: str) -> SessionHead | None:
         """The session's head row, or None if it never existed (or was purged)."""
         check_session_id(session_id)
-        with self._transaction(write=False) as cur:
-            cur.execute(self._sql.session, {"session_id": session_id})
-            row = cur.fetchone()
-        return None if row is None else SessionHead.from_row(row)
+        rows = self._fetch(self._sql.session, {"session_id": session_id})
+        return SessionHead.from_row(rows[0]) if rows else None
 
     def sessions(self) -> list[SessionHead]:
         """Every session's head row (deleted ones included), ordered by id."""
-        with self._transaction(write=False) as cur:
-            cur.execute(self._sql.sessions)
-            return [SessionHead.from_row(row) for row in cur.fetchall()]
+        return [SessionHead.from_row(row) for row in self._fetch(self._sql.sessions)]
 
     def read(
         self, session_id: str, from_version: int = 1, to_version: int | None = None
@@ -517,9 +562,7 @@ class EventStore:
         sql, params = str(compiled), dict(compiled.params)
         at = 2 if session_id is not None else 0
         while True:
-            with self._transaction(write=False) as cur:
-                cur.execute(sql, params)
-                rows = cur.fetchall()
+            rows = self._fetch(sql, params)
             yield from map(_event_of, rows)
             if len(rows) < READ_CHUNK:
                 return
@@ -530,9 +573,7 @@ class EventStore:
         compiled = stmt.compile(
             dialect=self._dialect.sql_dialect, compile_kwargs={"render_postcompile": True}
         )
-        with self._transaction(write=False) as cur:
-            cur.execute(str(compiled), compiled.params)
-            return list(map(_event_of, cur.fetchall()))
+        return list(map(_event_of, self._fetch(str(compiled), compiled.params)))
 
     def read_after(self, position: int, limit: int = READ_CHUNK) -> list[RecordedEvent]:
         """Up to ``limit`` events of every session with positions after ``position``, in
@@ -542,9 +583,7 @@ class EventStore:
         last position it saw) never skips an event, however many writers there are.
         """
         params = {"after": position, "limit": limit}
-        with self._transaction(write=False) as cur:
-            cur.execute(self._sql.read_after, params)
-            return list(map(_event_of, cur.fetchall()))
+        return list(map(_event_of, self._fetch(self._sql.read_after, params)))
 
     def _pages(
         self, sql: str, session_id: str, low: int, high: int, version_at: int
@@ -558,9 +597,7 @@ class EventStore:
             "limit": READ_CHUNK,
         }
         while True:
-            with self._transaction(write=False) as cur:
-                cur.execute(sql, params)
-                rows = cur.fetchall()
+            rows = self._fetch(sql, params)
             if rows:
                 yield rows
             if len(rows) < READ_CHUNK:
@@ -602,9 +639,7 @@ class EventStore:
         seen: set[str] = set()
         current: tuple[str, _Chain] | None = None
         while True:
-            with self._transaction(write=False) as cur:
-                cur.execute(sql, params)
-                rows = cur.fetchall()
+            rows = self._fetch(sql, params)
             for session_id, *row in rows:  # grouped by session, in the database's order
                 if current is None or current[0] != session_id:
                     if current is not None:

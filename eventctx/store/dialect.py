@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import sqlalchemy as sa
 from sqlalchemy.engine import URL, Engine
@@ -28,6 +28,10 @@ Cursor = DBAPICursor
 
 Transaction = Callable[..., AbstractContextManager[Cursor]]
 """``transaction(write=…)``: a cursor in one transaction, committed if the block succeeds."""
+
+TRIES_AFTER_DROP: Final = 3
+"""How often an operation is tried in all while the server keeps dropping its connections
+before COMMIT (each try on a fresh connection)."""
 
 
 def fetch_value(cur: Cursor) -> Any:
@@ -97,6 +101,19 @@ class Dialect:
     def lock_timed_out(self, exc: Exception) -> bool:
         """Whether a driver error says the busy timeout passed while waiting for a lock."""
         raise NotImplementedError
+
+    def connection_lost(self, exc: BaseException | None) -> bool:
+        """Whether a driver error says the server dropped the connection (so a fresh one may
+        succeed); an embedded database has no connection to lose."""
+        return False
+
+    def dropped(self, exc: BaseException) -> bool:
+        """Whether ``exc`` (as ``translate_errors`` raised it) failed because the server
+        dropped the connection: an operation that did not get to COMMIT may be made again."""
+        cause = exc.__cause__
+        if isinstance(cause, sa.exc.DBAPIError):
+            cause = cause.orig
+        return self.connection_lost(cause)
 
     def compile(self, stmt: ClauseElement) -> str:
         """SQL text of a Core statement for this backend's driver."""

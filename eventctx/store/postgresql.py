@@ -18,6 +18,8 @@ from eventctx.store.dialect import Cursor, Dialect, StoreOptions, fetch_value
 
 _UNIQUE_VIOLATION = "23505"
 _LOCK_NOT_AVAILABLE = "55P03"
+# Class 08 (connection exception) and the server shutting the session down (57P01-57P03).
+_CONNECTION_LOST = ("08", "57P01", "57P02", "57P03")
 # Keyed on the schema, so that stores in unrelated schemas of one database never wait on
 # each other.
 _SETUP_LOCK = "SELECT pg_advisory_xact_lock(hashtext('eventctx:' || current_schema()))"
@@ -100,3 +102,8 @@ class PostgreSQLDialect(Dialect):
 
     def lock_timed_out(self, exc: Exception) -> bool:
         return isinstance(exc, psycopg.Error) and exc.sqlstate == _LOCK_NOT_AVAILABLE
+
+    def connection_lost(self, exc: BaseException | None) -> bool:
+        if not isinstance(exc, psycopg.OperationalError):
+            return False  # psycopg reports a connection it found dead with no sqlstate
+        return exc.sqlstate is None or exc.sqlstate.startswith(_CONNECTION_LOST)
