@@ -20,7 +20,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 stress: $(STAMP)
-	EVENTCTX_CRASH_KILLS=$${EVENTCTX_CRASH_KILLS:-400} $(BIN)/python -m pytest -q -s tests/test_crash.py tests/test_fuzz.py
+	EVENTCTX_CRASH_KILLS=$${EVENTCTX_CRASH_KILLS:-400} $(BIN)/python -m pytest -q -s tests/test_crash.py tests/test_fuzz.py tests/stress_server_restart.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check eventctx tests tools

@@ -20,7 +20,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Coroutine, Iterable
-from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -30,7 +29,7 @@ from eventctx.clock import check_duration
 from eventctx.context import PluginContext, SessionWriter
 from eventctx.errors import EventCtxError, RunInProgressError
 from eventctx.manager import ContextManager
-from eventctx.owners import dead_here, new_owner
+from eventctx.owners import abandon, dead_here, new_owner
 from eventctx.phases import (
     AttemptResult,
     ContextAwarePhase,
@@ -99,8 +98,10 @@ class _Lease:
         self._stop.set()
         self._thread.join()
         if self.fence is not None and self._lost is None:
-            with suppress(EventCtxError):  # if this fails, the lease expires by itself
+            try:
                 self._store.release_lease(self._session_id, self.fence)
+            except EventCtxError:  # expires by itself; this process may take it over at once
+                abandon(self.owner)
 
     def check(self, *, ask: bool = False) -> None:
         """Raise RunInProgressError if the lease is known to be lost (with ``ask``, after

@@ -134,6 +134,67 @@ def step_three(_: object) -> int:
     return 3
 
 
+def ledger_writer(url: str, session_id: str, stop_file: str) -> None:
+    """Write until ``stop_file`` exists, through outages, printing what each write was told:
+    ``ok KEY``, ``refused KEY`` (StorageError) or ``unknown KEY`` (OutcomeUnknownError)."""
+    with ContextManager(url, snapshot_every=10, cleanup_interval=None) as manager:
+        ctx = manager.get_or_create_context(session_id, ttl=None)
+        i = 0
+        while not os.path.exists(stop_file):
+            i += 1
+            key = f"k{i}"
+            try:
+                if i % 4:
+                    ctx.set(key, i)
+                else:
+                    ctx.update({key: i, f"{key}b": i})
+            except eventctx.OutcomeUnknownError:
+                print("unknown", key, flush=True)
+            except eventctx.StorageError:
+                print("refused", key, flush=True)
+                time.sleep(0.05)
+            else:
+                print("ok", key, flush=True)
+
+
+def outage_runner(url: str, stop_file: str) -> None:
+    """Run sessions r0, r1, … through outages until ``stop_file`` exists, resuming each until
+    it completes; print ``completed SESSION`` or the error a run raised."""
+    with ContextManager(url, cleanup_interval=None) as manager:
+        runner = PluginRunner(manager, [slow_one, slow_two, slow_three])
+        n = 0
+        while not os.path.exists(stop_file):
+            session_id = f"r{n}"
+            try:
+                result = runner.run(session_id, input={"n": n}, resume=True)
+            except eventctx.EventCtxError as exc:
+                print("error", type(exc).__name__, flush=True)
+                time.sleep(0.05)
+                continue
+            print(result.status, session_id, flush=True)
+            n += result.status == "completed"
+
+
+def _slow_writes(name: str) -> int:
+    ctx = eventctx.current_context()
+    for i in range(10):
+        ctx.set(f"{name}-{i}", i)
+        time.sleep(0.01)
+    return 10
+
+
+def slow_one(_: object) -> int:
+    return _slow_writes("one")
+
+
+def slow_two(_: object) -> int:
+    return _slow_writes("two")
+
+
+def slow_three(_: object) -> int:
+    return _slow_writes("three")
+
+
 def compact_all(url: str) -> None:
     """Run one compaction in small chunks (the crash suite kills it between chunks)."""
     with EventStore.open(url) as store:
@@ -163,6 +224,10 @@ if __name__ == "__main__":
         crash_writer(args[0], args[1])
     elif command == "crash-runner":
         crash_runner(args[0], args[1])
+    elif command == "ledger-writer":
+        ledger_writer(args[0], args[1], args[2])
+    elif command == "outage-runner":
+        outage_runner(args[0], args[1])
     elif command == "compact":
         compact_all(args[0])
     elif command == "open":
