@@ -7,6 +7,7 @@ the events on top of the latest snapshot. See README.md and docs/ for the tour.
 from eventctx.compaction import CompactionReport
 from eventctx.context import KeyInfo, PluginContext, current_context, use_context
 from eventctx.errors import (
+    ChainKeyError,
     ConcurrencyError,
     ContextKeyError,
     ContextTypeError,
@@ -51,6 +52,7 @@ from eventctx.store import EventStore, SessionHead
 
 __all__ = [
     "AttemptResult",
+    "ChainKeyError",
     "CompactionReport",
     "ConcurrencyError",
     "ContextAwarePhase",

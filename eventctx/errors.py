@@ -60,6 +60,11 @@ class SchemaError(EventCtxError):
     """The database's schema version is not the one this eventctx speaks."""
 
 
+class ChainKeyError(EventCtxError):
+    """The database's hash chains are keyed and no key, or another key, was given; or a key
+    was given for a database whose chains are not keyed."""
+
+
 class IntegrityError(EventCtxError):
     """Stored events fail verification: a broken hash chain, a gap, or a corrupted row."""
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from itertools import repeat
@@ -24,6 +24,7 @@ __all__ = [
     "GENESIS_HASH",
     "MAX_DEPTH",
     "RUN_EVENTS",
+    "Hasher",
     "NewEvent",
     "RecordedEvent",
     "chain_hash",
@@ -31,6 +32,10 @@ __all__ = [
     "encode_payload",
     "events_json_schema",
     "from_us",
+    "key_check",
+    "keyed_hasher",
+    "sha256",
+    "snapshot_digest",
     "to_us",
 ]
 
@@ -39,6 +44,7 @@ INT_MAX: Final = 2**63 - 1
 MAX_DEPTH: Final = 128
 """How deeply values may nest (lists and dicts): deeper ones are refused before anything is
 written, so that every state holding them can be encoded as a snapshot."""
+_BLOCK: Final = 64  # sha256's block size, for HMAC
 GENESIS_HASH: Final = bytes(32)
 """The ``prev_hash`` of a session's first event."""
 
@@ -291,6 +297,40 @@ def from_us(us: int) -> datetime:
     return _EPOCH + timedelta(microseconds=us)
 
 
+Hasher = Callable[[bytes], bytes]
+"""The chain's hash function: sha256, or HMAC-SHA256 under the application's key."""
+
+
+def sha256(data: bytes) -> bytes:
+    """The unkeyed chain's hash."""
+    return hashlib.sha256(data).digest()
+
+
+def keyed_hasher(key: bytes) -> Hasher:
+    """HMAC-SHA256 (RFC 2104) under ``key``: a chain only the key's holders can compute. The
+    padded key's two blocks are hashed once here, so each event costs what sha256 does."""
+    if len(key) > _BLOCK:
+        key = hashlib.sha256(key).digest()
+    key = key.ljust(_BLOCK, b"\0")
+    inner = hashlib.sha256(bytes(b ^ 0x36 for b in key))
+    outer = hashlib.sha256(bytes(b ^ 0x5C for b in key))
+
+    def hmac_sha256(data: bytes) -> bytes:
+        h = inner.copy()
+        h.update(data)
+        o = outer.copy()
+        o.update(h.digest())
+        return o.digest()
+
+    return hmac_sha256
+
+
+def key_check(hasher: Hasher) -> bytes:
+    """A value that shows whether a key is the one a database was keyed with, without
+    revealing the key (it is never stored)."""
+    return hasher(b"eventctx chain key check")
+
+
 def chain_hash(
     prev_hash: bytes,
     session_id: str,
@@ -301,10 +341,24 @@ def chain_hash(
     execution_id: str | None,
     recorded_at_us: int,
     payload: bytes,
+    hasher: Hasher = sha256,
 ) -> bytes:
-    """sha256 of the previous hash and every canonical field but the (store-local) position."""
+    """The hash of the previous hash and every canonical field but the (store-local)
+    position."""
     header = orjson.dumps([session_id, version, type_, key, phase, execution_id, recorded_at_us])
-    return hashlib.sha256(prev_hash + header + payload).digest()
+    return hasher(prev_hash + header + payload)
+
+
+def snapshot_digest(
+    session_id: str,
+    version: int,
+    fold_version: int,
+    head_hash: bytes,
+    state: bytes,
+    hasher: Hasher = sha256,
+) -> bytes:
+    """The digest stored with a snapshot: a restore uses a snapshot only if it still matches."""
+    return hasher(orjson.dumps([session_id, version, fold_version]) + head_hash + state)
 
 
 # --- event envelopes --------------------------------------------------------------------------

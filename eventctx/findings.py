@@ -254,7 +254,7 @@ class RerunReport:
 
 @dataclass(frozen=True, slots=True)
 class VerifyResult:
-    """The hash-chain check of one session."""
+    """The check of one session: its hash chain, and its snapshots against the fold."""
 
     session_id: str
     ok: bool
@@ -263,3 +263,5 @@ class VerifyResult:
     version: int | None = None
     """The first version that failed."""
     error: str | None = None
+    snapshots: int = 0
+    """Snapshots checked against the fold of the log (when ok)."""

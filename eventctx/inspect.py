@@ -53,7 +53,7 @@ from eventctx.findings import (
     SessionDiff,
     VerifyResult,
 )
-from eventctx.snapshots import restore
+from eventctx.snapshots import check_snapshots, restore
 from eventctx.state import State, advance, rolled_back
 from eventctx.store import EventStore, SessionHead
 from eventctx.store.heads import check_session_id
@@ -77,10 +77,13 @@ class Inspector:
     ``close()`` or ``with``).
     """
 
-    def __init__(self, store: EventStore | str) -> None:
-        """Inspect ``store`` (an EventStore, or a URL to open one)."""
+    def __init__(self, store: EventStore | str, *, chain_key: bytes | str | None = None) -> None:
+        """Inspect ``store`` (an EventStore, or a URL to open one, with ``chain_key`` when
+        its chains are keyed)."""
         self._owns = not isinstance(store, EventStore)
-        self._store = store if isinstance(store, EventStore) else EventStore.open(store)
+        self._store = (
+            store if isinstance(store, EventStore) else EventStore.open(store, chain_key=chain_key)
+        )
 
     @property
     def store(self) -> EventStore:
@@ -489,20 +492,38 @@ class Inspector:
     def verify(self, session_id: None = None) -> list[VerifyResult]: ...
 
     def verify(self, session_id: str | None = None) -> VerifyResult | list[VerifyResult]:
-        """Check the hash chain of one session (or of every session): a result naming the
-        session and, on failure, the first version that failed. Cost: one pass per session."""
+        """Check the hash chain of one session (or of every session), and each snapshot a
+        restore may use against the fold of the log: a result naming the session and, on
+        failure, the first version that failed. Cost: one pass over the chain per session,
+        and a fold up to the newest snapshot of each session that has one."""
         if session_id is not None:
             self._head(session_id)
             return self._verify(session_id)
-        return [_verified(sid, found) for sid, found in self._store.verify_all()]
+        snapshotted = self._store.snapshotted()
+        return [
+            self._snapshots_of(_verified(sid, found))
+            if sid in snapshotted
+            else _verified(sid, found)
+            for sid, found in self._store.verify_all()
+        ]
 
     # --- helpers -----------------------------------------------------------------------------
 
     def _verify(self, session_id: str) -> VerifyResult:
         try:
-            return _verified(session_id, self._store.verify(session_id))
+            return self._snapshots_of(_verified(session_id, self._store.verify(session_id)))
         except EventCtxError as exc:
             return _verified(session_id, exc)
+
+    def _snapshots_of(self, result: VerifyResult) -> VerifyResult:
+        """``result`` with the session's snapshots checked too (when its chain verified)."""
+        if not result.ok:
+            return result
+        try:
+            checked = check_snapshots(self._store, result.session_id)
+        except EventCtxError as exc:
+            return _verified(result.session_id, exc)
+        return replace(result, snapshots=checked)
 
     def _head(self, session_id: str) -> SessionHead:
         head = self._store.session(session_id)

@@ -71,8 +71,10 @@ class ContextManager:
         snapshot_every: int = 1000,
         max_key_length: int = 1024,
         max_value_bytes: int = 16 * 1024 * 1024,
+        chain_key: bytes | str | None = None,
     ) -> None:
-        """Open (or adopt) the store; a store opened here from a URL is closed by ``stop()``."""
+        """Open (or adopt) the store; a store opened here from a URL (with ``chain_key`` when
+        its chains are keyed) is closed by ``stop()``."""
         check_count(snapshot_every, "snapshot_every")
         check_count(max_key_length, "max_key_length")
         check_count(max_value_bytes, "max_value_bytes")
@@ -87,7 +89,8 @@ class ContextManager:
             )
         self._owns_store = not isinstance(store, EventStore)
         if not isinstance(store, EventStore):
-            store = EventStore.open(store or os.environ.get("EVENTCTX_URL") or DEFAULT_URL)
+            url = store or os.environ.get("EVENTCTX_URL") or DEFAULT_URL
+            store = EventStore.open(url, chain_key=chain_key)
             # A manager dropped without stop() still gives its connections back.
             weakref.finalize(self, store.close)
         self._runtime = Runtime(

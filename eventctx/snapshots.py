@@ -9,6 +9,7 @@ they summarise) and either ``MIN_BYTES`` or ``snapshot_every`` events have gone 
 from __future__ import annotations
 
 import logging
+from itertools import islice
 from typing import Final
 
 from eventctx import faults
@@ -17,7 +18,7 @@ from eventctx.state import FOLD_VERSION, State, advance, decode_state
 from eventctx.store import EventStore
 from eventctx.store.log import EventLog
 
-__all__ = ["MIN_BYTES", "SnapshotPolicy", "restore"]
+__all__ = ["MIN_BYTES", "SnapshotPolicy", "check_snapshots", "restore"]
 
 MIN_BYTES: Final = 64 * 1024
 """Appended bytes after which a small state is snapshotted even before ``snapshot_every``."""
@@ -63,40 +64,94 @@ class SnapshotPolicy:
 def restore(
     source: EventLog, session_id: str, version: int, head_hash: bytes | None = None
 ) -> tuple[State, int, int]:
-    """The state at ``version``: the newest usable snapshot at or below it plus the tail.
+    """The state at ``version``: the newest usable snapshot at or below it plus the tail, each
+    event of which is checked against its hash as it is folded.
 
     Returns (state, snapshot size, tail length). ``head_hash``, when given, must be the chain
-    hash at ``version``; a snapshot that leads elsewhere is skipped for a full fold, and a
-    log that still disagrees raises IntegrityError.
+    hash at ``version``. A snapshot that is not what was written (its digest), cannot be
+    decoded, or leads elsewhere is skipped with a warning for a full fold; a log that fails its
+    own checks raises IntegrityError naming the session and version.
     """
-    found = source.latest_snapshot(session_id, FOLD_VERSION, version)
+    found = _snapshot(source, session_id, version)
     if found is not None:
-        state = decode_state(found[2])
+        state, size = found
         try:
             tail = _tail(source, session_id, state, version)
-        except IntegrityError:  # the tail is not of the snapshot's history (purged since)
+        except IntegrityError:  # not the snapshot's history (purged since), or a bad event
             tail = -1
         if tail >= 0 and _matches(state, version, head_hash):
-            return state, len(found[2]), tail
+            return state, size, tail
         log.warning(
-            "snapshot of %r at version %d does not match its log; ignored", session_id, found[0]
+            "snapshot of %r at version %d does not match its log; ignored",
+            session_id,
+            state.version - max(tail, 0),
         )
     state = State()
     try:
         tail = _tail(source, session_id, state, version)
     except IntegrityError as exc:
-        raise IntegrityError(f"session {session_id!r}: {exc}; run verify") from exc
+        if exc.session_id is not None:
+            raise
+        raise IntegrityError(
+            f"session {session_id!r}: {exc}; run verify", session_id=session_id, version=exc.version
+        ) from exc
     if not _matches(state, version, head_hash):
         raise IntegrityError(
             f"session {session_id!r}: folding the log gives version {state.version}, expected "
-            f"{version} with the head row's chain hash; run verify"
+            f"{version} with the head row's chain hash; run verify",
+            session_id=session_id,
         )
     return state, 0, tail
 
 
+def check_snapshots(store: EventStore, session_id: str) -> int:
+    """Check every snapshot of a session a restore may use against the fold of its log (one
+    pass): the number checked. The first that is not the fold at its version (or no longer
+    matches its digest) raises IntegrityError naming the session and version."""
+    stored = [s for s in store.snapshots(session_id) if s[1] == FOLD_VERSION]
+    if not stored:
+        return 0
+    state = State()
+    events = store.read(session_id, 1, stored[-1][0], verify=True)
+    for version, _, head_hash, data in stored:
+        advance(state, islice(events, version - state.version))
+        try:
+            same = decode_state(data) == state and head_hash == state.head_hash
+        except Exception:
+            same = False
+        if not same:
+            raise IntegrityError(
+                f"session {session_id!r}: the snapshot at version {version} is not the fold "
+                "of the log at that version",
+                session_id=session_id,
+                version=version,
+            )
+    return len(stored)
+
+
+def _snapshot(source: EventLog, session_id: str, version: int) -> tuple[State, int] | None:
+    """The newest snapshot at or below ``version`` and its size, or None when there is none
+    or it cannot be trusted (logged: a snapshot is a cache, the log is the truth)."""
+    try:
+        found = source.latest_snapshot(session_id, FOLD_VERSION, version)
+        if found is None:
+            return None
+        return decode_state(found[2]), len(found[2])
+    except IntegrityError as exc:
+        log.warning("%s; restoring from the log", exc)
+    except Exception as exc:
+        log.warning(
+            "snapshot of %r cannot be decoded (%s: %s); restoring from the log",
+            session_id,
+            type(exc).__name__,
+            exc,
+        )
+    return None
+
+
 def _tail(source: EventLog, session_id: str, state: State, version: int) -> int:
     start = state.version
-    advance(state, source.read(session_id, start + 1, version))
+    advance(state, source.read(session_id, start + 1, version, verify=True))
     return state.version - start
 
 

@@ -199,7 +199,8 @@ def advance(state: State, events: Iterable[RecordedEvent]) -> None:
             if (number != version + 1 or link != digest) and (version or number == 1):
                 raise IntegrityError(
                     f"event version {number} does not chain onto version {version}: "
-                    + ("the log has a gap" if number != version + 1 else "another history")
+                    + ("the log has a gap" if number != version + 1 else "another history"),
+                    version=number,
                 )
             if kind in {"KeySet", "KeyDeleted"}:
                 if undo and phase:

@@ -20,6 +20,7 @@ EXPECTED = {
     "Inspector",
     "ContextDiff",
     "CompactionReport",
+    "ChainKeyError",
     "ConcurrencyError",
     "ContextAwarePhase",
     "ContextKeyError",

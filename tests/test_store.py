@@ -333,7 +333,7 @@ def test_upgrade_of_a_committed_version_1_sqlite_file(tmp_path: Path) -> None:
     path = tmp_path / "old.sqlite"
     path.write_bytes((DATA / "eventctx-v1.sqlite").read_bytes())
     url = f"sqlite:///{path}"
-    with pytest.raises(SchemaError, match="version 1 is older than 3"):
+    with pytest.raises(SchemaError, match="version 1 is older than 4"):
         EventStore.open(url)
     with EventStore.upgrade(url) as store:
         assert store.verify("legacy") == 9  # the history survives, chain intact
@@ -357,7 +357,7 @@ def test_upgrade_of_a_version_1_postgresql_schema(pg_url: str) -> None:
             conn.exec_driver_sql(statement)
         conn.exec_driver_sql("INSERT INTO eventctx_schema (version) VALUES (1)")
     engine.dispose()
-    with pytest.raises(SchemaError, match="version 1 is older than 3"):
+    with pytest.raises(SchemaError, match="version 1 is older than 4"):
         EventStore.open(pg_url)
     with EventStore.upgrade(pg_url) as store:
         store.append("s", [created(), key_set("a", 1)])

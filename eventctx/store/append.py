@@ -17,7 +17,7 @@ from eventctx.errors import (
     SessionExpiredError,
     SessionNotFoundError,
 )
-from eventctx.events import GENESIS_HASH, NewEvent, chain_hash
+from eventctx.events import GENESIS_HASH, Hasher, NewEvent, chain_hash
 from eventctx.store.commit import AppendRequest, RowLockedError
 from eventctx.store.dialect import Cursor
 from eventctx.store.heads import (
@@ -41,8 +41,10 @@ def stage(
     heads: MutableMapping[str, Head],
     wait: bool,
     now: int,
+    hasher: Hasher,
 ) -> list[dict[str, Any]]:
-    """Move the head row of ``request``'s session past its events and return their rows.
+    """Move the head row of ``request``'s session past its events and return their rows
+    (hashed with ``hasher``).
 
     Refusals (SessionExistsError, SessionNotFoundError, SessionExpiredError, ConcurrencyError,
     RunInProgressError for a lost lease) are raised before anything changes. A head row that
@@ -50,10 +52,10 @@ def stage(
     """
     session_id, events = request.session_id, request.events
     if events[0].type == "ContextCreated":
-        rows = _create_head(cur, sql, session_id, events, now, wait)
+        rows = _create_head(cur, sql, session_id, events, now, wait, hasher)
     else:
         head = heads.get(session_id, request.head)  # the committer's own is fresher
-        rows = _advance_head(cur, sql, request, head, now, wait)
+        rows = _advance_head(cur, sql, request, head, now, wait, hasher)
     last = rows[-1]
     heads[session_id] = Head(last["version"], last["hash"], last["recorded_at"])
     return rows
@@ -66,9 +68,10 @@ def _create_head(
     events: Sequence[NewEvent],
     now: int,
     wait: bool,
+    hasher: Hasher,
 ) -> list[dict[str, Any]]:
     """Insert the head row of a new session (or revive a deleted one); return the rows."""
-    rows = _chain(session_id, events, Head(0, GENESIS_HASH, now), now)
+    rows = _chain(session_id, events, Head(0, GENESIS_HASH, now), now, hasher)
     params = _head_params(session_id, rows, events)
     params["ttl_ms"] = events[0].payload.get("ttl_ms")
     while True:
@@ -90,7 +93,7 @@ def _create_head(
         raise SessionExpiredError(
             f"session {session_id!r} expired and is being removed; create it again shortly"
         )
-    rows = _chain(session_id, events, found, now)
+    rows = _chain(session_id, events, found, now, hasher)
     params.update(_head_params(session_id, rows, events))
     cur.execute(sql.recreate_head, params)
     return rows
@@ -103,6 +106,7 @@ def _advance_head(
     head: Head | None,
     now: int,
     wait: bool,
+    hasher: Hasher,
 ) -> list[dict[str, Any]]:
     """Move a live session's head past the request's events; return their rows.
 
@@ -111,7 +115,7 @@ def _advance_head(
     """
     session_id, events, expected = request.session_id, request.events, request.expected_version
     if head is not None and expected in (None, head.version):
-        rows = _chain(session_id, events, head, now)
+        rows = _chain(session_id, events, head, now, hasher)
         if _move_head(cur, sql, session_id, rows, events, head, request.fence):
             return rows
     found, status, lease = _locked_head(cur, sql, session_id, now, wait)
@@ -132,7 +136,7 @@ def _advance_head(
             f"session {session_id!r} is at version {found.version}, "
             f"not {expected}; refresh and retry"
         )
-    rows = _chain(session_id, events, found, now)
+    rows = _chain(session_id, events, found, now, hasher)
     if not _move_head(cur, sql, session_id, rows, events, found, request.fence):
         raise ConcurrencyError(  # pragma: no cover - the row is locked
             f"session {session_id!r} moved while its row was locked"
@@ -182,7 +186,7 @@ def _locked_head(
 
 
 def _chain(
-    session_id: str, events: Sequence[NewEvent], base: Head, now: int
+    session_id: str, events: Sequence[NewEvent], base: Head, now: int, hasher: Hasher
 ) -> list[dict[str, Any]]:
     """Rows for ``events`` on top of ``base``: versions, one recorded_at, and the hash chain."""
     at = now if now > base.recorded_at_us else base.recorded_at_us
@@ -201,6 +205,7 @@ def _chain(
             event.execution_id,
             at,
             event.data,
+            hasher,
         )
         rows.append(
             {

@@ -21,6 +21,7 @@ from sqlalchemy.engine import URL, Engine
 
 from eventctx.clock import Clock, check_duration, now_us
 from eventctx.errors import (
+    ChainKeyError,
     EventCtxError,
     IntegrityError,
     InvalidInputError,
@@ -28,7 +29,18 @@ from eventctx.errors import (
     SessionNotFoundError,
     StorageError,
 )
-from eventctx.events import GENESIS_HASH, NewEvent, RecordedEvent, chain_hash, from_us
+from eventctx.events import (
+    GENESIS_HASH,
+    Hasher,
+    NewEvent,
+    RecordedEvent,
+    chain_hash,
+    from_us,
+    key_check,
+    keyed_hasher,
+    sha256,
+    snapshot_digest,
+)
 from eventctx.store import append as append_protocol
 from eventctx.store import schema
 from eventctx.store.backends import for_url
@@ -82,6 +94,8 @@ class EventStore:
         self.clock = clock
         """The time of appends, activity and leases, in µs since the epoch."""
         self._sql = Statements(dialect)
+        self._hasher: Hasher = sha256
+        """The chain's hash: keyed (HMAC) once the store is opened with the database's key."""
         self._committer = GroupCommitter(
             engine, dialect, self._stage, self._insert, self._transaction, self._stored_hash
         )
@@ -100,16 +114,21 @@ class EventStore:
         *,
         synchronous: Synchronous = "NORMAL",
         busy_timeout: timedelta = timedelta(seconds=30),
+        chain_key: bytes | str | None = None,
     ) -> EventStore:
         """Open a store, creating and stamping the schema in a new database.
 
         ``target`` is a URL (``sqlite:///file.db``, ``postgresql+psycopg://user@host/db``) or an
         Engine. ``synchronous`` is SQLite's durability level (``FULL`` also survives power loss).
-        Raises SchemaError for a database of another schema version.
+        ``chain_key`` (else ``$EVENTCTX_CHAIN_KEY``) keys the hash chains with HMAC-SHA256; a
+        database takes the mode of the first store that opens it while it has no events, and
+        then refuses any other (ChainKeyError). Raises SchemaError for a database of another
+        schema version.
         """
         store = cls._connect(target, synchronous, busy_timeout)
         try:
             store._ensure_schema(upgrade=False)
+            store._use_chain_key(chain_key)
         except BaseException:
             store.close()
             raise
@@ -122,11 +141,13 @@ class EventStore:
         *,
         synchronous: Synchronous = "NORMAL",
         busy_timeout: timedelta = timedelta(seconds=30),
+        chain_key: bytes | str | None = None,
     ) -> EventStore:
         """Open a store and migrate an older schema to the current version first."""
         store = cls._connect(target, synchronous, busy_timeout)
         try:
             store._ensure_schema(upgrade=True)
+            store._use_chain_key(chain_key)
         except BaseException:
             store.close()
             raise
@@ -157,6 +178,51 @@ class EventStore:
     def _ensure_schema(self, *, upgrade: bool) -> None:
         with self._transaction(write=True) as cur:
             ensure_schema(cur, self._dialect, self._sql, upgrade=upgrade)
+
+    def _use_chain_key(self, chain_key: bytes | str | None) -> None:
+        """Hash with ``chain_key`` (or $EVENTCTX_CHAIN_KEY) if the database is keyed with it."""
+        if chain_key is None:
+            chain_key = os.environ.get("EVENTCTX_CHAIN_KEY") or None
+        if isinstance(chain_key, str):
+            chain_key = chain_key.encode()
+        if chain_key is not None and (type(chain_key) is not bytes or len(chain_key) < 16):
+            raise InvalidInputError("a chain key is bytes or str of at least 16 bytes")
+        hasher = sha256 if chain_key is None else keyed_hasher(chain_key)
+        mode = "sha256" if chain_key is None else "hmac-sha256"
+        check = None if chain_key is None else key_check(hasher)
+
+        def stored_mode(rows: Sequence[Any]) -> tuple[str, bytes | None]:
+            chain, stored_check = rows[0]
+            return str(chain), None if stored_check is None else bytes(stored_check)
+
+        def settle(cur: Cursor) -> tuple[str, bytes | None] | None:
+            cur.execute(self._sql.chain_mode)
+            found = stored_mode(cur.fetchall())
+            if found == (mode, check):
+                return None
+            cur.execute(self._sql.any_event)
+            if cur.fetchone() is not None:
+                return found
+            cur.execute(self._sql.set_chain_mode, {"chain": mode, "key_check": check})
+            return None  # no events yet: the database takes this store's mode
+
+        if stored_mode(self._fetch(self._sql.chain_mode)) == (mode, check):
+            self._hasher = hasher
+            return
+        found = self._run(settle, write=True)
+        if found is not None:
+            if found[0] == "sha256":
+                raise ChainKeyError(
+                    "this database's hash chains are not keyed, yet a chain key was given: "
+                    "open it without one (if it was keyed, its chain mode was changed)"
+                )
+            raise ChainKeyError(
+                "this database's hash chains are keyed: give its key (chain_key= or "
+                "EVENTCTX_CHAIN_KEY)"
+                if chain_key is None
+                else "the chain key given is not this database's key"
+            )
+        self._hasher = hasher
 
     @property
     def url(self) -> URL:
@@ -279,7 +345,9 @@ class EventStore:
     def _stage(
         self, cur: Cursor, request: AppendRequest, heads: MutableMapping[str, Head], wait: bool
     ) -> list[dict[str, Any]]:
-        return append_protocol.stage(cur, self._sql, request, heads, wait, self.clock())
+        return append_protocol.stage(
+            cur, self._sql, request, heads, wait, self.clock(), self._hasher
+        )
 
     def _stored_hash(self, session_id: str, version: int) -> bytes | None:
         found = self.read_versions(session_id, [version])
@@ -411,13 +479,16 @@ class EventStore:
     def save_snapshot(
         self, session_id: str, version: int, fold_version: int, head_hash: bytes, state: bytes
     ) -> None:
-        """Store a snapshot of a session's folded state at ``version`` (a cache: idempotent)."""
+        """Store a snapshot of a session's folded state at ``version`` (a cache: idempotent),
+        with the digest a restore checks it against."""
+        digest = snapshot_digest(session_id, version, fold_version, head_hash, state, self._hasher)
         params = {
             "session_id": session_id,
             "version": version,
             "fold_version": fold_version,
             "head_hash": head_hash,
             "state": state,
+            "digest": digest,
             "now": self.clock(),
         }
         self._run(lambda cur: cur.execute(self._sql.insert_snapshot, params), write=True)
@@ -426,15 +497,58 @@ class EventStore:
         self, session_id: str, fold_version: int, max_version: int | None = None
     ) -> tuple[int, bytes, bytes] | None:
         """(version, head hash, state bytes) of the newest snapshot written under
-        ``fold_version`` at or below ``max_version``, or None."""
+        ``fold_version`` at or below ``max_version``, or None. A snapshot that no longer
+        matches the digest stored with it raises IntegrityError (restore then folds the log)."""
         params = {
             "session_id": session_id,
             "fold_version": fold_version,
             "high": _NO_UPPER if max_version is None else max_version,
         }
         rows = self._fetch(self._sql.latest_snapshot, params)
-        row = rows[0] if rows else None
-        return None if row is None else (int(row[0]), bytes(row[1]), bytes(row[2]))
+        if not rows:
+            return None
+        version, head_hash, state, digest = rows[0]
+        found = (int(version), bytes(head_hash), bytes(state))
+        self._check_snapshot(session_id, fold_version, *found, bytes(digest))
+        return found
+
+    def snapshots(self, session_id: str) -> list[tuple[int, int, bytes, bytes]]:
+        """Every snapshot of a session a restore may use, in version order: (version, fold
+        version, head hash, state bytes). One that no longer matches its digest raises
+        IntegrityError. (Snapshots written before digests existed are never used.)"""
+        check_session_id(session_id)
+        found = []
+        for version, fold_version, head_hash, state, digest in self._fetch(
+            self._sql.snapshots_of, {"session_id": session_id}
+        ):
+            row = (int(version), int(fold_version), bytes(head_hash), bytes(state))
+            self._check_snapshot(session_id, row[1], row[0], row[2], row[3], bytes(digest))
+            found.append(row)
+        return found
+
+    def snapshotted(self) -> set[str]:
+        """The sessions that have a snapshot a restore may use (one query)."""
+        return {str(row[0]) for row in self._fetch(self._sql.snapshotted)}
+
+    def _check_snapshot(
+        self,
+        session_id: str,
+        fold_version: int,
+        version: int,
+        head_hash: bytes,
+        state: bytes,
+        digest: bytes,
+    ) -> None:
+        expected = snapshot_digest(
+            session_id, version, fold_version, head_hash, state, self._hasher
+        )
+        if expected != digest:
+            raise IntegrityError(
+                f"session {session_id!r}: the snapshot at version {version} is not what was "
+                "written (its digest does not match)",
+                session_id=session_id,
+                version=version,
+            )
 
     def purge(self, session_id: str) -> int:
         """Physically remove a session: events, snapshots and head row. Returns events removed."""
@@ -459,21 +573,49 @@ class EventStore:
         return [SessionHead.from_row(row) for row in self._fetch(self._sql.sessions)]
 
     def read(
-        self, session_id: str, from_version: int = 1, to_version: int | None = None
+        self,
+        session_id: str,
+        from_version: int = 1,
+        to_version: int | None = None,
+        *,
+        verify: bool = False,
     ) -> Iterator[RecordedEvent]:
         """Stream a session's events in version order, ``from_version`` to ``to_version``.
 
         Rows are fetched in chunks, each in its own short transaction; no connection is held
         while the caller iterates, and the history is never materialised whole. A session that
-        does not exist (never created, or purged) raises SessionNotFoundError.
+        does not exist (never created, or purged) raises SessionNotFoundError. A stored payload
+        that is not JSON raises IntegrityError naming the session and version; with ``verify``
+        so does an event whose stored hash does not match its contents (a folder that also
+        checks each ``prev_hash`` link has then checked the chain of what it read).
         """
         check_session_id(session_id)
         high = _NO_UPPER if to_version is None else to_version
-        make, loads = tuple.__new__, orjson.loads  # the hot path of every restore
+        make, loads, hasher = tuple.__new__, orjson.loads, self._hasher  # every restore's path
         empty = True
         for rows in self._pages(self._sql.read_chunk, session_id, from_version, high, 1):
             empty = False
-            for position, version, type_, key, phase, run_id, payload, at, digest, link in rows:
+            for position, version, type_, key, phase, run_id, payload, at, stored, prior in rows:
+                digest = stored if type(stored) is bytes else bytes(stored)
+                link = prior if type(prior) is bytes else bytes(prior)
+                if verify and digest != chain_hash(
+                    link, session_id, version, type_, key, phase, run_id, at, payload, hasher
+                ):
+                    raise IntegrityError(
+                        f"session {session_id!r} version {version}: stored hash does not "
+                        "match its contents; run verify",
+                        session_id=session_id,
+                        version=version,
+                    )
+                try:
+                    value = loads(payload)
+                except orjson.JSONDecodeError as exc:
+                    raise IntegrityError(
+                        f"session {session_id!r} version {version}: the stored payload is "
+                        f"not JSON ({exc}); run verify",
+                        session_id=session_id,
+                        version=version,
+                    ) from exc
                 yield make(
                     RecordedEvent,
                     (
@@ -484,10 +626,10 @@ class EventStore:
                         key,
                         phase,
                         run_id,
-                        loads(payload),
+                        value,
                         at,
-                        digest if type(digest) is bytes else bytes(digest),
-                        link if type(link) is bytes else bytes(link),
+                        digest,
+                        link,
                     ),
                 )
         if empty and self.session(session_id) is None:
@@ -613,7 +755,7 @@ class EventStore:
         found = self.session(session_id)
         if found is None:
             raise SessionNotFoundError(f"session {session_id!r} does not exist")
-        check = _Chain(found)
+        check = _Chain(found, self._hasher)
         for rows in self._pages(self._sql.read_chain, session_id, 1, _NO_UPPER, 0):
             for row in rows:
                 check.feed(*row)
@@ -645,7 +787,7 @@ class EventStore:
                     if current is not None:
                         yield current[0], current[1].result()
                     seen.add(session_id)  # None: events without a head row (removed meanwhile)
-                    current = (session_id, _Chain(heads.get(session_id)))
+                    current = (session_id, _Chain(heads.get(session_id), self._hasher))
                 current[1].feed(*row)
             if len(rows) < READ_CHUNK:
                 break
@@ -653,17 +795,17 @@ class EventStore:
         if current is not None:
             yield current[0], current[1].result()
         for session_id in sorted(heads.keys() - seen):  # head rows without any event
-            yield session_id, _Chain(heads[session_id]).result()
+            yield session_id, _Chain(heads[session_id], self._hasher).result()
 
 
 class _Chain:
     """The hash-chain check of one session, fed its events in version order (after the first
     failure it only waits for ``finish`` to report it)."""
 
-    __slots__ = ("error", "expected", "head", "prev")
+    __slots__ = ("error", "expected", "hasher", "head", "prev")
 
-    def __init__(self, head: SessionHead | None) -> None:
-        self.head = head
+    def __init__(self, head: SessionHead | None, hasher: Hasher) -> None:
+        self.head, self.hasher = head, hasher
         self.expected, self.prev = 1, GENESIS_HASH
         self.error: EventCtxError | None = None
 
@@ -694,7 +836,16 @@ class _Chain:
             )
         else:
             self.prev = chain_hash(
-                self.prev, session_id, version, type_, key, phase, execution_id, at, bytes(payload)
+                self.prev,
+                session_id,
+                version,
+                type_,
+                key,
+                phase,
+                execution_id,
+                at,
+                bytes(payload),
+                self.hasher,
             )
             if self.prev != bytes(hash_):
                 self.error = IntegrityError(
@@ -755,7 +906,14 @@ _EVENT_COLUMNS: Final = tuple(schema.events.c[name] for name in ("position", *EV
 
 def _event_of(row: Sequence[Any]) -> RecordedEvent:
     """A RecordedEvent from a row of ``_EVENT_COLUMNS``."""
-    return tuple.__new__(
-        RecordedEvent,
-        (*row[:7], orjson.loads(row[7]), row[8], bytes(row[9]), bytes(row[10])),
-    )
+    try:
+        payload = orjson.loads(row[7])
+    except orjson.JSONDecodeError as exc:
+        session_id, version = row[1], row[2]
+        raise IntegrityError(
+            f"session {session_id!r} version {version}: the stored payload is not JSON "
+            f"({exc}); run verify",
+            session_id=session_id,
+            version=version,
+        ) from exc
+    return tuple.__new__(RecordedEvent, (*row[:7], payload, row[8], bytes(row[9]), bytes(row[10])))

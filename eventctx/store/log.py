@@ -26,9 +26,16 @@ class EventLog(Protocol):
         ...
 
     def read(
-        self, session_id: str, from_version: int = 1, to_version: int | None = None
+        self,
+        session_id: str,
+        from_version: int = 1,
+        to_version: int | None = None,
+        *,
+        verify: bool = False,
     ) -> Iterator[RecordedEvent]:
-        """A session's events in version order, ``from_version`` to ``to_version``, streamed."""
+        """A session's events in version order, ``from_version`` to ``to_version``, streamed;
+        with ``verify``, an event whose hash does not match its contents raises
+        IntegrityError (naming its session and version)."""
         ...
 
     def read_versions(self, session_id: str, versions: Collection[int]) -> list[RecordedEvent]:

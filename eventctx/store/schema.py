@@ -25,7 +25,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Dialect
 from sqlalchemy.schema import CreateColumn, CreateIndex, CreateTable
 
-SCHEMA_VERSION: Final = 3
+SCHEMA_VERSION: Final = 4
 """The schema version this code writes; stamped in ``eventctx_schema``."""
 
 MAX_SESSION_ID: Final = 512
@@ -86,6 +86,9 @@ snapshots = Table(
     Column("head_hash", LargeBinary, nullable=False),
     Column("state", LargeBinary, nullable=False),
     Column("created_at", BigInteger, nullable=False),
+    # The hash (keyed like the chain) of the fields above: a restore uses only a snapshot that
+    # still matches it. None in snapshots written before schema version 4 (never used).
+    Column("digest", LargeBinary),
     PrimaryKeyConstraint("session_id", "version", name="eventctx_snapshots_pk"),
 )
 
@@ -102,6 +105,10 @@ schema_version = Table(
     "eventctx_schema",
     metadata,
     Column("version", Integer, nullable=False),
+    # How the hash chains are computed: "sha256", or "hmac-sha256" under a key the application
+    # holds (never stored; ``key_check`` only tells a right key from a wrong one).
+    Column("chain", String(16), nullable=False, server_default=text("'sha256'")),
+    Column("key_check", LargeBinary),
 )
 
 # Rows of eventctx_events are immutable: each backend rejects every UPDATE, even a no-op one
@@ -124,6 +131,7 @@ TRIGGERS: Final[dict[str, tuple[str, ...]]] = {
 _ADDED: Final[dict[int, tuple[Table | Column[Any], ...]]] = {
     1: (leases,),
     2: (sessions.c.lease_token,),
+    3: (schema_version.c.chain, schema_version.c.key_check, snapshots.c.digest),
 }
 """The tables and columns each upgrade from version N to N + 1 adds."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Final
 
 import sqlalchemy as sa
@@ -221,13 +222,14 @@ class Statements:
         self.insert_snapshot = c(
             dialect.insert_ignore(sn).values(
                 {n: bindparam(n) for n in ("session_id", "version", "fold_version", "head_hash")}
-                | {"state": bindparam("state"), "created_at": bindparam("now")}
+                | {n: bindparam(n) for n in ("state", "digest")}
+                | {"created_at": bindparam("now")}
             )
         )
         # A snapshot counts only while the event at its version still has the chain hash it
         # was taken at: one of a purged (or otherwise rewritten) history is never used.
         self.latest_snapshot = c(
-            sa.select(sn.c.version, sn.c.head_hash, sn.c.state)
+            sa.select(sn.c.version, sn.c.head_hash, sn.c.state, sn.c.digest)
             .join(
                 ev,
                 sa.and_(
@@ -240,6 +242,7 @@ class Statements:
                 sn.c.session_id == sid,
                 sn.c.fold_version == bindparam("fold_version"),
                 sn.c.version <= bindparam("high"),
+                sn.c.digest.is_not(None),
             )
             .order_by(sn.c.version.desc())
             .limit(sa.literal_column("1", sa.Integer))
@@ -297,6 +300,25 @@ class Statements:
             sa.delete(schema.snapshots).where(schema.snapshots.c.session_id == sid)
         )
         self.delete_head = c(sa.delete(se).where(se.c.session_id == sid))
+        self.snapshots_of = c(
+            sa.select(sn.c.version, sn.c.fold_version, sn.c.head_hash, sn.c.state, sn.c.digest)
+            .where(sn.c.session_id == sid, sn.c.digest.is_not(None))
+            .order_by(sn.c.version)
+        )
+        self.snapshotted = c(sa.select(sn.c.session_id).where(sn.c.digest.is_not(None)).distinct())
+        self._schema_statements(c, sv)
+
+    def _schema_statements(self, c: Callable[[Any], str], sv: sa.Table) -> None:
+        """The schema stamp, and how the hash chains are computed."""
         self.schema_version = c(sa.select(func.max(sv.c.version)))
         self.stamp = c(sa.insert(sv).values(version=bindparam("version")))
         self.restamp = c(sa.update(sv).values(version=bindparam("version")))
+        self.chain_mode = c(sa.select(sv.c.chain, sv.c.key_check))
+        self.set_chain_mode = c(
+            sa.update(sv).values(chain=bindparam("chain"), key_check=bindparam("key_check"))
+        )
+        self.any_event = c(
+            sa.select(schema.events.c.position)
+            .limit(sa.literal_column("1", sa.Integer))
+            .offset(_ZERO)
+        )

@@ -13,7 +13,7 @@ import sqlalchemy as sa
 
 from eventctx import EventStore, NewEvent
 from eventctx.compaction import compact
-from eventctx.events import GENESIS_HASH
+from eventctx.events import GENESIS_HASH, sha256
 from eventctx.store import Head, schema
 from eventctx.store.append import _chain
 from tools.bench.common import each_backend, table
@@ -34,7 +34,7 @@ def _fill(store: EventStore, sessions: int) -> None:
             heads = []
             for n in range(start, min(start + 10_000, sessions)):
                 sid = f"s{n:07d}"
-                chained = _chain(sid, EVENTS, Head(0, GENESIS_HASH, now), now)
+                chained = _chain(sid, EVENTS, Head(0, GENESIS_HASH, now), now, sha256)
                 rows += chained
                 heads.append(
                     {
