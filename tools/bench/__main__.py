@@ -21,6 +21,7 @@ import sqlalchemy as sa
 
 from tools.bench import (
     append,
+    audit,
     compaction,
     maintenance,
     readside,
@@ -291,6 +292,7 @@ def main() -> int:
     print("measuring the read side and maintenance at scale…", file=sys.stderr)
     sections.append(readside.run())
     sections.append(maintenance.run())
+    sections.append(audit.run())
     _plot_writers(writer_results, DOCS / "bench-writers.png")
     _plot_restore(restore_results, DOCS / "bench-restore.png")
     target_rows = [[name, got, "met" if ok else "**missed**"] for name, got, ok in targets]
