@@ -49,7 +49,7 @@ from eventctx.store.heads import (
     SessionHead,
     check_session_id,
 )
-from eventctx.store.migrations import ensure_schema
+from eventctx.store.migrations import check_schema, ensure_schema
 from eventctx.store.removal import Removal
 from eventctx.store.statements import EVENT_COLUMNS, Statements
 
@@ -57,6 +57,7 @@ __all__ = ["EventStore"]
 
 READ_CHUNK: Final = 5000
 _NO_UPPER: Final = 2**62
+_READ_ONLY: Final = "the store was opened read-only: open it without read_only=True to write"
 T = TypeVar("T")
 
 
@@ -72,11 +73,15 @@ class EventStore:
         dialect: Dialect,
         busy_timeout: timedelta = timedelta(seconds=30),
         clock: Clock = now_us,
+        *,
+        read_only: bool = False,
     ) -> None:
         """Wrap a prepared engine; use :meth:`open`, which also checks the schema."""
         self._engine = engine
         self._dialect = dialect
         self._closed = False
+        self.read_only = read_only
+        """Whether every write is refused (StorageError): the store only reads."""
         self.busy_timeout = busy_timeout
         """How long an operation waits for locks held by others before it gives up."""
         self.clock = clock
@@ -100,14 +105,20 @@ class EventStore:
         *,
         synchronous: Synchronous = "NORMAL",
         busy_timeout: timedelta = timedelta(seconds=30),
+        read_only: bool = False,
     ) -> EventStore:
         """Open a store, creating and stamping the schema in a new database.
 
         ``target`` is a URL (``sqlite:///file.db``, ``postgresql+psycopg://user@host/db``) or an
         Engine. ``synchronous`` is SQLite's durability level (``FULL`` also survives power loss).
         Raises SchemaError for a database of another schema version.
+
+        ``read_only`` opens an existing eventctx database without changing anything: a missing
+        SQLite file raises StorageError, a database without eventctx's tables SchemaError, and
+        every write StorageError (SQLite opens the file read-only, PostgreSQL sessions are
+        read-only). A caller's Engine decides itself whether connecting creates a file.
         """
-        store = cls._connect(target, synchronous, busy_timeout)
+        store = cls._connect(target, synchronous, busy_timeout, read_only=read_only)
         try:
             store._ensure_schema(upgrade=False)
         except BaseException:
@@ -124,7 +135,7 @@ class EventStore:
         busy_timeout: timedelta = timedelta(seconds=30),
     ) -> EventStore:
         """Open a store and migrate an older schema to the current version first."""
-        store = cls._connect(target, synchronous, busy_timeout)
+        store = cls._connect(target, synchronous, busy_timeout, read_only=False)
         try:
             store._ensure_schema(upgrade=True)
         except BaseException:
@@ -134,16 +145,20 @@ class EventStore:
 
     @classmethod
     def _connect(
-        cls, target: str | URL | Engine, synchronous: Synchronous, busy_timeout: timedelta
+        cls,
+        target: str | URL | Engine,
+        synchronous: Synchronous,
+        busy_timeout: timedelta,
+        read_only: bool,
     ) -> EventStore:
         if synchronous not in ("NORMAL", "FULL"):
             raise InvalidInputError(f"synchronous must be 'NORMAL' or 'FULL', not {synchronous!r}")
         check_duration(busy_timeout, "busy_timeout", maximum=timedelta(days=1))
-        options = StoreOptions(synchronous, busy_timeout.total_seconds())
+        options = StoreOptions(synchronous, busy_timeout.total_seconds(), read_only)
         if isinstance(target, Engine):
             dialect = for_url(target.url)
             dialect.prepare_engine(target, options)
-            return cls(target, dialect, busy_timeout)
+            return cls(target, dialect, busy_timeout, read_only=read_only)
         try:
             url = sa.make_url(target)
         except (sa.exc.ArgumentError, ValueError, TypeError) as exc:
@@ -152,9 +167,13 @@ class EventStore:
                 "postgresql+psycopg://USER@HOST/DB"
             ) from exc
         dialect = for_url(url)
-        return cls(dialect.create_engine(url, options), dialect, busy_timeout)
+        return cls(dialect.create_engine(url, options), dialect, busy_timeout, read_only=read_only)
 
     def _ensure_schema(self, *, upgrade: bool) -> None:
+        if self.read_only:
+            with self._transaction(write=False) as cur:
+                check_schema(cur, self._dialect, self._sql)
+            return
         with self._transaction(write=True) as cur:
             ensure_schema(cur, self._dialect, self._sql, upgrade=upgrade)
 
@@ -196,6 +215,8 @@ class EventStore:
         """A pooled connection in one transaction; committed only if the block succeeds."""
         if self._closed:
             raise EventCtxError("the store is closed: open it again to go on")
+        if write and self.read_only:
+            raise StorageError(_READ_ONLY)
         with self._dialect.translate_errors():
             raw = self._engine.raw_connection()
             try:
@@ -266,6 +287,8 @@ class EventStore:
         check_session_id(session_id)
         if self._closed:
             raise EventCtxError("the store is closed: open it again to go on")
+        if self.read_only:
+            raise StorageError(_READ_ONLY)
         if not events:
             return []
         if len(events) > 1 and _lifecycle_inside(events):

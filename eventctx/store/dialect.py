@@ -48,6 +48,8 @@ class StoreOptions:
 
     synchronous: Synchronous = "NORMAL"
     busy_timeout_s: float = 30.0
+    read_only: bool = False
+    """Open the database so that nothing can change it: no file, table or row is created."""
 
 
 class Dialect:

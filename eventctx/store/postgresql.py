@@ -49,6 +49,8 @@ class PostgreSQLDialect(Dialect):
             # The busy timeout: how long any statement waits for a lock another holds.
             with dbapi_conn.cursor() as cur:
                 cur.execute(f"SET lock_timeout = {timeout_ms}")
+                if options.read_only:  # the server refuses every write of the session
+                    cur.execute("SET default_transaction_read_only = on")
             dbapi_conn.commit()
 
         event.listen(engine, "connect", on_connect)
