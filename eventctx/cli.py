@@ -1,16 +1,19 @@
 """The ``eventctx`` command: inspect and maintain a store from the shell.
 
 Global options come before the command. Tables are for people; ``--json`` prints one JSON
-document for scripts. Errors are one line on stderr and a non-zero exit, never a traceback.
+document for scripts. The read commands (sessions, history, verify) open the database read-only:
+they never create a file or a table. Errors are one line on stderr and a non-zero exit, never a
+traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Final
 
 import orjson
 
@@ -48,9 +51,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             demo.run(args.url or DEMO_URL)
             return 0
-        opener = EventStore.upgrade if args.command == "upgrade" else EventStore.open
+        opener, command = _COMMANDS[args.command]
         with opener(url) as store:
-            _emit(args.json, *_COMMANDS[args.command](store, args))
+            _emit(args.json, *command(store, args))
         return 0
     except (EventCtxError, ValueError) as exc:
         print(f"eventctx: {exc}", file=sys.stderr)
@@ -167,13 +170,18 @@ def _upgrade(store: EventStore, args: argparse.Namespace) -> tuple[Any, list[str
     ]
 
 
-_COMMANDS = {
-    "sessions": _sessions,
-    "history": _history,
-    "verify": _verify,
-    "compact": _compact,
-    "upgrade": _upgrade,
+_Opener = Callable[[str], EventStore]
+_Command = Callable[[EventStore, argparse.Namespace], tuple[Any, list[str]]]
+_READ_ONLY: Final[_Opener] = functools.partial(EventStore.open, read_only=True)
+
+_COMMANDS: Final[dict[str, tuple[_Opener, _Command]]] = {
+    "sessions": (_READ_ONLY, _sessions),
+    "history": (_READ_ONLY, _history),
+    "verify": (_READ_ONLY, _verify),
+    "compact": (EventStore.open, _compact),
+    "upgrade": (EventStore.upgrade, _upgrade),
 }
+"""Each command: how it opens the store (the read commands read-only) and what it runs."""
 
 
 if __name__ == "__main__":

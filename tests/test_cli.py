@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
 import orjson
 import pytest
+import sqlalchemy as sa
 
-from eventctx import ContextManager
+from eventctx import ContextManager, EventStore
 from eventctx.cli import main
 
 
@@ -33,6 +36,7 @@ def test_history_sessions_verify(db_url: str, capsys: pytest.CaptureFixture[str]
 
 
 def test_unknown_session_is_an_error(db_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    EventStore.open(db_url).close()  # an eventctx database, without sessions
     assert main(["--url", db_url, "history", "nope"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("eventctx: session 'nope' does not exist") and err.count("\n") == 1
@@ -61,3 +65,83 @@ def test_demo_tells_the_story(tmp_path: Path) -> None:
     assert "plan                   planning at v8           execution, report" in out
     assert 'report = "Share context between phases: 2/3 checks passed' in out
     assert "hash chain verified" in out and str(tmp_path / "demo.db") in out
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``python -m eventctx ARGS`` as a real process (EVENTCTX_URL unset unless in ``env``)."""
+    base = {k: v for k, v in os.environ.items() if k != "EVENTCTX_URL"}
+    return subprocess.run(
+        [sys.executable, "-m", "eventctx", *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        env={**base, **(env or {})},
+        cwd=cwd,
+        timeout=120,
+    )
+
+
+def assert_one_line(err: str, starts: str = "eventctx: ") -> None:
+    assert err.startswith(starts) and err.count("\n") == 1, err
+    assert "Traceback" not in err
+
+
+READ_COMMANDS = [["sessions"], ["history", "s"], ["verify"], ["verify", "s"]]
+
+
+def _command_id(command: list[str]) -> str:
+    return "-".join(command)
+
+
+@pytest.mark.parametrize("command", READ_COMMANDS, ids=_command_id)
+def test_read_commands_leave_a_missing_path_missing(tmp_path: Path, command: list[str]) -> None:
+    path = tmp_path / "typo.db"
+    done = run_cli("--url", f"sqlite:///{path}", *command)
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr == f"eventctx: no database at {path}\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", READ_COMMANDS, ids=_command_id)
+def test_read_commands_leave_a_foreign_sqlite_file_alone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    path = tmp_path / "app.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE invoices (id INTEGER PRIMARY KEY, total INTEGER)")
+        conn.execute("INSERT INTO invoices VALUES (1, 100)")
+    conn.close()
+    before = path.read_bytes()
+    assert main(["--url", f"sqlite:///{path}", *command]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == "eventctx: not an eventctx database (no eventctx tables)\n"
+    assert path.read_bytes() == before
+    assert list(tmp_path.iterdir()) == [path]  # no journal, no WAL files
+
+
+@pytest.mark.parametrize("command", READ_COMMANDS, ids=_command_id)
+def test_read_commands_create_no_table_in_an_empty_postgresql_schema(
+    pg_url: str, capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    assert main(["--url", pg_url, *command]) == 1
+    assert capsys.readouterr().err == "eventctx: not an eventctx database (no eventctx tables)\n"
+    engine = sa.create_engine(pg_url, poolclass=sa.pool.NullPool)
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT current_schema()").scalar() is not None
+        assert sa.inspect(conn).get_table_names() == []
+    engine.dispose()
+
+
+def test_read_commands_refuse_another_schema_version(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "v1.db"
+    path.write_bytes((Path(__file__).parent / "data" / "eventctx-v1.sqlite").read_bytes())
+    before = path.read_bytes()
+    for command in READ_COMMANDS:
+        assert main(["--url", f"sqlite:///{path}", *command]) == 1
+        assert_one_line(capsys.readouterr().err, "eventctx: database schema version 1 is older")
+    assert path.read_bytes() == before
