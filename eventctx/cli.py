@@ -25,6 +25,9 @@ from eventctx.store import EventStore
 
 DEMO_URL = "sqlite:///eventctx-demo.db"
 
+_ESCAPES: Final = {c: repr(chr(c))[1:-1] for c in (*range(0x20), *range(0x7F, 0xA0))}
+"""C0 controls, DEL and C1 controls, each as its Python escape (``\\x1b``, ``\\n``)."""
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eventctx", description=__doc__)
@@ -56,15 +59,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             _emit(args.json, *command(store, args))
         return 0
     except (EventCtxError, ValueError) as exc:
-        print(f"eventctx: {exc}", file=sys.stderr)
+        print(f"eventctx: {_printable(str(exc))}", file=sys.stderr)
         return 1
 
 
+def _printable(text: str) -> str:
+    """``text`` with control characters escaped: a stored string can neither drive the terminal
+    (escape sequences) nor break a line of a table. Other characters are left alone."""
+    return text.translate(_ESCAPES)
+
+
 def _emit(as_json: bool, document: Any, lines: list[str]) -> None:
+    """Print ``document`` as JSON, or ``lines`` with control characters escaped."""
     if as_json:
         sys.stdout.buffer.write(orjson.dumps(document, option=orjson.OPT_INDENT_2) + b"\n")
     else:
-        print("\n".join(lines))
+        print("\n".join(map(_printable, lines)))
 
 
 def _sessions(store: EventStore, args: argparse.Namespace) -> tuple[Any, list[str]]:
@@ -81,9 +91,9 @@ def _sessions(store: EventStore, args: argparse.Namespace) -> tuple[Any, list[st
     ]
     lines = [f"{'SESSION':<30} {'VERSION':>7}  {'LAST ACTIVITY':<32} EXPIRES"]
     lines += [
-        f"{d['session_id']:<30} {d['version']:>7}  {d['last_activity']:<32} "
+        f"{_printable(h.session_id):<30} {d['version']:>7}  {d['last_activity']:<32} "
         f"{d['expires_at'] or '-'}"
-        for d in doc
+        for h, d in zip(live, doc, strict=True)
     ]
     return doc, lines
 
@@ -107,11 +117,12 @@ def _history(store: EventStore, args: argparse.Namespace) -> tuple[Any, list[str
                 "payload": e.payload,
             }
         )
-        payload = orjson.dumps(e.payload).decode()
+        payload = _printable(orjson.dumps(e.payload).decode())
         payload = payload if len(payload) <= 60 else payload[:57] + "..."
+        phase = _printable(e.phase or "-")
         lines.append(
-            f"{e.version:>7}  {e.recorded_at.isoformat():<32} {e.type:<15} {e.phase or '-':<12} "
-            f"{e.key + ' ' if e.key else ''}{payload}"
+            f"{e.version:>7}  {e.recorded_at.isoformat():<32} {_printable(e.type):<15} "
+            f"{phase:<12} {_printable(e.key) + ' ' if e.key else ''}{payload}"
         )
     return doc, lines
 

@@ -7,12 +7,13 @@ import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from unittest.mock import ANY
 
 import orjson
 import pytest
 import sqlalchemy as sa
 
-from eventctx import ContextManager, EventStore
+from eventctx import ContextManager, EventStore, NewEvent
 from eventctx.cli import main
 
 
@@ -145,3 +146,45 @@ def test_read_commands_refuse_another_schema_version(
         assert main(["--url", f"sqlite:///{path}", *command]) == 1
         assert_one_line(capsys.readouterr().err, "eventctx: database schema version 1 is older")
     assert path.read_bytes() == before
+
+
+# Escape sequences that would clear the screen, set the window title, move the cursor; a line
+# break; and C1 controls (CSI, NEL) and DEL.
+SESSION = "evil\x1b[2J\nid"
+KEY = "k\x1b]0;owned\x07ey"
+PHASE = "ph\x9base"
+TEXT = "caf\u00e9 \u65e5\u672c \x7f\x85"
+
+
+def _is_control(char: str) -> bool:
+    return ord(char) < 0x20 or 0x7F <= ord(char) < 0xA0
+
+
+def test_tables_escape_control_characters(db_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with EventStore.open(db_url) as store:
+        store.append(SESSION, [NewEvent.create("ContextCreated", {"ttl_ms": None})])
+        store.append(SESSION, [NewEvent.create("KeySet", {"value": TEXT}, key=KEY, phase=PHASE)])
+    for command in (["sessions"], ["history", SESSION], ["verify"], ["verify", SESSION]):
+        assert main(["--url", db_url, *command]) == 0
+        out = capsys.readouterr().out
+        assert not [c for line in out.split("\n") for c in line if _is_control(c)], out
+        assert command[0] == "history" or "evil\\x1b[2J\\nid" in out
+    assert main(["--url", db_url, "history", SESSION]) == 0
+    row = capsys.readouterr().out.split("\n")[2]
+    assert "k\\x1b]0;owned\\x07ey" in row and "ph\\x9base" in row
+    assert "caf\u00e9 \u65e5\u672c \\x7f\\x85" in row  # other unicode as it is
+    assert main(["--url", db_url, "--json", "history", SESSION]) == 0  # JSON: exact
+    assert orjson.loads(capsys.readouterr().out)[1] == {
+        **orjson.loads(orjson.dumps({"key": KEY, "phase": PHASE, "payload": {"value": TEXT}})),
+        "version": 2,
+        "recorded_at": ANY,
+        "type": "KeySet",
+        "execution_id": None,
+    }
+
+
+def test_errors_escape_control_characters(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["--url", f"sqlite:///{tmp_path}/x\x1b[2J\n.db", "sessions"]) == 1
+    assert capsys.readouterr().err == f"eventctx: no database at {tmp_path}/x\\x1b[2J\\n.db\n"
