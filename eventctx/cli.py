@@ -2,8 +2,8 @@
 
 Global options come before the command. Tables are for people; ``--json`` prints one JSON
 document for scripts. The read commands (sessions, history, verify) open the database read-only:
-they never create a file or a table. Errors are one line on stderr and a non-zero exit, never a
-traceback.
+they never create a file or a table. Errors are one line on stderr, never a traceback; the exit
+status is 0 on success, 1 on failure and 2 for a usage error.
 """
 
 from __future__ import annotations
@@ -47,20 +47,29 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status."""
-    args = _parser().parse_args(argv)
-    url = args.url or os.environ.get("EVENTCTX_URL") or DEFAULT_URL
+    """Run the command line; returns the exit status (0 ok, 1 failure, 2 usage)."""
     try:
+        args = _parser().parse_args(argv)
+        if args.url == "":  # else an empty $EVENTCTX_URL in a script would quietly pick the default
+            return _fail(f"--url is empty: give a database URL, e.g. {DEFAULT_URL}", status=2)
         if args.command == "demo":
             demo.run(args.url or DEMO_URL)
             return 0
+        url = args.url or os.environ.get("EVENTCTX_URL") or DEFAULT_URL
         opener, command = _COMMANDS[args.command]
         with opener(url) as store:
             _emit(args.json, *command(store, args))
         return 0
-    except (EventCtxError, ValueError) as exc:
-        print(f"eventctx: {_printable(str(exc))}", file=sys.stderr)
-        return 1
+    except EventCtxError as exc:
+        return _fail(str(exc))
+    except Exception as exc:  # a last resort: a bug or the unforeseen is still one line
+        return _fail(f"unexpected {type(exc).__name__}: {exc}")
+
+
+def _fail(message: str, status: int = 1) -> int:
+    """Print ``message`` as one line on stderr and return the exit status ``status``."""
+    print(f"eventctx: {_printable(message)}", file=sys.stderr)
+    return status
 
 
 def _printable(text: str) -> str:

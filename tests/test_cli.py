@@ -7,6 +7,7 @@ import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 from unittest.mock import ANY
 
 import orjson
@@ -188,3 +189,51 @@ def test_errors_escape_control_characters(
 ) -> None:
     assert main(["--url", f"sqlite:///{tmp_path}/x\x1b[2J\n.db", "sessions"]) == 1
     assert capsys.readouterr().err == f"eventctx: no database at {tmp_path}/x\\x1b[2J\\n.db\n"
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "says"),
+    [
+        (["--url", "not a url", "sessions"], {}, "'not a url' is not a database URL"),
+        (["history", "s"], {"EVENTCTX_URL": "nope"}, "'nope' is not a database URL"),
+        (["--url", "mysql://x/y", "verify"], {}, "unsupported database"),
+        # The driver is looked up when the engine is made: an error eventctx does not translate.
+        (["--url", "sqlite+nosuchdriver:///x.db", "compact"], {}, "unexpected NoSuchModuleError"),
+    ],
+    ids=["not-a-url", "env-nope", "unsupported", "unknown-driver"],
+)
+def test_a_bad_url_is_one_line_not_a_traceback(
+    tmp_path: Path, args: list[str], env: dict[str, str], says: str
+) -> None:
+    done = run_cli(*args, env=env, cwd=tmp_path)
+    assert done.returncode == 1 and done.stdout == ""
+    assert_one_line(done.stderr, f"eventctx: {says}")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", [["sessions"], ["compact"], ["demo"], ["upgrade"]])
+def test_an_empty_url_is_a_usage_error(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    command: list[str],
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["--url", "", *command]) == 2
+    assert_one_line(capsys.readouterr().err, "eventctx: --url is empty")
+    assert list(tmp_path.iterdir()) == []  # no ./eventctx.db (nor a demo database)
+
+
+def test_an_unexpected_error_is_one_line(
+    db_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    EventStore.open(db_url).close()
+
+    def broken(self: EventStore) -> list[Any]:
+        raise RuntimeError("first line\nsecond line")
+
+    monkeypatch.setattr(EventStore, "sessions", broken)
+    assert main(["--url", db_url, "sessions"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == "eventctx: unexpected RuntimeError: first line\\nsecond line\n"
