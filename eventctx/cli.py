@@ -60,6 +60,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         with opener(url) as store:
             _emit(args.json, *command(store, args))
         return 0
+    except BrokenPipeError:
+        # The reader went away (`eventctx history S | head -1`). As Python's docs advise (signal,
+        # "Note on SIGPIPE"), stdout goes to devnull so that the flush at exit fails no more.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 1
     except EventCtxError as exc:
         return _fail(str(exc))
     except Exception as exc:  # a last resort: a bug or the unforeseen is still one line
@@ -79,11 +86,15 @@ def _printable(text: str) -> str:
 
 
 def _emit(as_json: bool, document: Any, lines: list[str]) -> None:
-    """Print ``document`` as JSON, or ``lines`` with control characters escaped."""
+    """Print ``document`` as JSON, or ``lines`` (control characters escaped); flushed here, so
+    that a reader that went away is noticed inside ``main``."""
     if as_json:
-        sys.stdout.buffer.write(orjson.dumps(document, option=orjson.OPT_INDENT_2) + b"\n")
+        data = memoryview(orjson.dumps(document, option=orjson.OPT_INDENT_2) + b"\n")
+        while data:  # a pipe may take part of a large write, an error showing only on the next
+            data = data[sys.stdout.buffer.write(data) :]
     else:
         print("\n".join(map(_printable, lines)))
+    sys.stdout.flush()
 
 
 def _sessions(store: EventStore, args: argparse.Namespace) -> tuple[Any, list[str]]:

@@ -237,3 +237,40 @@ def test_an_unexpected_error_is_one_line(
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err == "eventctx: unexpected RuntimeError: first line\\nsecond line\n"
+
+
+def _long_session(db_url: str) -> None:
+    """A session whose history (a line per key) is far more than a pipe holds."""
+    with ContextManager(db_url) as manager:
+        manager.create_context("s").update({f"key-{i:05}": "x" * 40 for i in range(5000)})
+
+
+@pytest.mark.parametrize("as_json", [False, True], ids=["table", "json"])
+def test_a_closed_pipe_ends_quietly(db_url: str, as_json: bool) -> None:
+    """`eventctx history s | head -1`: the reader goes away after one line."""
+    _long_session(db_url)
+    args = ["--url", db_url, *(["--json"] if as_json else []), "history", "s"]
+    with subprocess.Popen(
+        [sys.executable, "-m", "eventctx", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    ) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        assert proc.stdout.readline()
+        proc.stdout.close()
+        assert proc.wait(timeout=60) == 1
+        assert proc.stderr.read() == b""
+
+
+def test_a_closed_pipe_ends_quietly_in_process(
+    db_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _long_session(db_url)
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    with os.fdopen(write_end, "w") as pipe:
+        monkeypatch.setattr(sys, "stdout", pipe)
+        assert main(["--url", db_url, "history", "s"]) == 1
+        pipe.write("more output, later\n")
+        pipe.flush()  # it goes to devnull now: no second BrokenPipeError
+    assert capsys.readouterr().err == ""
