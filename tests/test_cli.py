@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import sqlite3
 import subprocess
 import sys
@@ -274,3 +275,102 @@ def test_a_closed_pipe_ends_quietly_in_process(
         pipe.write("more output, later\n")
         pipe.flush()  # it goes to devnull now: no second BrokenPipeError
     assert capsys.readouterr().err == ""
+
+
+def _drop_update_trigger(conn: sa.Connection) -> None:
+    on = " ON eventctx_events" if conn.dialect.name == "postgresql" else ""
+    conn.exec_driver_sql(f"DROP TRIGGER eventctx_events_no_update{on}")
+
+
+def test_verify_reports_every_bad_session(db_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with ContextManager(db_url) as manager:
+        for sid in ("a", "b", "c", "d", "e"):
+            manager.create_context(sid).update({f"k{i}": i for i in range(4)})  # versions 1-5
+    engine = sa.create_engine(db_url, poolclass=sa.pool.NullPool)
+    with engine.begin() as conn:
+        _drop_update_trigger(conn)
+        tamper = "UPDATE eventctx_events SET {} WHERE session_id = :s AND version = :v"
+        conn.execute(sa.text(tamper.format("payload = :p")), {"s": "a", "v": 2, "p": b"{}"})
+        conn.execute(
+            sa.text("DELETE FROM eventctx_events WHERE session_id = :s AND version = :v"),
+            {"s": "b", "v": 3},
+        )
+        conn.execute(sa.text(tamper.format("hash = prev_hash")), {"s": "c", "v": 4})
+        conn.exec_driver_sql("UPDATE eventctx_sessions SET version = 3 WHERE session_id = 'd'")
+    engine.dispose()
+    expected = {
+        "a": "version 2: stored hash does not match",
+        "b": "version 4: expected version 3 (a gap)",
+        "c": "version 4: stored hash does not match",
+        "d": "log ends at version 5 but the head row says 3",
+    }
+    assert main(["--url", db_url, "verify"]) == 1
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    for sid, says in expected.items():
+        assert [line for line in lines if line.startswith(f"{sid}: FAILED: ") and says in line]
+    assert "e: 5 events verified" in lines
+    assert captured.err == "eventctx: 4 of 5 sessions failed: a, b, c, d\n"
+    assert main(["--url", db_url, "--json", "verify"]) == 1
+    report = orjson.loads(capsys.readouterr().out)["sessions"]
+    assert report["e"] == 5
+    assert all(says in report[sid] for sid, says in expected.items())
+
+
+def test_verify_runs_the_database_check(db_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with ContextManager(db_url) as manager:
+        manager.create_context("s").set("a", 1)
+    check = "ok" if db_url.startswith("sqlite") else "not available on postgresql"
+    assert main(["--url", db_url, "--json", "verify"]) == 0
+    assert orjson.loads(capsys.readouterr().out) == {"database_check": check, "sessions": {"s": 2}}
+    assert main(["--url", db_url, "verify"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "s: 2 events verified",
+        f"database check: {check}",
+    ]
+
+
+def _damaged(path: Path, how: str) -> None:
+    """A database of 20 sessions, then damaged: 4 KiB of garbage over page 3 (which the chain
+    check reads) or over a table it does not read, or an index that lost its entries."""
+    with ContextManager(f"sqlite:///{path}") as manager:
+        for n in range(20):
+            manager.create_context(f"s{n}").update({f"k{i}": "v" * 50 for i in range(5)})
+    with sqlite3.connect(path) as conn:
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        root = dict(conn.execute("SELECT name, rootpage FROM sqlite_master").fetchall())
+        if how == "index":  # the sessions' key index now points at the empty snapshots' one
+            conn.execute("PRAGMA writable_schema = ON")
+            index = "sqlite_autoindex_eventctx_{}_1"
+            conn.execute(
+                "UPDATE sqlite_master SET rootpage = ? WHERE name = ?",
+                (root[index.format("snapshots")], index.format("sessions")),
+            )
+    conn.close()
+    if how != "index":
+        page = 3 if how == "page 3" else root["eventctx_leases"]
+        with path.open("r+b") as f:
+            f.seek((page - 1) * page_size)
+            f.write(random.Random(page).randbytes(4096))
+
+
+@pytest.mark.parametrize("how", ["page 3", "unread table", "index"])
+def test_verify_finds_damage_in_the_database_file(tmp_path: Path, how: str) -> None:
+    path = tmp_path / "damaged.db"
+    _damaged(path, how)
+    done = run_cli("--url", f"sqlite:///{path}", "verify")
+    assert done.returncode == 1 and "verified" not in done.stdout
+    assert_one_line(done.stderr)
+    as_json = run_cli("--url", f"sqlite:///{path}", "--json", "verify")
+    assert as_json.returncode == 1 and "verified" not in as_json.stdout
+    assert_one_line(as_json.stderr)
+    if how == "index":  # the check reports what it found; the chains are not read
+        assert "eventctx: the database's own integrity check found damage" in done.stderr
+        assert done.stdout.startswith("database check FAILED:\n")
+        assert "  wrong # of entries in index sqlite_autoindex_eventctx_sessions_1\n" in done.stdout
+        report = orjson.loads(as_json.stdout)
+        assert report["sessions"] is None
+        assert (
+            "wrong # of entries in index sqlite_autoindex_eventctx_sessions_1"
+            in (report["database_check"])
+        )

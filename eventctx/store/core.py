@@ -627,6 +627,12 @@ class EventStore:
                 return
             params["low"] = rows[-1][version_at] + 1
 
+    def integrity_check(self) -> list[str] | None:
+        """Run the database's own consistency check of its storage: the damage found (empty:
+        none), or None where the backend has none (PostgreSQL without the amcheck extension).
+        It sees broken pages that no hash chain read touches (indexes, other tables)."""
+        return self._run(self._dialect.integrity_check, write=False)
+
     def verify(self, session_id: str) -> int:
         """Recompute a session's hash chain; return the events checked or raise IntegrityError.
 

@@ -81,6 +81,12 @@ class Dialect:
         """Names of the tables visible to this connection."""
         raise NotImplementedError
 
+    def integrity_check(self, cur: Cursor) -> list[str] | None:
+        """The damage the database's own consistency check finds in its storage (empty: none),
+        or None when the backend has no such check; a hash chain cannot see a broken page
+        that no chain read touches."""
+        raise NotImplementedError
+
     def insert_events(
         self, cur: Cursor, insert: str, returning: str, rows: Sequence[dict[str, Any]]
     ) -> list[int]:

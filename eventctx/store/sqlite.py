@@ -72,6 +72,11 @@ class SQLiteDialect(Dialect):
         cur.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
         return {row[0] for row in cur.fetchall()}
 
+    def integrity_check(self, cur: Cursor) -> list[str] | None:
+        cur.execute("PRAGMA integrity_check")
+        found = [line for row in cur.fetchall() for line in str(row[0]).splitlines()]
+        return [] if found == ["ok"] else found
+
     def insert_events(
         self, cur: Cursor, insert: str, returning: str, rows: Sequence[dict[str, Any]]
     ) -> list[int]:
