@@ -61,7 +61,7 @@ from eventctx.store.heads import (
     SessionHead,
     check_session_id,
 )
-from eventctx.store.migrations import ensure_schema
+from eventctx.store.migrations import check_schema, ensure_schema
 from eventctx.store.removal import Removal
 from eventctx.store.statements import EVENT_COLUMNS, Statements
 
@@ -69,6 +69,7 @@ __all__ = ["EventStore"]
 
 READ_CHUNK: Final = 5000
 _NO_UPPER: Final = 2**62
+_READ_ONLY: Final = "the store was opened read-only: open it without read_only=True to write"
 T = TypeVar("T")
 
 
@@ -84,11 +85,15 @@ class EventStore:
         dialect: Dialect,
         busy_timeout: timedelta = timedelta(seconds=30),
         clock: Clock = now_us,
+        *,
+        read_only: bool = False,
     ) -> None:
         """Wrap a prepared engine; use :meth:`open`, which also checks the schema."""
         self._engine = engine
         self._dialect = dialect
         self._closed = False
+        self.read_only = read_only
+        """Whether every write is refused (StorageError): the store only reads."""
         self.busy_timeout = busy_timeout
         """How long an operation waits for locks held by others before it gives up."""
         self.clock = clock
@@ -115,6 +120,7 @@ class EventStore:
         synchronous: Synchronous = "NORMAL",
         busy_timeout: timedelta = timedelta(seconds=30),
         chain_key: bytes | str | None = None,
+        read_only: bool = False,
     ) -> EventStore:
         """Open a store, creating and stamping the schema in a new database.
 
@@ -124,8 +130,13 @@ class EventStore:
         database takes the mode of the first store that opens it while it has no events, and
         then refuses any other (ChainKeyError). Raises SchemaError for a database of another
         schema version.
+
+        ``read_only`` opens an existing eventctx database without changing anything: a missing
+        SQLite file raises StorageError, a database without eventctx's tables SchemaError, and
+        every write StorageError (SQLite opens the file read-only, PostgreSQL sessions are
+        read-only). A caller's Engine decides itself whether connecting creates a file.
         """
-        store = cls._connect(target, synchronous, busy_timeout)
+        store = cls._connect(target, synchronous, busy_timeout, read_only=read_only)
         try:
             store._ensure_schema(upgrade=False)
             store._use_chain_key(chain_key)
@@ -144,7 +155,7 @@ class EventStore:
         chain_key: bytes | str | None = None,
     ) -> EventStore:
         """Open a store and migrate an older schema to the current version first."""
-        store = cls._connect(target, synchronous, busy_timeout)
+        store = cls._connect(target, synchronous, busy_timeout, read_only=False)
         try:
             store._ensure_schema(upgrade=True)
             store._use_chain_key(chain_key)
@@ -155,16 +166,20 @@ class EventStore:
 
     @classmethod
     def _connect(
-        cls, target: str | URL | Engine, synchronous: Synchronous, busy_timeout: timedelta
+        cls,
+        target: str | URL | Engine,
+        synchronous: Synchronous,
+        busy_timeout: timedelta,
+        read_only: bool,
     ) -> EventStore:
         if synchronous not in ("NORMAL", "FULL"):
             raise InvalidInputError(f"synchronous must be 'NORMAL' or 'FULL', not {synchronous!r}")
         check_duration(busy_timeout, "busy_timeout", maximum=timedelta(days=1))
-        options = StoreOptions(synchronous, busy_timeout.total_seconds())
+        options = StoreOptions(synchronous, busy_timeout.total_seconds(), read_only)
         if isinstance(target, Engine):
             dialect = for_url(target.url)
             dialect.prepare_engine(target, options)
-            return cls(target, dialect, busy_timeout)
+            return cls(target, dialect, busy_timeout, read_only=read_only)
         try:
             url = sa.make_url(target)
         except (sa.exc.ArgumentError, ValueError, TypeError) as exc:
@@ -173,9 +188,13 @@ class EventStore:
                 "postgresql+psycopg://USER@HOST/DB"
             ) from exc
         dialect = for_url(url)
-        return cls(dialect.create_engine(url, options), dialect, busy_timeout)
+        return cls(dialect.create_engine(url, options), dialect, busy_timeout, read_only=read_only)
 
     def _ensure_schema(self, *, upgrade: bool) -> None:
+        if self.read_only:
+            with self._transaction(write=False) as cur:
+                check_schema(cur, self._dialect, self._sql)
+            return
         with self._transaction(write=True) as cur:
             ensure_schema(cur, self._dialect, self._sql, upgrade=upgrade)
 
@@ -206,10 +225,11 @@ class EventStore:
             cur.execute(self._sql.set_chain_mode, {"chain": mode, "key_check": check})
             return None  # no events yet: the database takes this store's mode
 
-        if stored_mode(self._fetch(self._sql.chain_mode)) == (mode, check):
+        stored = stored_mode(self._fetch(self._sql.chain_mode))
+        if stored == (mode, check):
             self._hasher = hasher
             return
-        found = self._run(settle, write=True)
+        found = stored if self.read_only else self._run(settle, write=True)
         if found is not None:
             if found[0] == "sha256":
                 raise ChainKeyError(
@@ -262,6 +282,8 @@ class EventStore:
         """A pooled connection in one transaction; committed only if the block succeeds."""
         if self._closed:
             raise EventCtxError("the store is closed: open it again to go on")
+        if write and self.read_only:
+            raise StorageError(_READ_ONLY)
         with self._dialect.translate_errors():
             raw = self._engine.raw_connection()
             try:
@@ -332,6 +354,8 @@ class EventStore:
         check_session_id(session_id)
         if self._closed:
             raise EventCtxError("the store is closed: open it again to go on")
+        if self.read_only:
+            raise StorageError(_READ_ONLY)
         if not events:
             return []
         if len(events) > 1 and _lifecycle_inside(events):
@@ -745,6 +769,12 @@ class EventStore:
             if len(rows) < READ_CHUNK:
                 return
             params["low"] = rows[-1][version_at] + 1
+
+    def integrity_check(self) -> list[str] | None:
+        """Run the database's own consistency check of its storage: the damage found (empty:
+        none), or None where the backend has none (PostgreSQL without the amcheck extension).
+        It sees broken pages that no hash chain read touches (indexes, other tables)."""
+        return self._run(self._dialect.integrity_check, write=False)
 
     def verify(self, session_id: str) -> int:
         """Recompute a session's hash chain; return the events checked or raise IntegrityError.

@@ -48,6 +48,8 @@ class StoreOptions:
 
     synchronous: Synchronous = "NORMAL"
     busy_timeout_s: float = 30.0
+    read_only: bool = False
+    """Open the database so that nothing can change it: no file, table or row is created."""
 
 
 class Dialect:
@@ -77,6 +79,12 @@ class Dialect:
 
     def table_names(self, cur: Cursor) -> set[str]:
         """Names of the tables visible to this connection."""
+        raise NotImplementedError
+
+    def integrity_check(self, cur: Cursor) -> list[str] | None:
+        """The damage the database's own consistency check finds in its storage (empty: none),
+        or None when the backend has no such check; a hash chain cannot see a broken page
+        that no chain read touches."""
         raise NotImplementedError
 
     def insert_events(

@@ -49,6 +49,8 @@ class PostgreSQLDialect(Dialect):
             # The busy timeout: how long any statement waits for a lock another holds.
             with dbapi_conn.cursor() as cur:
                 cur.execute(f"SET lock_timeout = {timeout_ms}")
+                if options.read_only:  # the server refuses every write of the session
+                    cur.execute("SET default_transaction_read_only = on")
             dbapi_conn.commit()
 
         event.listen(engine, "connect", on_connect)
@@ -62,6 +64,11 @@ class PostgreSQLDialect(Dialect):
             "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()"
         )
         return {row[0] for row in cur.fetchall()}
+
+    def integrity_check(self, cur: Cursor) -> list[str] | None:
+        # Checking a whole database needs the amcheck extension, which eventctx does not ask
+        # a server to have; pages with data checksums are checked as they are read.
+        return None
 
     def insert_events(
         self, cur: Cursor, insert: str, returning: str, rows: Sequence[dict[str, Any]]

@@ -1,11 +1,14 @@
 """SQLite: WAL, a busy timeout, and BEGIN IMMEDIATE for every write so that concurrent
-processes queue for the write lock instead of failing with "database is locked"."""
+processes queue for the write lock instead of failing with "database is locked". A read-only
+store opens an existing file with ``mode=ro`` and leaves its journal mode alone."""
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
@@ -34,12 +37,12 @@ class SQLiteDialect(Dialect):
                 "an in-memory SQLite database is private to one connection; "
                 "use a file, e.g. sqlite:///eventctx.db (a temporary directory works for tests)"
             )
-        engine = sa.create_engine(
-            url,
-            connect_args={"check_same_thread": False, "timeout": options.busy_timeout_s},
-            pool_size=8,
-            max_overflow=16,
-        )
+        connect_args = {"check_same_thread": False, "timeout": options.busy_timeout_s}
+        connect: dict[str, Any] = {"connect_args": connect_args}
+        if options.read_only:  # mode=ro: SQLite neither creates the file nor writes to it
+            uri = f"{_existing_file(database).as_uri()}?mode=ro"
+            connect = {"creator": functools.partial(sqlite3.connect, uri, uri=True, **connect_args)}
+        engine = sa.create_engine(url, pool_size=8, max_overflow=16, **connect)
         self.prepare_engine(engine, options)
         return engine
 
@@ -50,6 +53,9 @@ class SQLiteDialect(Dialect):
             # Transactions are begun explicitly (BEGIN IMMEDIATE for writes), never by the driver.
             dbapi_conn.isolation_level = None
             dbapi_conn.execute(f"PRAGMA busy_timeout = {busy_ms}")
+            if options.read_only:  # query_only holds for a caller's engine too; WAL would write
+                dbapi_conn.execute("PRAGMA query_only = ON")
+                return
             _use_wal(dbapi_conn, options.busy_timeout_s)
             dbapi_conn.execute(f"PRAGMA synchronous = {options.synchronous}")
 
@@ -65,6 +71,11 @@ class SQLiteDialect(Dialect):
     def table_names(self, cur: Cursor) -> set[str]:
         cur.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
         return {row[0] for row in cur.fetchall()}
+
+    def integrity_check(self, cur: Cursor) -> list[str] | None:
+        cur.execute("PRAGMA integrity_check")
+        found = [line for row in cur.fetchall() for line in str(row[0]).splitlines()]
+        return [] if found == ["ok"] else found
 
     def insert_events(
         self, cur: Cursor, insert: str, returning: str, rows: Sequence[dict[str, Any]]
@@ -106,6 +117,14 @@ def _use_wal(conn: sqlite3.Connection, timeout_s: float) -> None:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.005)
+
+
+def _existing_file(database: str) -> Path:
+    """The absolute path of an existing database file; StorageError if there is none."""
+    path = Path(database).absolute()
+    if not path.is_file():
+        raise StorageError(f"no database at {path}")
+    return path
 
 
 def _lastrowid(cur: Cursor) -> int:
