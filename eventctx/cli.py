@@ -13,13 +13,15 @@ import functools
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, Final
 
 import orjson
 
 from eventctx import demo
 from eventctx.compaction import compact
-from eventctx.errors import EventCtxError, IntegrityError, SessionNotFoundError
+from eventctx.errors import EventCtxError, IntegrityError, InvalidInputError, SessionNotFoundError
+from eventctx.inspect import Inspector
 from eventctx.manager import DEFAULT_URL
 from eventctx.store import EventStore
 
@@ -42,6 +44,16 @@ def _parser() -> argparse.ArgumentParser:
         "verify", help="check one session's hash chain, or every chain and the database file"
     )
     verify.add_argument("session", nargs="?")
+    verify.add_argument(
+        "--print-head",
+        action="store_true",
+        help="once verified, print each session's head (VERSION HASH SESSION) to record elsewhere",
+    )
+    verify.add_argument(
+        "--expect-head",
+        metavar="VERSION:HASH|@FILE",
+        help="the recorded head(s) to check against: the event at VERSION must still have HASH",
+    )
     compact = commands.add_parser("compact", help="remove sessions past their ttl, once")
     compact.add_argument("--dry-run", action="store_true", help="only list what would go")
     commands.add_parser("upgrade", help="migrate the database schema to this version")
@@ -150,43 +162,126 @@ def _history(store: EventStore, args: argparse.Namespace) -> tuple[Any, list[str
 
 
 def _verify(store: EventStore, args: argparse.Namespace) -> tuple[Any, list[str]]:
+    expected = _expected_heads(args.expect_head, args.session)
+    inspector = Inspector(store)
+    check: str | None = None
     if args.session:
-        n = store.verify(args.session)
-        return {args.session: n}, [f"{args.session}: {n} events verified"]
-    damage = store.integrity_check()
-    if damage:  # the chains of a damaged file say little, and reading them may fail midway
-        _emit(
-            args.json,
-            {"database_check": damage, "sessions": None},
-            ["database check FAILED:", *(f"  {finding}" for finding in damage)],
-        )
-        raise IntegrityError(
-            f"the database's own integrity check found damage ({len(damage)} findings); "
-            "hash chains not checked: restore it from a backup"
-        )
+        results = [inspector.verify(args.session)]
+    else:
+        damage = store.integrity_check()
+        if damage:  # the chains of a damaged file say little, and reading them may fail midway
+            _emit(
+                args.json,
+                {"database_check": damage, "sessions": None},
+                ["database check FAILED:", *(f"  {finding}" for finding in damage)],
+            )
+            raise IntegrityError(
+                f"the database's own integrity check found damage ({len(damage)} findings); "
+                "hash chains not checked: restore it from a backup"
+            )
+        check = "ok" if damage == [] else f"not available on {store.dialect_name}"
+        results = inspector.verify()
     sessions: dict[str, Any] = {}
-    failed = []
-    for sid, found in store.verify_all():  # one streamed pass; a failure never stops it
-        if isinstance(found, int):
-            sessions[sid] = found
-        elif isinstance(found, IntegrityError):
-            sessions[sid] = f"FAILED: {found}"
+    heads: list[dict[str, Any]] = []
+    failed, lines = [], []
+    for result in results:
+        sid = result.session_id
+        problem = (
+            result.error if not result.ok else _head_problem(store, sid, expected.pop(sid, None))
+        )
+        if result.being_removed:
+            sessions[sid], line = "being removed", f"{sid}: being removed"
+        elif problem is not None:
+            sessions[sid], line = f"FAILED: {problem}", f"{sid}: FAILED: {problem}"
             failed.append(sid)
         else:
-            sessions[sid] = "being removed"  # compaction is (or was) removing it
-    check = "ok" if damage == [] else f"not available on {store.dialect_name}"
-    lines = [
-        f"{sid}: {n} events verified" if isinstance(n, int) else f"{sid}: {n}"
-        for sid, n in sessions.items()
-    ]
-    lines = [*(lines or ["no sessions"]), f"database check: {check}"]
-    doc = {"database_check": check, "sessions": sessions}
+            sessions[sid] = result.events
+            line = f"{sid}: {result.events} events verified" + (
+                f", {result.snapshots} snapshot{'s' * (result.snapshots > 1)} checked"
+                if result.snapshots
+                else ""
+            )
+            head = store.session(sid)
+            if head is not None:
+                heads.append(
+                    {"session_id": sid, "version": head.version, "hash": head.head_hash.hex()}
+                )
+        lines.append(line)
+    for sid in expected:  # a head was recorded for a session that is gone
+        sessions[sid] = f"FAILED: session {sid!r} does not exist, yet a head was recorded for it"
+        failed.append(sid)
+        lines.append(f"{sid}: {sessions[sid]}")
+    doc: dict[str, Any] = {"sessions": sessions}
+    if check is not None:
+        doc["database_check"] = check
+        lines = [*(lines or ["no sessions"]), f"database check: {check}"]
     if failed:
         _emit(args.json, doc, lines)
         raise IntegrityError(
             f"{len(failed)} of {len(sessions)} sessions failed: {', '.join(failed)}"
         )
+    if args.print_head:
+        return heads, [f"{h['version']} {h['hash']} {h['session_id']}" for h in heads]
     return doc, lines
+
+
+def _expected_heads(spec: str | None, session_id: str | None) -> dict[str, tuple[int, str]]:
+    """The recorded heads ``--expect-head`` names: ``VERSION:HASH`` for the session given,
+    or ``@FILE`` with lines as ``--print-head`` prints them (or its ``--json`` list)."""
+    if spec is None:
+        return {}
+    if not spec.startswith("@"):
+        if session_id is None:
+            raise InvalidInputError("--expect-head VERSION:HASH needs a session; or give @FILE")
+        version, _, digest = spec.partition(":")
+        return {session_id: (_head_version(version, spec), digest.lower())}
+    try:
+        text = Path(spec[1:]).read_text()
+    except OSError as exc:
+        raise InvalidInputError(f"--expect-head: cannot read {spec[1:]}: {exc.strerror}") from None
+    if text.lstrip().startswith("["):
+        try:
+            rows = [(h["version"], h["hash"], h["session_id"]) for h in orjson.loads(text)]
+        except (orjson.JSONDecodeError, TypeError, KeyError) as exc:
+            raise InvalidInputError(f"--expect-head: {spec[1:]} is not a list of heads") from exc
+    else:
+        rows = []
+        for line in filter(str.strip, text.splitlines()):
+            version, _, rest = line.partition(" ")
+            digest, _, sid = rest.partition(" ")
+            if not sid:
+                raise InvalidInputError(
+                    f"--expect-head: {spec[1:]} has a line that is not VERSION HASH SESSION"
+                )
+            rows.append((version, digest, sid))
+    heads = {str(sid): (_head_version(str(v), spec), str(h).lower()) for v, h, sid in rows}
+    if session_id is not None:
+        heads = {session_id: heads[session_id]} if session_id in heads else {}
+    return heads
+
+
+def _head_version(text: str, spec: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise InvalidInputError(f"--expect-head {spec!r}: the version must be a positive integer")
+    return int(text)
+
+
+def _head_problem(
+    store: EventStore, session_id: str, expected: tuple[int, str] | None
+) -> str | None:
+    """Why a verified session does not match its recorded head, or None."""
+    if expected is None:
+        return None
+    version, digest = expected
+    found = store.read_versions(session_id, [version])
+    if not found:
+        return f"session {session_id!r} has no version {version}, yet its head was recorded there"
+    if found[0].hash.hex() != digest:
+        return (
+            f"session {session_id!r} version {version}: hash {found[0].hash.hex()} is not the "
+            f"recorded head {digest}: the history up to there was rewritten"
+        )
+    return None
 
 
 def _compact(store: EventStore, args: argparse.Namespace) -> tuple[Any, list[str]]:

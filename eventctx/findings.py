@@ -265,3 +265,5 @@ class VerifyResult:
     error: str | None = None
     snapshots: int = 0
     """Snapshots checked against the fold of the log (when ok)."""
+    being_removed: bool = False
+    """Compaction is (or was, before it crashed) removing the session: nothing to check."""

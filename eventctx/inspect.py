@@ -26,6 +26,7 @@ from eventctx.errors import (
     IntegrityError,
     InvalidInputError,
     SessionExistsError,
+    SessionExpiredError,
     SessionNotFoundError,
 )
 from eventctx.events import (
@@ -608,7 +609,8 @@ def _verified(session_id: str, found: int | EventCtxError) -> VerifyResult:
     if isinstance(found, int):
         return VerifyResult(session_id, True, found)
     version = found.version if isinstance(found, IntegrityError) else None
-    return VerifyResult(session_id, False, 0, version, str(found))
+    removing = isinstance(found, SessionExpiredError)
+    return VerifyResult(session_id, False, 0, version, str(found), being_removed=removing)
 
 
 def _us(at: datetime | None, name: str) -> int | None:

@@ -5,7 +5,12 @@ whole chain recomputed by someone without the key."""
 from __future__ import annotations
 
 import logging
+import os
+import sqlite3
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import orjson
 import pytest
@@ -242,3 +247,97 @@ def test_a_keyed_chain_differs_from_the_unkeyed_one(db_url: str, tmp_path: objec
         orjson.dumps(first.payload, option=orjson.OPT_SORT_KEYS),
     )
     assert first.hash != unkeyed
+
+
+# --- the same, through the command line (real processes) ------------------------------------
+
+
+def _cli(*args: str, key: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("EVENTCTX_URL", "EVENTCTX_CHAIN_KEY")}
+    if key is not None:
+        env["EVENTCTX_CHAIN_KEY"] = key
+    return subprocess.run(
+        [sys.executable, "-m", "eventctx", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+
+
+def _no_traceback(done: subprocess.CompletedProcess[str]) -> None:
+    assert "Traceback" not in done.stderr and len(done.stderr.splitlines()) <= 1, done.stderr
+
+
+@pytest.mark.parametrize("damage", ["snapshot edited", "event edited", "payload not JSON"])
+def test_verify_names_the_damage_and_fails(written: str, damage: str) -> None:
+    engine = sa.create_engine(written)
+    with engine.begin() as conn:
+        version, state = _newest_snapshot(conn)
+        if damage == "snapshot edited":
+            _set_snapshot(conn, version, _edited_state(state))
+    engine.dispose()
+    if damage == "event edited":
+        version = 7
+        _edit_event(written, version, b'{"value":"edited"}')
+    elif damage == "payload not JSON":
+        version = 31
+        _edit_event(written, version, b"\xff")
+    for args in (("verify",), ("verify", "s")):
+        done = _cli("--url", written, *args)
+        _no_traceback(done)
+        assert done.returncode == 1
+        assert "s: FAILED: session 's'" in done.stdout and f"version {version}" in done.stdout
+    history = _cli("--url", written, "history", "s")
+    _no_traceback(history)
+    if damage == "payload not JSON":
+        assert history.returncode == 1 and "session 's' version 31" in history.stderr
+
+
+def test_verify_with_a_key_and_without(db_url: str) -> None:
+    _write(db_url, KEY)
+    done = _cli("--url", db_url, "verify", key=KEY)
+    assert done.returncode == 0 and "s: 31 events verified, 1 snapshot checked" in done.stdout
+    for key in (None, "not the key, but sixteen bytes long"):
+        refused = _cli("--url", db_url, "verify", key=key)
+        _no_traceback(refused)
+        assert refused.returncode == 1 and "chain" in refused.stderr
+    _rewrite_chain(db_url)
+    caught = _cli("--url", db_url, "verify", key=KEY)
+    _no_traceback(caught)
+    assert caught.returncode == 1 and "not keyed" in caught.stderr
+
+
+def test_a_recorded_head_catches_a_rewritten_unkeyed_chain(written: str, tmp_path: Path) -> None:
+    printed = _cli("--url", written, "verify", "--print-head")
+    assert printed.returncode == 0
+    version, digest, session = printed.stdout.split()
+    assert (version, session) == ("31", "s") and len(digest) == 64
+    heads = tmp_path / "heads.txt"
+    heads.write_text(printed.stdout)
+    with ContextManager(written, cleanup_interval=None) as manager:
+        manager.get_context("s").set("later", 1)  # a session that grew still matches
+    for spec in (f"31:{digest}", f"@{heads}"):
+        assert _cli("--url", written, "verify", "s", "--expect-head", spec).returncode == 0
+    assert _cli("--url", written, "verify", "--expect-head", f"@{heads}").returncode == 0
+    _rewrite_chain(written)
+    assert _cli("--url", written, "verify").returncode == 0  # the limit of an unkeyed chain
+    caught = _cli("--url", written, "verify", "--expect-head", f"@{heads}")
+    _no_traceback(caught)
+    assert caught.returncode == 1
+    assert "version 31: hash" in caught.stdout and "is not the recorded head" in caught.stdout
+    bad = _cli("--url", written, "verify", "s", "--expect-head", "x:y")
+    _no_traceback(bad)
+    assert bad.returncode == 1 and "positive integer" in bad.stderr
+
+
+def test_a_column_of_the_wrong_type_is_named_not_a_crash(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'typed.db'}"
+    _write(url)
+    with sqlite3.connect(tmp_path / "typed.db") as conn:
+        conn.execute("DROP TRIGGER eventctx_events_no_update")
+        conn.execute("UPDATE eventctx_events SET payload = 'text' WHERE version = 6")
+    done = _cli("--url", url, "verify")
+    _no_traceback(done)
+    assert done.returncode == 1 and "s: FAILED: session 's' version 6" in done.stdout

@@ -620,26 +620,21 @@ class EventStore:
         for rows in self._pages(self._sql.read_chunk, session_id, from_version, high, 1):
             empty = False
             for position, version, type_, key, phase, run_id, payload, at, stored, prior in rows:
-                digest = stored if type(stored) is bytes else bytes(stored)
-                link = prior if type(prior) is bytes else bytes(prior)
-                if verify and digest != chain_hash(
-                    link, session_id, version, type_, key, phase, run_id, at, payload, hasher
-                ):
-                    raise IntegrityError(
-                        f"session {session_id!r} version {version}: stored hash does not "
-                        "match its contents; run verify",
-                        session_id=session_id,
-                        version=version,
-                    )
                 try:
+                    digest = stored if type(stored) is bytes else bytes(stored)
+                    link = prior if type(prior) is bytes else bytes(prior)
+                    if verify and digest != chain_hash(
+                        link, session_id, version, type_, key, phase, run_id, at, payload, hasher
+                    ):
+                        raise IntegrityError(
+                            f"session {session_id!r} version {version}: stored hash does not "
+                            "match its contents; run verify",
+                            session_id=session_id,
+                            version=version,
+                        )
                     value = loads(payload)
-                except orjson.JSONDecodeError as exc:
-                    raise IntegrityError(
-                        f"session {session_id!r} version {version}: the stored payload is "
-                        f"not JSON ({exc}); run verify",
-                        session_id=session_id,
-                        version=version,
-                    ) from exc
+                except (orjson.JSONDecodeError, TypeError) as exc:
+                    raise _unreadable(session_id, version, exc) from exc
                 yield make(
                     RecordedEvent,
                     (
@@ -856,11 +851,16 @@ class _Chain:
         session_id = self.head.session_id
         where: dict[str, Any] = {"session_id": session_id, "version": version}
         at_v = f"session {session_id!r} version {version}"
+        try:
+            link, payload, hash_ = bytes(prev_hash), bytes(payload), bytes(hash_)
+        except TypeError:  # a column of another type than eventctx writes (SQLite allows it)
+            self.error = IntegrityError(f"{at_v}: a stored column has the wrong type", **where)
+            return
         if version != self.expected:
             self.error = IntegrityError(
                 f"{at_v}: expected version {self.expected} (a gap)", **where
             )
-        elif bytes(prev_hash) != self.prev:
+        elif link != self.prev:
             self.error = IntegrityError(
                 f"{at_v}: prev_hash does not match the previous event", **where
             )
@@ -874,10 +874,10 @@ class _Chain:
                 phase,
                 execution_id,
                 at,
-                bytes(payload),
+                payload,
                 self.hasher,
             )
-            if self.prev != bytes(hash_):
+            if self.prev != hash_:
                 self.error = IntegrityError(
                     f"{at_v}: stored hash does not match its contents", **where
                 )
@@ -937,13 +937,19 @@ _EVENT_COLUMNS: Final = tuple(schema.events.c[name] for name in ("position", *EV
 def _event_of(row: Sequence[Any]) -> RecordedEvent:
     """A RecordedEvent from a row of ``_EVENT_COLUMNS``."""
     try:
-        payload = orjson.loads(row[7])
-    except orjson.JSONDecodeError as exc:
-        session_id, version = row[1], row[2]
-        raise IntegrityError(
-            f"session {session_id!r} version {version}: the stored payload is not JSON "
-            f"({exc}); run verify",
-            session_id=session_id,
-            version=version,
-        ) from exc
-    return tuple.__new__(RecordedEvent, (*row[:7], payload, row[8], bytes(row[9]), bytes(row[10])))
+        return tuple.__new__(
+            RecordedEvent, (*row[:7], orjson.loads(row[7]), row[8], bytes(row[9]), bytes(row[10]))
+        )
+    except (orjson.JSONDecodeError, TypeError) as exc:
+        raise _unreadable(row[1], row[2], exc) from exc
+
+
+def _unreadable(session_id: str, version: int, exc: Exception) -> IntegrityError:
+    """A stored row that cannot be read as an event: a payload that is not JSON, or a column
+    of another type than eventctx writes."""
+    what = "the stored payload is not JSON" if isinstance(exc, ValueError) else "a stored column"
+    return IntegrityError(
+        f"session {session_id!r} version {version}: {what} ({exc}); run verify",
+        session_id=session_id,
+        version=version,
+    )
