@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import uuid
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from heapq import merge
@@ -79,11 +80,15 @@ class Inspector:
     """
 
     def __init__(self, store: EventStore | str, *, chain_key: bytes | str | None = None) -> None:
-        """Inspect ``store`` (an EventStore, or a URL to open one, with ``chain_key`` when
-        its chains are keyed)."""
+        """Inspect ``store``: an EventStore, or a URL (with ``chain_key`` when its chains are
+        keyed), opened read-only: nothing is created or changed but by ``fork`` and ``rerun``,
+        which open the database for writing while they run."""
         self._owns = not isinstance(store, EventStore)
+        self._chain_key = chain_key
         self._store = (
-            store if isinstance(store, EventStore) else EventStore.open(store, chain_key=chain_key)
+            store
+            if isinstance(store, EventStore)
+            else EventStore.open(store, chain_key=chain_key, read_only=True)
         )
 
     @property
@@ -400,6 +405,12 @@ class Inspector:
         check_session_id(new)
         if self._store.session(new) is not None:
             raise SessionExistsError(f"session {new!r} exists; fork into a new id")
+        with self._writable() as store:
+            self._copy_into(store, session_id, new, version)
+        return version
+
+    def _copy_into(self, store: EventStore, session_id: str, new: str, version: int) -> None:
+        """Append ``session_id``'s events up to ``version`` to ``new`` through ``store``."""
         batch: list[NewEvent] = []
         for event in self._store.read(session_id, 1, version):
             # The store reads a batch's first and last events as the lifecycle of the session:
@@ -407,12 +418,21 @@ class Inspector:
             # where the history does.
             created = event.type == "ContextCreated"
             if batch and (created or (len(batch) >= 1000 and batch[-1].type != "ContextDeleted")):
-                self._store.append(new, batch)
+                store.append(new, batch)
                 batch = []
             batch.append(_copy(event))
         if batch:
-            self._store.append(new, batch)
-        return version
+            store.append(new, batch)
+
+    @contextmanager
+    def _writable(self) -> Iterator[EventStore]:
+        """The store to write a fork through: this one, or (when this Inspector opened the
+        database read-only) the same database opened for writing while the call runs."""
+        if not self._store.read_only:
+            yield self._store
+            return
+        with EventStore.open(self._store.url, chain_key=self._chain_key) as store:
+            yield store
 
     def rerun(
         self,
@@ -440,7 +460,7 @@ class Inspector:
         previous = run.phases[index - 1] if index else None
         error: BaseException | None = None
         output: Any = ABSENT
-        with ContextManager(self._store, cleanup_interval=None) as manager:
+        with self._writable() as store, ContextManager(store, cleanup_interval=None) as manager:
             ctx = manager.get_context(fork_id)
             started = ctx.version
             try:

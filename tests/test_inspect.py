@@ -21,6 +21,7 @@ from eventctx import (
     RetryPolicy,
     SessionExistsError,
     SessionNotFoundError,
+    StorageError,
     runlog,
 )
 from eventctx.findings import ABSENT, DELETED
@@ -438,3 +439,22 @@ def test_a_phase_that_clears_the_context_diverges_from_one_that_does_not(
     assert diff.first_divergence == "reset"
     assert diff.phases[0].keys == {"keep": (DELETED, ABSENT)}
     assert insp.rerun("s", "reset", lambda _: None).keys == {"keep": (DELETED, ABSENT)}
+
+
+def test_an_inspector_opened_from_a_url_writes_nothing_but_forks(
+    db_url: str, tmp_path: Any
+) -> None:
+    missing = f"sqlite:///{tmp_path / 'missing.db'}"
+    with pytest.raises(StorageError, match="no database at"):
+        Inspector(missing)
+    assert not (tmp_path / "missing.db").exists()
+    with ContextManager(db_url, cleanup_interval=None) as manager:
+        manager.create_context("s").set("a", 1)
+        PluginRunner(manager, [analysis]).run("s")
+        before = manager.store.session("s")
+    with Inspector(db_url) as insp:
+        assert insp.store.read_only and insp.state_at("s").data["a"] == 1
+        assert insp.fork("s", "s2", 2) == 2  # a write it was asked for: made, then let go
+        assert insp.verify("s2").ok and insp.store.session("s") == before
+        report = insp.rerun("s", "analysis", lambda _: "again")
+        assert report.status == "completed" and report.output == "again"
