@@ -13,26 +13,38 @@ import functools
 import os
 import sys
 from collections.abc import Callable, Sequence
+from importlib.metadata import version as _package_version
+from itertools import islice
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, NoReturn
 
 import orjson
 
-from eventctx import demo
+from eventctx import cli_inspect, demo
+from eventctx.cli_inspect import parse_time
 from eventctx.compaction import compact
-from eventctx.errors import EventCtxError, IntegrityError, InvalidInputError, SessionNotFoundError
+from eventctx.errors import EventCtxError, IntegrityError, InvalidInputError
 from eventctx.inspect import Inspector
 from eventctx.manager import DEFAULT_URL
+from eventctx.render import json_bytes, printable, table
 from eventctx.store import EventStore
 
 DEMO_URL = "sqlite:///eventctx-demo.db"
 
-_ESCAPES: Final = {c: repr(chr(c))[1:-1] for c in (*range(0x20), *range(0x7F, 0xA0))}
-"""C0 controls, DEL and C1 controls, each as its Python escape (``\\x1b``, ``\\n``)."""
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line on stderr (exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"eventctx: {printable(message)} (see eventctx --help)", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="eventctx", description=__doc__)
+    parser = _Parser(prog="eventctx", description=__doc__)
+    parser.add_argument(
+        "--version", action="version", version=f"eventctx {_package_version('eventctx')}"
+    )
     parser.add_argument("--url", help=f"database URL (default: $EVENTCTX_URL, else {DEFAULT_URL})")
     parser.add_argument("--json", action="store_true", help="print one JSON document")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -40,6 +52,12 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("sessions", help="list live sessions")
     history = commands.add_parser("history", help="print a session's events")
     history.add_argument("session")
+    history.add_argument("--phase", help="only events of this phase")
+    history.add_argument("--type", action="append", help="only events of this type (repeatable)")
+    history.add_argument("--since", type=parse_time, help="ISO 8601, or an age (10m, 2h, 7d)")
+    history.add_argument("--until", type=parse_time, help="ISO 8601, or an age (10m, 2h, 7d)")
+    history.add_argument("--limit", type=int, help="at most this many events")
+    history.add_argument("--jsonl", action="store_true", help="JSON Lines: one event per line")
     verify = commands.add_parser(
         "verify", help="check one session's hash chain, or every chain and the database file"
     )
@@ -57,6 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     compact = commands.add_parser("compact", help="remove sessions past their ttl, once")
     compact.add_argument("--dry-run", action="store_true", help="only list what would go")
     commands.add_parser("upgrade", help="migrate the database schema to this version")
+    cli_inspect.add_commands(commands)
     return parser
 
 
@@ -70,9 +89,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             demo.run(args.url or DEMO_URL)
             return 0
         url = args.url or os.environ.get("EVENTCTX_URL") or DEFAULT_URL
+        if args.command in cli_inspect.COMMANDS:
+            return _inspect(url, args)
         opener, command = _COMMANDS[args.command]
         with opener(url) as store:
-            _emit(args.json, *command(store, args))
+            document, lines = command(store, args)
+            if getattr(args, "jsonl", False):
+                _write(b"".join(json_bytes(item, indent=False) + b"\n" for item in document))
+            else:
+                _emit(args.json, document, lines)
         return 0
     except BrokenPipeError:
         # The reader went away (`eventctx history S | head -1`). As Python's docs advise (signal,
@@ -89,25 +114,45 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _fail(message: str, status: int = 1) -> int:
     """Print ``message`` as one line on stderr and return the exit status ``status``."""
-    print(f"eventctx: {_printable(message)}", file=sys.stderr)
+    print(f"eventctx: {printable(message)}", file=sys.stderr)
     return status
 
 
-def _printable(text: str) -> str:
-    """``text`` with control characters escaped: a stored string can neither drive the terminal
-    (escape sequences) nor break a line of a table. Other characters are left alone."""
-    return text.translate(_ESCAPES)
+def _inspect(url: str, args: argparse.Namespace) -> int:
+    """Run a debugging or audit command through an Inspector on the store opened read-only
+    (``fork`` and ``rerun`` open it for writing while they write)."""
+    with EventStore.open(url, read_only=True) as store:
+        document, lines = cli_inspect.COMMANDS[args.command](Inspector(store), args)
+        if args.command != "tail":
+            _emit(args.json, document, lines)
+            return 0
+        if args.json:  # JSON Lines, so that -f can go on with more
+            _write(b"".join(json_bytes(e, indent=False) + b"\n" for e in document))
+        else:
+            print("\n".join(lines))
+        sys.stdout.flush()
+        if not args.follow:
+            return 0
+        head = store.session(args.session)
+        after = document[-1].version if document else (head.version if head else 0)
+        return cli_inspect.follow(store, args.session, after, args.json)
+
+
+def _write(data: bytes) -> None:
+    """All of ``data`` to stdout: a pipe may take part of a large write, an error showing only
+    on the next."""
+    view = memoryview(data)
+    while view:
+        view = view[sys.stdout.buffer.write(view) :]
 
 
 def _emit(as_json: bool, document: Any, lines: list[str]) -> None:
-    """Print ``document`` as JSON, or ``lines`` (control characters escaped); flushed here, so
-    that a reader that went away is noticed inside ``main``."""
+    """Print ``document`` as JSON, or ``lines`` (escaped by whoever made them: they may hold
+    colour); flushed here, so that a reader that went away is noticed inside ``main``."""
     if as_json:
-        data = memoryview(orjson.dumps(document, option=orjson.OPT_INDENT_2) + b"\n")
-        while data:  # a pipe may take part of a large write, an error showing only on the next
-            data = data[sys.stdout.buffer.write(data) :]
+        _write(json_bytes(document) + b"\n")
     else:
-        print("\n".join(map(_printable, lines)))
+        print("\n".join(lines))
     sys.stdout.flush()
 
 
@@ -125,7 +170,7 @@ def _sessions(store: EventStore, args: argparse.Namespace) -> tuple[Any, list[st
     ]
     lines = [f"{'SESSION':<30} {'VERSION':>7}  {'LAST ACTIVITY':<32} EXPIRES"]
     lines += [
-        f"{_printable(h.session_id):<30} {d['version']:>7}  {d['last_activity']:<32} "
+        f"{printable(h.session_id):<30} {d['version']:>7}  {d['last_activity']:<32} "
         f"{d['expires_at'] or '-'}"
         for h, d in zip(live, doc, strict=True)
     ]
@@ -133,32 +178,25 @@ def _sessions(store: EventStore, args: argparse.Namespace) -> tuple[Any, list[st
 
 
 def _history(store: EventStore, args: argparse.Namespace) -> tuple[Any, list[str]]:
-    if store.session(args.session) is None:
-        raise SessionNotFoundError(f"session {args.session!r} does not exist")
-    doc, lines = (
-        [],
-        [f"{'VERSION':>7}  {'RECORDED AT':<32} {'TYPE':<15} {'PHASE':<12} KEY / PAYLOAD"],
+    events = Inspector(store).history(
+        args.session, since=args.since, until=args.until, types=args.type, phase=args.phase
     )
-    for e in store.read(args.session):
-        doc.append(
-            {
-                "version": e.version,
-                "recorded_at": e.recorded_at.isoformat(),
-                "type": e.type,
-                "key": e.key,
-                "phase": e.phase,
-                "execution_id": e.execution_id,
-                "payload": e.payload,
-            }
-        )
-        payload = _printable(orjson.dumps(e.payload).decode())
-        payload = payload if len(payload) <= 60 else payload[:57] + "..."
-        phase = _printable(e.phase or "-")
-        lines.append(
-            f"{e.version:>7}  {e.recorded_at.isoformat():<32} {_printable(e.type):<15} "
-            f"{phase:<12} {_printable(e.key) + ' ' if e.key else ''}{payload}"
-        )
-    return doc, lines
+    if args.limit is not None:
+        events = islice(events, max(args.limit, 0))
+    found = list(events)
+    doc = [
+        {
+            "version": e.version,
+            "recorded_at": e.recorded_at,
+            "type": e.type,
+            "key": e.key,
+            "phase": e.phase,
+            "execution_id": e.execution_id,
+            "payload": e.payload,
+        }
+        for e in found
+    ]
+    return doc, table(cli_inspect.EVENT_HEADERS, cli_inspect.event_rows(found))
 
 
 def _verify(store: EventStore, args: argparse.Namespace) -> tuple[Any, list[str]]:
@@ -173,7 +211,7 @@ def _verify(store: EventStore, args: argparse.Namespace) -> tuple[Any, list[str]
             _emit(
                 args.json,
                 {"database_check": damage, "sessions": None},
-                ["database check FAILED:", *(f"  {finding}" for finding in damage)],
+                ["database check FAILED:", *(printable(f"  {finding}") for finding in damage)],
             )
             raise IntegrityError(
                 f"the database's own integrity check found damage ({len(damage)} findings); "
@@ -206,11 +244,11 @@ def _verify(store: EventStore, args: argparse.Namespace) -> tuple[Any, list[str]
                 heads.append(
                     {"session_id": sid, "version": head.version, "hash": head.head_hash.hex()}
                 )
-        lines.append(line)
+        lines.append(printable(line))
     for sid in expected:  # a head was recorded for a session that is gone
         sessions[sid] = f"FAILED: session {sid!r} does not exist, yet a head was recorded for it"
         failed.append(sid)
-        lines.append(f"{sid}: {sessions[sid]}")
+        lines.append(printable(f"{sid}: {sessions[sid]}"))
     doc: dict[str, Any] = {"sessions": sessions}
     if check is not None:
         doc["database_check"] = check
