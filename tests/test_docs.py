@@ -28,3 +28,12 @@ def test_every_exported_name_is_documented() -> None:
     api = (ROOT / "docs" / "api.md").read_text()
     missing = [name for name in eventctx.__all__ if f"### `{name}`" not in api]
     assert not missing, f"docs/api.md lacks a section for {missing}"
+
+
+def test_every_command_is_in_the_cli_page() -> None:
+    from eventctx.cli import _parser  # noqa: PLC0415
+
+    page = (ROOT / "docs" / "cli.md").read_text()
+    subcommands = next(a for a in _parser()._actions if a.dest == "command")
+    missing = [name for name in subcommands.choices if f"## `{name}`" not in page]
+    assert not missing, f"docs/cli.md lacks {missing} (python -m tools.cli_doc writes it)"
