@@ -23,6 +23,7 @@ from eventctx.compaction import compact
 from eventctx.errors import EventCtxError, IntegrityError, InvalidInputError, SessionNotFoundError
 from eventctx.inspect import Inspector
 from eventctx.manager import DEFAULT_URL
+from eventctx.metrics import as_document, as_table, log_metrics, parse_since, prometheus_text
 from eventctx.store import EventStore
 
 DEMO_URL = "sqlite:///eventctx-demo.db"
@@ -57,6 +58,18 @@ def _parser() -> argparse.ArgumentParser:
     compact = commands.add_parser("compact", help="remove sessions past their ttl, once")
     compact.add_argument("--dry-run", action="store_true", help="only list what would go")
     commands.add_parser("upgrade", help="migrate the database schema to this version")
+    metrics = commands.add_parser("metrics", help="phase durations and counts, from the log")
+    metrics.add_argument(
+        "--format",
+        choices=("table", "json", "prometheus"),
+        default="table",
+        action=_Format,
+        help="a table (default), one JSON document, or Prometheus text exposition",
+    )
+    metrics.add_argument("--phase", metavar="P", help="only the events of phase P")
+    metrics.add_argument(
+        "--since", metavar="TIME", action=_Since, help="ISO 8601 with offset, or ago: 90s, 2h, 7d"
+    )
     return parser
 
 
@@ -308,6 +321,47 @@ def _compact(store: EventStore, args: argparse.Namespace) -> tuple[Any, list[str
     return doc, lines
 
 
+def _metrics(store: EventStore, args: argparse.Namespace) -> tuple[Any, list[str]]:
+    if args.format == "prometheus":
+        try:
+            text = prometheus_text(store, phase=args.phase, since=args.since)
+        except ImportError as exc:  # the optional dependency: say how to install it
+            raise EventCtxError(str(exc)) from None
+        return None, text.splitlines()
+    found = log_metrics(store, phase=args.phase, since=args.since)
+    return as_document(found), as_table(found)
+
+
+class _Format(argparse.Action):
+    """``metrics --format``: json prints the document as ``--json`` does, the others do not."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[Any] | None,
+        option_string: str | None = None,
+    ) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.json = values == "json"
+
+
+class _Since(argparse.Action):
+    """``metrics --since``: a time that does not parse is one line and exit status 2."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[Any] | None,
+        option_string: str | None = None,
+    ) -> None:
+        try:
+            setattr(namespace, self.dest, parse_since(str(values)))
+        except InvalidInputError as exc:
+            parser.exit(2, f"eventctx: {_printable(str(exc))}\n")
+
+
 def _upgrade(store: EventStore, args: argparse.Namespace) -> tuple[Any, list[str]]:
     return {"url": store.url.render_as_string()}, [
         f"{store.url.render_as_string()}: schema is current"
@@ -322,6 +376,7 @@ _COMMANDS: Final[dict[str, tuple[_Opener, _Command]]] = {
     "sessions": (_READ_ONLY, _sessions),
     "history": (_READ_ONLY, _history),
     "verify": (_READ_ONLY, _verify),
+    "metrics": (_READ_ONLY, _metrics),
     "compact": (EventStore.open, _compact),
     "upgrade": (EventStore.upgrade, _upgrade),
 }

@@ -1,21 +1,26 @@
 """Metrics: counted from the log (and checked against it), a manager's live counters, the
-Prometheus collector."""
+Prometheus collector, and ``eventctx metrics``."""
 
 from __future__ import annotations
 
 import math
+import os
+import subprocess
 import sys
 import threading
 import time
 from collections import Counter
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
+import orjson
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 import eventctx
 from eventctx import ContextManager, EventStore, Inspector, PluginRunner, runlog
+from eventctx.cli import main
 from eventctx.metrics import (
     DURATION_BUCKETS,
     PrometheusCollector,
@@ -108,6 +113,23 @@ def check_log_samples(found: Samples, store: EventStore) -> None:
         if name == "eventctx_events_total"
     }
     assert by_type == events_per_type(store)
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``python -m eventctx ARGS`` as a real process."""
+    return subprocess.run(
+        [sys.executable, "-m", "eventctx", *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=120,
+    )
+
+
+def assert_one_line(err: str) -> None:
+    assert err.startswith("eventctx: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err
 
 
 # --- from the log --------------------------------------------------------------------------
@@ -251,6 +273,15 @@ def test_the_collector_exposes_the_log_and_the_manager(manager: ContextManager) 
     assert not any(n.startswith(("eventctx_contexts", "eventctx_append")) for n in names)
 
 
+def test_eventctx_metrics_prometheus_parses_and_matches_the_log(db_url: str) -> None:
+    with ContextManager(db_url, cleanup_interval=None) as manager:
+        record_runs(manager)
+    done = run_cli("--url", db_url, "metrics", "--format", "prometheus")
+    assert done.returncode == 0, done.stderr
+    with EventStore.open(db_url, read_only=True) as store:
+        check_log_samples(samples(done.stdout), store)
+
+
 def test_the_collector_needs_prometheus_client(
     manager: ContextManager, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -258,3 +289,67 @@ def test_the_collector_needs_prometheus_client(
     with pytest.raises(ImportError, match=r"pip install 'eventctx\[prometheus\]'"):
         PrometheusCollector(manager)
     assert log_metrics(manager.store).phases == {}  # the rest works without it
+
+
+def test_importing_eventctx_metrics_needs_no_prometheus_client(db_url: str) -> None:
+    with ContextManager(db_url, cleanup_interval=None) as manager:
+        record_runs(manager)
+    script = (
+        "import sys; sys.modules['prometheus_client'] = None\n"
+        "import eventctx.metrics\n"
+        "from eventctx.cli import main\n"
+        "assert main(['--url', sys.argv[1], 'metrics']) == 0\n"
+        "sys.exit(main(['--url', sys.argv[1], 'metrics', '--format', 'prometheus']))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, db_url], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 1 and "flaky" in done.stdout
+    assert_one_line(done.stderr)
+    assert "pip install 'eventctx[prometheus]'" in done.stderr
+
+
+# --- the command -----------------------------------------------------------------------------
+
+
+def test_eventctx_metrics_json_and_table(db_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with ContextManager(db_url, cleanup_interval=None) as manager:
+        record_runs(manager)
+    assert main(["--url", db_url, "metrics", "--format", "json"]) == 0
+    doc = orjson.loads(capsys.readouterr().out)
+    counted = {p: (m["attempts"], m["failures"], m["retries"]) for p, m in doc["phases"].items()}
+    assert counted == EXPECTED and doc["runs"] == EXPECTED_RUNS
+    flaky_seconds = doc["phases"]["flaky"]["duration_seconds"]
+    assert flaky_seconds["count"] == flaky_seconds["buckets"]["+Inf"] == 4
+    assert main(["--url", db_url, "--json", "metrics"]) == 0  # --json means the same
+    assert orjson.loads(capsys.readouterr().out) == doc
+
+    assert main(["--url", db_url, "metrics"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["PHASE", "ATTEMPTS", "FAILURES", "RETRIES", "P50", "P95", "P99"]
+    rows = {line.split()[0]: line.split()[1:4] for line in table[1:4]}
+    assert rows == {p: [str(n) for n in counts] for p, counts in EXPECTED.items()}
+    assert len({len(line) for line in table[:4]}) == 1  # aligned columns
+    assert "runs: 2 completed, 1 failed" in table
+
+    assert main(["--url", db_url, "--json", "metrics", "--phase", "broken", "--since", "1h"]) == 0
+    doc = orjson.loads(capsys.readouterr().out)
+    assert list(doc["phases"]) == ["broken"] and doc["runs"] is None and doc["phase"] == "broken"
+    assert main(["--url", db_url, "metrics", "--since", "2999-01-01T00:00:00Z"]) == 0
+    assert "(no phase attempt ended)" in capsys.readouterr().out
+
+
+def test_eventctx_metrics_errors(tmp_path: Path, db_url: str) -> None:
+    EventStore.open(db_url).close()
+    unknown = run_cli("--url", db_url, "metrics", "--format", "xml")
+    assert unknown.returncode == 2 and "invalid choice: 'xml'" in unknown.stderr
+    for since in ("yesterday", "2024-05-01T10:00:00", "99999999999d"):
+        bad = run_cli("--url", db_url, "metrics", "--since", since)
+        assert bad.returncode == 2 and bad.stdout == "", since
+        assert_one_line(bad.stderr)
+        assert bad.stderr.startswith(f"eventctx: --since '{since}'")
+    missing = tmp_path / "typo.db"
+    gone = run_cli("--url", f"sqlite:///{missing}", "metrics")
+    assert gone.returncode == 1 and gone.stdout == ""
+    assert gone.stderr == f"eventctx: no database at {missing}\n"
+    assert not missing.exists()
