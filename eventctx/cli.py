@@ -26,6 +26,7 @@ from eventctx.compaction import compact
 from eventctx.errors import EventCtxError, IntegrityError, InvalidInputError
 from eventctx.inspect import Inspector
 from eventctx.manager import DEFAULT_URL
+from eventctx.metrics import as_document, as_table, log_metrics, prometheus_text
 from eventctx.render import json_bytes, printable, table
 from eventctx.store import EventStore
 
@@ -54,8 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     history.add_argument("session")
     history.add_argument("--phase", help="only events of this phase")
     history.add_argument("--type", action="append", help="only events of this type (repeatable)")
-    history.add_argument("--since", type=parse_time, help="ISO 8601, or an age (10m, 2h, 7d)")
-    history.add_argument("--until", type=parse_time, help="ISO 8601, or an age (10m, 2h, 7d)")
+    for bound in ("--since", "--until"):
+        history.add_argument(bound, type=parse_time, help="ISO 8601 with offset, or ago: 2h, 7d")
     history.add_argument("--limit", type=int, help="at most this many events")
     history.add_argument("--jsonl", action="store_true", help="JSON Lines: one event per line")
     verify = commands.add_parser(
@@ -76,6 +77,18 @@ def _parser() -> argparse.ArgumentParser:
     compact.add_argument("--dry-run", action="store_true", help="only list what would go")
     commands.add_parser("upgrade", help="migrate the database schema to this version")
     cli_inspect.add_commands(commands)
+    metrics = commands.add_parser("metrics", help="phase durations and counts, from the log")
+    metrics.add_argument(
+        "--format",
+        choices=("table", "json", "prometheus"),
+        default="table",
+        action=_Format,
+        help="a table (default), one JSON document, or Prometheus text exposition",
+    )
+    metrics.add_argument("--phase", metavar="P", help="only the events of phase P")
+    metrics.add_argument(
+        "--since", metavar="TIME", type=parse_time, help="ISO 8601 with offset, or ago: 90s, 2h, 7d"
+    )
     return parser
 
 
@@ -346,6 +359,31 @@ def _compact(store: EventStore, args: argparse.Namespace) -> tuple[Any, list[str
     return doc, lines
 
 
+def _metrics(store: EventStore, args: argparse.Namespace) -> tuple[Any, list[str]]:
+    if args.format == "prometheus":
+        try:
+            text = prometheus_text(store, phase=args.phase, since=args.since)
+        except ImportError as exc:  # the optional dependency: say how to install it
+            raise EventCtxError(str(exc)) from None
+        return None, text.splitlines()
+    found = log_metrics(store, phase=args.phase, since=args.since)
+    return as_document(found), as_table(found)
+
+
+class _Format(argparse.Action):
+    """``metrics --format``: json prints the document as ``--json`` does, the others do not."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[Any] | None,
+        option_string: str | None = None,
+    ) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.json = values == "json"
+
+
 def _upgrade(store: EventStore, args: argparse.Namespace) -> tuple[Any, list[str]]:
     return {"url": store.url.render_as_string()}, [
         f"{store.url.render_as_string()}: schema is current"
@@ -360,6 +398,7 @@ _COMMANDS: Final[dict[str, tuple[_Opener, _Command]]] = {
     "sessions": (_READ_ONLY, _sessions),
     "history": (_READ_ONLY, _history),
     "verify": (_READ_ONLY, _verify),
+    "metrics": (_READ_ONLY, _metrics),
     "compact": (EventStore.open, _compact),
     "upgrade": (EventStore.upgrade, _upgrade),
 }

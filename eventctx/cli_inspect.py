@@ -24,23 +24,32 @@ __all__ = ["COMMANDS", "add_commands", "event_rows", "parse_time"]
 Result = tuple[Any, list[str]]
 """What a command returns: the JSON document, and the lines of its table."""
 
-_RELATIVE: Final = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
-_UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_AGO: Final = re.compile(r"(\d+)([smhd])")
+_UNITS: Final = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 
 
-def parse_time(text: str) -> datetime:
-    """An ISO 8601 time (UTC when no offset is given) or a time ago: ``30s``, ``10m``, ``2h``,
-    ``7d``. A usage error (exit 2) otherwise."""
-    relative = _RELATIVE.fullmatch(text.strip())
-    if relative:
-        return datetime.now(UTC) - timedelta(seconds=float(relative[1]) * _UNITS[relative[2]])
+def parse_time(text: str, now: datetime | None = None) -> datetime:
+    """A time from the command line: ISO 8601 with a UTC offset (``2026-11-27T10:00:00Z``),
+    or a time ago (``90s``, ``15m``, ``2h``, ``7d`` before ``now``). Anything else is a usage
+    error (exit 2): a time without an offset would mean a different instant on each machine."""
+    ago = _AGO.fullmatch(text.strip())
+    if ago is not None:
+        try:
+            return (now or datetime.now(UTC)) - timedelta(**{_UNITS[ago[2]]: int(ago[1])})
+        except OverflowError:
+            raise argparse.ArgumentTypeError(f"{text!r} is too long ago") from None
     try:
-        at = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+        at = datetime.fromisoformat(text.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"{text!r} is not a time: give ISO 8601 (2026-11-27T10:00:00Z) or an age (10m, 2h)"
+            f"{text!r} is not a time: give ISO 8601 with an offset (2026-11-27T10:00:00Z) "
+            "or a time ago (90s, 15m, 2h, 7d)"
         ) from None
-    return at if at.tzinfo else at.replace(tzinfo=UTC)
+    if at.tzinfo is None:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} has no UTC offset: add one (…Z or …+02:00) so it means one instant"
+        )
+    return at
 
 
 def _version(text: str) -> int:
@@ -75,7 +84,7 @@ def add_commands(commands: Any) -> None:
     runs.add_argument("session")
     stats = commands.add_parser("stats", help="per-phase attempts, failures, retries, p50/p95/p99")
     stats.add_argument("--phase")
-    stats.add_argument("--since", type=parse_time, help="ISO 8601, or an age (10m, 2h, 7d)")
+    stats.add_argument("--since", type=parse_time, help="ISO 8601 with offset, or ago: 90s, 2h, 7d")
     stats.add_argument("--session")
     fork = commands.add_parser("fork", help="copy a session's history up to a version into NEW")
     fork.add_argument("session")

@@ -10,6 +10,7 @@ manager hands it out again.
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, suppress
@@ -22,6 +23,7 @@ import orjson
 from pydantic import BaseModel, ValidationError
 
 from eventctx.clock import check_count, check_duration
+from eventctx.counters import Counters
 from eventctx.errors import (
     ContextKeyError,
     ContextTypeError,
@@ -35,6 +37,7 @@ from eventctx.events import NewEvent, RecordedEvent, from_us
 from eventctx.snapshots import SnapshotPolicy, restore
 from eventctx.state import RunState, State, advance
 from eventctx.store import EventStore, Fence, Head, SessionHead
+from eventctx.store.commit import Inbox
 from eventctx.store.heads import check_text, expired_at
 
 __all__ = [
@@ -119,6 +122,31 @@ class Runtime:
     snapshot_every: int
     create: Callable[[list[NewEvent], str], PluginContext]
     """Appends a new session's first events and hands out its context (the manager's)."""
+    counters: Counters = field(default_factory=Counters)
+    """The manager's live counts (``ContextManager.metrics()``)."""
+
+    def append(
+        self,
+        session_id: str,
+        events: Sequence[NewEvent],
+        *,
+        expected_version: int | None = None,
+        head: Head | None = None,
+        inbox: Inbox | None = None,
+        fence: Fence | None = None,
+    ) -> list[RecordedEvent]:
+        """``store.append``, counted and timed when it commits."""
+        started = time.perf_counter()
+        recorded = self.store.append(
+            session_id,
+            events,
+            expected_version=expected_version,
+            head=head,
+            inbox=inbox,
+            fence=fence,
+        )
+        self.counters.appended(time.perf_counter() - started)
+        return recorded
 
 
 @dataclass(slots=True)
@@ -482,7 +510,7 @@ class PluginContext:
                 state = self._state
                 head = Head(state.version, state.head_hash, state.recorded_at_us)
             try:
-                recorded = runtime.store.append(
+                recorded = runtime.append(
                     self._session_id,
                     events,
                     expected_version=expected_version,
@@ -499,14 +527,15 @@ class PluginContext:
                 raise
             with self._lock:
                 self._fold_inbox()
-                if self._gone is None:  # no snapshot of a session deleted meanwhile
-                    self._policy.after_append(
-                        runtime.store,
-                        self._session_id,
-                        self._state,
-                        len(events),
-                        sum(len(e.data) for e in events),
-                    )
+                # No snapshot of a session deleted meanwhile.
+                if self._gone is None and self._policy.after_append(
+                    runtime.store,
+                    self._session_id,
+                    self._state,
+                    len(events),
+                    sum(len(e.data) for e in events),
+                ):
+                    runtime.counters.add("snapshots")
             return recorded
 
     def _fold_inbox(self) -> None:

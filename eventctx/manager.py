@@ -16,6 +16,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from eventctx.clock import check_count, check_duration
 from eventctx.compaction import CompactionReport, compact, finish_removal
 from eventctx.context import Gate, Limits, PluginContext, Runtime, _ttl_ms
+from eventctx.counters import LiveMetrics
 from eventctx.errors import (
     InvalidInputError,
     SessionExistsError,
@@ -163,7 +164,8 @@ class ContextManager:
     def _create(self, events: list[NewEvent], session_id: str) -> PluginContext:
         """Append ``events`` (a ContextCreated first) and hand out the new session's context."""
         runtime = self._runtime
-        recorded = runtime.store.append(session_id, events)
+        recorded = runtime.append(session_id, events)
+        runtime.counters.add("created")
         ctx = PluginContext(
             runtime, session_id, fold(recorded), SnapshotPolicy(runtime.snapshot_every)
         )
@@ -203,7 +205,10 @@ class ContextManager:
                 runtime, session_id, state, SnapshotPolicy(runtime.snapshot_every, size, tail)
             )
             with self._lock:
-                return self._contexts.setdefault(session_id, fresh)  # one object per session
+                ctx = self._contexts.setdefault(session_id, fresh)  # one object per session
+            if ctx is fresh:
+                runtime.counters.add("restored")
+            return ctx
 
     def get_or_create_context(
         self, session_id: str, ttl: timedelta | _Default | None = _DEFAULT
@@ -240,7 +245,7 @@ class ContextManager:
                 if runtime.store.purge(session_id) == 0:
                     raise SessionNotFoundError(f"session {session_id!r} does not exist")
             else:
-                runtime.store.append(session_id, [NewEvent.create("ContextDeleted")])
+                runtime.append(session_id, [NewEvent.create("ContextDeleted")])
             self._evict(session_id, f"session {session_id!r} was deleted")
 
     def cleanup_expired(self, *, dry_run: bool = False) -> CompactionReport:
@@ -249,6 +254,8 @@ class ContextManager:
         with self._runtime.gate:
             report = compact(self._runtime.store, dry_run=dry_run)
         if not dry_run:
+            self._runtime.counters.add("cleanups")
+            self._runtime.counters.add("expired", report.sessions_removed)
             for session_id in report.sessions:
                 self._evict(
                     session_id, f"session {session_id!r} expired and was removed", expired=True
@@ -284,6 +291,14 @@ class ContextManager:
             for h in heads
             if h.live
         ]
+
+    def metrics(self) -> LiveMetrics:
+        """Live counters of this manager since it was built: contexts active, created,
+        restored and expired, appends and their latency, snapshots, cleanups. Reads no
+        database; works after ``stop()`` too."""
+        with self._lock:
+            active = len(self._contexts)
+        return self._runtime.counters.read(active)
 
     def _evict(self, session_id: str, reason: str | None = None, expired: bool = False) -> None:
         with self._lock:

@@ -39,15 +39,16 @@ class SnapshotPolicy:
 
     def after_append(
         self, store: EventStore, session_id: str, state: State, events: int, size: int
-    ) -> None:
-        """Count an append; snapshot ``state`` when due. A failed snapshot is logged, not raised:
-        the events are committed, and the next due snapshot tries again."""
+    ) -> bool:
+        """Count an append; snapshot ``state`` when due, returning whether one was saved. A
+        failed snapshot is logged, not raised: the events are committed, and the next due
+        snapshot tries again."""
         self.events_since += events
         self.bytes_since += size
         if self.bytes_since < self.state_size:
-            return
+            return False
         if self.bytes_since < MIN_BYTES and self.events_since < self.every:
-            return
+            return False
         try:
             encoded = state.encode()
             faults.point("snapshot.before_save")
@@ -56,9 +57,10 @@ class SnapshotPolicy:
             log.warning(
                 "snapshot of %r at version %d not saved: %s", session_id, state.version, exc
             )
-            return
+            return False
         self.state_size = len(encoded)
         self.events_since = self.bytes_since = 0
+        return True
 
 
 def restore(

@@ -25,7 +25,7 @@ else `$EVENTCTX_URL`, else `sqlite:///eventctx.db`; a keyed database takes its k
 - Exit status: 0 ok, 1 failure, 2 usage. Every error is one line on stderr, never a traceback.
 - The read commands open the database read-only: they never create a file or a table, record
   activity or take a write lock. Only `fork`, `rerun`, `compact` and `upgrade` write.
-- Times are ISO 8601 (`2026-11-27T10:00:00Z`; UTC when no offset) or an age: `30s`, `10m`,
+- Times are ISO 8601 with an offset (`2026-11-27T10:00:00Z`) or a time ago: `90s`, `15m`,
   `2h`, `7d`.
 
 Every output below is real: `python -m tools.cli_doc` runs the demo and then each command on
@@ -106,6 +106,12 @@ COMMANDS: list[tuple[str, str, list[str]]] = [
         "compact",
         "Remove sessions past their ttl, once (`--dry-run` lists them).",
         ["compact", "--dry-run"],
+    ),
+    (
+        "metrics",
+        "Phase durations and counts from the log (`--format table|json|prometheus`, `--phase`, "
+        "`--since`); docs/observability.md.",
+        ["metrics"],
     ),
     ("upgrade", "Migrate an older database schema to this version.", ["upgrade"]),
     ("demo", "Run the demo (default database `sqlite:///eventctx-demo.db`).", []),
