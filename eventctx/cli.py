@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -18,7 +19,7 @@ from typing import Any, Final
 
 import orjson
 
-from eventctx import demo
+from eventctx import demo, otel
 from eventctx.compaction import compact
 from eventctx.errors import EventCtxError, IntegrityError, InvalidInputError, SessionNotFoundError
 from eventctx.inspect import Inspector
@@ -40,6 +41,15 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("sessions", help="list live sessions")
     history = commands.add_parser("history", help="print a session's events")
     history.add_argument("session")
+    spans = commands.add_parser(
+        "otel", help="print a session's runs as OpenTelemetry spans (JSON), or send them over OTLP"
+    )
+    spans.add_argument("session")
+    spans.add_argument(
+        "--endpoint",
+        metavar="URL",
+        help="an OTLP/HTTP traces URL, e.g. http://localhost:4318/v1/traces",
+    )
     verify = commands.add_parser(
         "verify", help="check one session's hash chain, or every chain and the database file"
     )
@@ -159,6 +169,17 @@ def _history(store: EventStore, args: argparse.Namespace) -> tuple[Any, list[str
             f"{phase:<12} {_printable(e.key) + ' ' if e.key else ''}{payload}"
         )
     return doc, lines
+
+
+def _otel(store: EventStore, args: argparse.Namespace) -> tuple[Any, list[str]]:
+    spans = otel.recorded_spans(store, args.session)
+    if args.endpoint:
+        otel.send_otlp(spans, args.endpoint)
+        return {"endpoint": args.endpoint, "spans": len(spans)}, [
+            f"sent {len(spans)} spans to {args.endpoint}"
+        ]
+    doc = [otel.span_document(span) for span in spans]
+    return doc, json.dumps(doc, indent=2).splitlines()  # ASCII: nothing in it needs escaping
 
 
 def _verify(store: EventStore, args: argparse.Namespace) -> tuple[Any, list[str]]:
@@ -321,6 +342,7 @@ _READ_ONLY: Final[_Opener] = functools.partial(EventStore.open, read_only=True)
 _COMMANDS: Final[dict[str, tuple[_Opener, _Command]]] = {
     "sessions": (_READ_ONLY, _sessions),
     "history": (_READ_ONLY, _history),
+    "otel": (_READ_ONLY, _otel),
     "verify": (_READ_ONLY, _verify),
     "compact": (EventStore.open, _compact),
     "upgrade": (EventStore.upgrade, _upgrade),

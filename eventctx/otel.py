@@ -9,14 +9,15 @@ nothing and does no work for it per phase.
 
 from __future__ import annotations
 
+import logging
 import traceback
 from contextlib import AbstractContextManager, nullcontext
 from contextvars import Token
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final, NamedTuple
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 from eventctx.errors import EventCtxError
-from eventctx.events import RUN_EVENTS, RecordedEvent
+from eventctx.events import RUN_EVENTS, RecordedEvent, from_us
 from eventctx.inspect import Inspector
 from eventctx.store import EventStore
 
@@ -30,6 +31,7 @@ else:
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
+    from opentelemetry.sdk.trace import ReadableSpan
     from opentelemetry.trace import Span, Tracer, TracerProvider
 
 __all__ = [
@@ -37,6 +39,9 @@ __all__ = [
     "RUN_SPAN",
     "RunTrace",
     "export_spans",
+    "recorded_spans",
+    "send_otlp",
+    "span_document",
     "traced_run",
 ]
 
@@ -258,3 +263,90 @@ def export_spans(
     for event in inspector.history(session_id, types=_TRACED):
         spans.feed(event)
     spans.close()
+
+
+def recorded_spans(source: EventStore | Inspector, session_id: str) -> list[ReadableSpan]:
+    """The spans ``export_spans`` emits for ``session_id``, collected in memory (this needs
+    opentelemetry-sdk), in order of start."""
+    try:  # the SDK only here: tracing live needs the API alone
+        from opentelemetry.sdk.trace import TracerProvider  # noqa: PLC0415
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: PLC0415
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import (  # noqa: PLC0415
+            InMemorySpanExporter,
+        )
+    except ImportError:
+        raise EventCtxError(_INSTALL) from None
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    export_spans(source, session_id, provider)
+    return sorted(exporter.get_finished_spans(), key=lambda s: (s.start_time, s.parent is not None))
+
+
+def span_document(span: ReadableSpan) -> dict[str, Any]:
+    """A span as JSON: ids in hex, times as ISO 8601 and as ns since the epoch."""
+    context, parent = span.context, span.parent
+    start, end = span.start_time or 0, span.end_time or 0
+    return {
+        "trace_id": None if context is None else trace.format_trace_id(context.trace_id),
+        "span_id": None if context is None else trace.format_span_id(context.span_id),
+        "parent_span_id": None if parent is None else trace.format_span_id(parent.span_id),
+        "name": span.name,
+        "start": _iso(start),
+        "end": _iso(end),
+        "start_ns": start,
+        "end_ns": end,
+        "status": span.status.status_code.name,
+        "status_description": span.status.description,
+        "attributes": dict(span.attributes or {}),
+        "events": [
+            {"name": e.name, "time": _iso(e.timestamp), "attributes": dict(e.attributes or {})}
+            for e in span.events
+        ],
+    }
+
+
+def _iso(ns: int) -> str:
+    return from_us(ns // 1000).isoformat(timespec="microseconds")
+
+
+def send_otlp(spans: list[ReadableSpan], endpoint: str) -> None:
+    """Send ``spans`` to the OTLP/HTTP traces endpoint ``endpoint`` (the full URL, e.g.
+    ``http://localhost:4318/v1/traces``); EventCtxError if they were not accepted."""
+    try:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # noqa: PLC0415
+            OTLPSpanExporter,
+        )
+        from opentelemetry.sdk.trace.export import SpanExportResult  # noqa: PLC0415
+    except ImportError:
+        raise EventCtxError(
+            "exporting over OTLP needs its exporter: "
+            "pip install opentelemetry-exporter-otlp-proto-http"
+        ) from None
+    exporter = OTLPSpanExporter(endpoint=endpoint)
+    # The exporter says why an export failed only in its log: keep the first complaint.
+    logger = logging.getLogger(OTLPSpanExporter.__module__)
+    complaints = _Complaints()
+    logger.addHandler(complaints)
+    propagate, logger.propagate = logger.propagate, False
+    try:
+        result = exporter.export(spans)
+    finally:
+        logger.propagate = propagate
+        logger.removeHandler(complaints)
+        exporter.shutdown()  # type: ignore[no-untyped-call]
+    if result is not SpanExportResult.SUCCESS:
+        said = f"; the exporter said first: {complaints.first}" if complaints.first else ""
+        raise EventCtxError(f"could not export {len(spans)} spans to {endpoint}{said}")
+
+
+class _Complaints(logging.Handler):
+    """Keeps the first message logged to it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first: str | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.first is None:
+            self.first = record.getMessage()

@@ -1,6 +1,6 @@
 """OpenTelemetry tracing, on SQLite and PostgreSQL: live spans and spans exported from the log
-match the log's phase attempts one to one, and nothing is traced (or costs anything) without a
-tracer provider or without OpenTelemetry."""
+match the log's phase attempts one to one, the CLI prints or sends them, and nothing is traced
+(or costs anything) without a tracer provider or without OpenTelemetry."""
 
 from __future__ import annotations
 
@@ -9,9 +9,14 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
+from datetime import datetime
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+import orjson
 import pytest
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -21,6 +26,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 import eventctx
 from eventctx import ContextManager, EventStore, PluginRunner
+from eventctx.events import from_us
 from eventctx.otel import RUN_SPAN, RunTrace, export_spans
 
 WORKERS = str(Path(__file__).with_name("workers.py"))
@@ -359,6 +365,7 @@ def test_eventctx_works_without_opentelemetry(tmp_path: Path) -> None:
 import sys
 sys.modules["opentelemetry"] = None  # as if it were not installed
 import eventctx, eventctx.otel
+from eventctx.cli import main
 assert not eventctx.otel.AVAILABLE
 with eventctx.ContextManager({url!r}) as manager:
     assert eventctx.PluginRunner(manager, [lambda _: 1]).run("s").status == "completed"
@@ -366,9 +373,107 @@ with eventctx.ContextManager({url!r}) as manager:
         eventctx.otel.export_spans(manager.store, "s", None)
     except eventctx.EventCtxError as exc:
         print(exc)
+sys.exit(main(["--url", {url!r}, "otel", "s"]))
 """
     done = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
     )
+    assert done.returncode == 1, done.stderr
+    install = "OpenTelemetry is not installed: pip install eventctx[otel]"
+    assert done.stdout == f"{install}\n"
+    assert done.stderr == f"eventctx: {install}\n"
+
+
+# --- the command line ----------------------------------------------------------------------------
+
+
+def otel_cli(url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "EVENTCTX_URL"}
+    env["OTEL_EXPORTER_OTLP_TRACES_TIMEOUT"] = "1"  # an unreachable endpoint fails in a second
+    return subprocess.run(
+        [sys.executable, "-m", "eventctx", "--url", url, "otel", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_cli_prints_a_span_per_attempt_and_per_run(manager: ContextManager, db_url: str) -> None:
+    two_runs(manager, None)
+    done = otel_cli(db_url, "s")
     assert done.returncode == 0, done.stderr
-    assert done.stdout == "OpenTelemetry is not installed: pip install eventctx[otel]\n"
+    spans = orjson.loads(done.stdout)
+    attempts = len(list(manager.store.find("s", types={"PhaseStarted"})))
+    runs = len(list(manager.store.find("s", types={"RunStarted"})))
+    assert (attempts, runs) == (6, 2)
+    assert len(spans) == attempts + runs
+    roots = {s["span_id"]: s for s in spans if s["parent_span_id"] is None}
+    assert [s["name"] for s in roots.values()] == [RUN_SPAN, RUN_SPAN]
+    for s in spans:
+        if s["parent_span_id"] is not None:
+            assert roots[s["parent_span_id"]]["trace_id"] == s["trace_id"]
+        assert s["start_ns"] <= s["end_ns"]
+        assert datetime.fromisoformat(s["start"]) == from_us(s["start_ns"] // 1000)
+    assert [s["status"] for s in spans if s["name"] == "flaky"] == ["ERROR", "OK"]
+    assert spans[0]["attributes"]["eventctx.session_id"] == "s"
+
+
+def test_cli_unknown_session_is_one_line(manager: ContextManager, db_url: str) -> None:
+    done = otel_cli(db_url, "nope")
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.startswith("eventctx: session 'nope' does not exist")
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+
+
+class _Collector(BaseHTTPRequestHandler):
+    """An OTLP/HTTP endpoint that keeps what it is sent."""
+
+    bodies: ClassVar[list[bytes]] = []
+
+    def do_POST(self) -> None:
+        self.bodies.append(self.rfile.read(int(self.headers["Content-Length"])))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def collector() -> Iterator[str]:
+    server = HTTPServer(("127.0.0.1", 0), _Collector)
+    _Collector.bodies = []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1/traces"
+    server.shutdown()
+    server.server_close()
+
+
+def test_cli_sends_spans_over_otlp(tmp_path: Path, collector: str) -> None:
+    pytest.importorskip("opentelemetry.exporter.otlp.proto.http")
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (  # noqa: PLC0415
+        ExportTraceServiceRequest,
+    )
+
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    with ContextManager(url) as manager:
+        two_runs(manager, None)
+    done = otel_cli(url, "s", "--endpoint", collector)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"sent 8 spans to {collector}\n"
+    request = ExportTraceServiceRequest()
+    request.ParseFromString(b"".join(_Collector.bodies))
+    names = [s.name for r in request.resource_spans for ss in r.scope_spans for s in ss.spans]
+    expected = [RUN_SPAN, "load", "flaky", "flaky", "report", RUN_SPAN, "load", "broken"]
+    assert sorted(names) == sorted(expected)
+
+    unreachable = collector.rsplit(":", 1)[0] + ":9/v1/traces"
+    done = otel_cli(url, "s", "--endpoint", unreachable)
+    assert done.returncode == 1
+    assert done.stderr.startswith(f"eventctx: could not export 8 spans to {unreachable}")
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
