@@ -1,15 +1,16 @@
 """The ``eventctx`` command: inspect and maintain a store from the shell.
 
 Global options come before the command. Tables are for people; ``--json`` prints one JSON
-document for scripts. The read commands (sessions, history, verify) open the database read-only:
-they never create a file or a table. Errors are one line on stderr, never a traceback; the exit
-status is 0 on success, 1 on failure and 2 for a usage error.
+document for scripts. Every command but demo, fork, rerun, compact and upgrade opens the
+database read-only: it never creates a file or a table. Errors are one line on stderr, never a
+traceback; the exit status is 0 on success, 1 on failure and 2 for a usage error.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -20,7 +21,7 @@ from typing import Any, Final, NoReturn
 
 import orjson
 
-from eventctx import cli_inspect, demo
+from eventctx import cli_inspect, demo, otel
 from eventctx.cli_inspect import parse_time
 from eventctx.compaction import compact
 from eventctx.errors import EventCtxError, IntegrityError, InvalidInputError
@@ -59,6 +60,15 @@ def _parser() -> argparse.ArgumentParser:
         history.add_argument(bound, type=parse_time, help="ISO 8601 with offset, or ago: 2h, 7d")
     history.add_argument("--limit", type=int, help="at most this many events")
     history.add_argument("--jsonl", action="store_true", help="JSON Lines: one event per line")
+    spans = commands.add_parser(
+        "otel", help="print a session's runs as OpenTelemetry spans (JSON), or send them over OTLP"
+    )
+    spans.add_argument("session")
+    spans.add_argument(
+        "--endpoint",
+        metavar="URL",
+        help="an OTLP/HTTP traces URL, e.g. http://localhost:4318/v1/traces",
+    )
     verify = commands.add_parser(
         "verify", help="check one session's hash chain, or every chain and the database file"
     )
@@ -210,6 +220,17 @@ def _history(store: EventStore, args: argparse.Namespace) -> tuple[Any, list[str
         for e in found
     ]
     return doc, table(cli_inspect.EVENT_HEADERS, cli_inspect.event_rows(found))
+
+
+def _otel(store: EventStore, args: argparse.Namespace) -> tuple[Any, list[str]]:
+    spans = otel.recorded_spans(store, args.session)
+    if args.endpoint:
+        otel.send_otlp(spans, args.endpoint)
+        return {"endpoint": args.endpoint, "spans": len(spans)}, [
+            f"sent {len(spans)} spans to {args.endpoint}"
+        ]
+    doc = [otel.span_document(span) for span in spans]
+    return doc, json.dumps(doc, indent=2).splitlines()  # ASCII: nothing in it needs escaping
 
 
 def _verify(store: EventStore, args: argparse.Namespace) -> tuple[Any, list[str]]:
@@ -397,6 +418,7 @@ _READ_ONLY: Final[_Opener] = functools.partial(EventStore.open, read_only=True)
 _COMMANDS: Final[dict[str, tuple[_Opener, _Command]]] = {
     "sessions": (_READ_ONLY, _sessions),
     "history": (_READ_ONLY, _history),
+    "otel": (_READ_ONLY, _otel),
     "verify": (_READ_ONLY, _verify),
     "metrics": (_READ_ONLY, _metrics),
     "compact": (EventStore.open, _compact),

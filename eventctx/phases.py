@@ -21,12 +21,14 @@ from eventctx import faults, runlog
 from eventctx.context import (
     PhaseScope,
     PluginContext,
+    SessionWriter,
     active_phase,
     current_context,
     phase_scope,
     use_context,
 )
 from eventctx.errors import EventCtxError, InvalidInputError
+from eventctx.events import NewEvent, RecordedEvent
 from eventctx.state import RunState
 from eventctx.store import Fence
 from eventctx.store.heads import check_text
@@ -174,6 +176,7 @@ class ContextAwarePhase:
         run_coroutine: Callable[[Coroutine[Any, Any, Any]], Any] = asyncio.run,
         isolated: bool = True,
         retry: Callable[[BaseException], float | None] | None = None,
+        observe: Callable[[list[RecordedEvent]], None] | None = None,
     ) -> tuple[Any, float]:
         """Run one attempt on ``ctx`` in this thread; return (output as stored, duration ms).
 
@@ -181,12 +184,13 @@ class ContextAwarePhase:
         handed to ``run_coroutine`` (the runner's: on the caller's event loop, or a new one).
         An ``isolated`` attempt's writes are rolled back if it fails. ``retry`` says, for the
         exception a failed attempt raised, after how many seconds another attempt follows (None:
-        none); its PhaseFailed records it.
+        none); its PhaseFailed records it. ``observe`` (the run's tracing) is handed each event
+        the attempt appends, as recorded.
         """
         writer = ctx.writer
         name = self.name
         started = runlog.phase_started(execution_id, name, attempt, isolated=isolated)
-        writer.append([started], fence=fence)
+        _record(writer, started, fence, observe)
         faults.point("run.after_phase_started")
         scope = PhaseScope(ctx.session_id, name, execution_id, previous=previous, fence=fence)
         start = time.perf_counter_ns()
@@ -207,18 +211,30 @@ class ContextAwarePhase:
             failed = runlog.phase_failed(
                 execution_id, name, attempt, exc, duration, scope.keys_read, after
             )
-            writer.append([failed], fence=fence)
+            _record(writer, failed, fence, observe)
             raise
         faults.point("run.before_phase_end")
         try:
-            writer.append([completed], fence=fence)
+            _record(writer, completed, fence, observe)
         except InvalidInputError as refused:  # the output itself (too large): the attempt failed
             failed = runlog.phase_failed(
                 execution_id, name, attempt, refused, duration, scope.keys_read
             )
-            writer.append([failed], fence=fence)
+            _record(writer, failed, fence, observe)
             raise
         return completed.payload["output"], duration
+
+
+def _record(
+    writer: SessionWriter,
+    event: NewEvent,
+    fence: Fence | None,
+    observe: Callable[[list[RecordedEvent]], None] | None,
+) -> None:
+    """Append ``event``, fenced; hand it as recorded to ``observe``, if any."""
+    recorded = writer.append([event], fence=fence)
+    if observe is not None:
+        observe(recorded)
 
 
 async def _awaited(awaitable: Awaitable[Any]) -> Any:

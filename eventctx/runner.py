@@ -22,9 +22,9 @@ import uuid
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from eventctx import runlog
+from eventctx import otel, runlog
 from eventctx.clock import check_duration
 from eventctx.context import PluginContext, SessionWriter
 from eventctx.errors import EventCtxError, RunInProgressError
@@ -39,6 +39,9 @@ from eventctx.phases import (
 )
 from eventctx.state import RunState
 from eventctx.store import EventStore, Fence, LeaseHolder
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
 
 __all__ = ["PluginRunner", "RunResult"]
 
@@ -151,7 +154,9 @@ class PluginRunner:
 
     ``retries`` is the default policy (extra attempts, or a RetryPolicy); a phase wrapped in
     ``ContextAwarePhase(retry=…)`` has its own. ``lease`` is how long a crashed runner on
-    another host keeps the session from being run again.
+    another host keeps the session from being run again. Runs are traced with
+    OpenTelemetry (``eventctx.otel``) when it is installed and ``tracer_provider`` is given,
+    or one is set globally.
     """
 
     def __init__(
@@ -162,6 +167,7 @@ class PluginRunner:
         *,
         lease: timedelta = timedelta(seconds=30),
         isolate_attempts: bool = True,
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
         """Wrap ``phases`` (callables or objects with .name/.execute, sync or async).
 
@@ -176,6 +182,7 @@ class PluginRunner:
         )
         self.isolate_attempts = isolate_attempts
         """Whether a failed attempt's writes are rolled back (they stay in the log)."""
+        self._tracer_provider = tracer_provider
 
     @property
     def phases(self) -> list[ContextAwarePhase]:
@@ -242,7 +249,9 @@ class PluginRunner:
         ctx = self._manager.get_or_create_context(session_id)
         with _Lease(self._manager.store, session_id, self._lease) as lease:
             ctx.refresh()  # see everything the previous holder of the lease wrote
-            return _Run(self, ctx, lease, run_coroutine).execute(run_input, resume, fresh)
+            with otel.traced_run(self._tracer_provider, ctx.writer.store, session_id) as trace:
+                run = _Run(self, ctx, lease, run_coroutine, trace)
+                return run.execute(run_input, resume, fresh)
 
 
 @dataclass(slots=True)
@@ -253,13 +262,16 @@ class _Run:
     ctx: PluginContext
     lease: _Lease
     run_coroutine: RunCoroutine
+    trace: otel.RunTrace | None
 
     @property
     def writer(self) -> SessionWriter:
         return self.ctx.writer
 
     def append(self, event: Any) -> None:
-        self.writer.append([event], fence=self.lease.fence)
+        recorded = self.writer.append([event], fence=self.lease.fence)
+        if self.trace is not None:
+            self.trace.observe(recorded)
 
     def execute(self, run_input: Any, resume: bool, fresh: bool) -> RunResult:
         previous_run = self.writer.run()
@@ -373,6 +385,7 @@ class _Run:
                     run_coroutine=self.run_coroutine,
                     isolated=self.runner.isolate_attempts,
                     retry=retry,
+                    observe=None if self.trace is None else self.trace.observe,
                 )
             except Exception as exc:
                 self.lease.check(ask=True)  # a write refused for a lost lease ends the run

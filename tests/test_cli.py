@@ -91,7 +91,7 @@ def assert_one_line(err: str, starts: str = "eventctx: ") -> None:
     assert "Traceback" not in err
 
 
-READ_COMMANDS = [["sessions"], ["history", "s"], ["verify"], ["verify", "s"]]
+READ_COMMANDS = [["sessions"], ["history", "s"], ["otel", "s"], ["verify"], ["verify", "s"]]
 
 
 def _command_id(command: list[str]) -> str:

@@ -113,6 +113,12 @@ COMMANDS: list[tuple[str, str, list[str]]] = [
         "`--since`); docs/observability.md.",
         ["metrics"],
     ),
+    (
+        "otel",
+        "A session's runs as OpenTelemetry spans (one JSON document), or sent over OTLP/HTTP "
+        "with `--endpoint URL`; docs/observability.md.",
+        [],
+    ),
     ("upgrade", "Migrate an older database schema to this version.", ["upgrade"]),
     ("demo", "Run the demo (default database `sqlite:///eventctx-demo.db`).", []),
 ]
