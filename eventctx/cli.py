@@ -28,7 +28,7 @@ from eventctx.errors import EventCtxError, IntegrityError, InvalidInputError
 from eventctx.inspect import Inspector
 from eventctx.manager import DEFAULT_URL
 from eventctx.metrics import as_document, as_table, log_metrics, prometheus_text
-from eventctx.render import json_bytes, printable, table
+from eventctx.render import Progress, json_bytes, printable, table
 from eventctx.store import EventStore
 
 DEMO_URL = "sqlite:///eventctx-demo.db"
@@ -115,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in cli_inspect.COMMANDS:
             return _inspect(url, args)
         opener, command = _COMMANDS[args.command]
-        with opener(url) as store:
+        with opener(url) as store, Progress(f"eventctx {args.command}", lambda: store.rows_read):
             document, lines = command(store, args)
             if getattr(args, "jsonl", False):
                 _write(b"".join(json_bytes(item, indent=False) + b"\n" for item in document))
@@ -145,7 +145,8 @@ def _inspect(url: str, args: argparse.Namespace) -> int:
     """Run a debugging or audit command through an Inspector on the store opened read-only
     (``fork`` and ``rerun`` open it for writing while they write)."""
     with EventStore.open(url, read_only=True) as store:
-        document, lines = cli_inspect.COMMANDS[args.command](Inspector(store), args)
+        with Progress(f"eventctx {args.command}", lambda: store.rows_read):
+            document, lines = cli_inspect.COMMANDS[args.command](Inspector(store), args)
         if args.command != "tail":
             _emit(args.json, document, lines)
             return 0

@@ -7,7 +7,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, Final, TextIO
 
@@ -15,7 +17,7 @@ import orjson
 
 from eventctx.findings import ABSENT, DELETED
 
-__all__ = ["Style", "json_bytes", "plain", "printable", "shorten", "table", "when"]
+__all__ = ["Progress", "Style", "json_bytes", "plain", "printable", "shorten", "table", "when"]
 
 _ESCAPES: Final = {c: repr(chr(c))[1:-1] for c in (*range(0x20), *range(0x7F, 0xA0))}
 """C0 controls, DEL and C1 controls, each as its Python escape (``\\x1b``, ``\\n``)."""
@@ -121,3 +123,46 @@ class Style:
         """``cell`` coloured when it is a status word (padding kept)."""
         code = self._COLOURS.get(cell.strip())
         return f"\x1b[{code}m{cell}\x1b[0m" if self.on and code else cell
+
+
+class Progress:
+    """A long command's progress on a terminal: after ``delay`` seconds, one line on stderr,
+    rewritten twice a second, with the rows read so far and the time taken; erased at the end.
+    Nothing at all when stderr is not a terminal, or for a command that ends sooner."""
+
+    def __init__(
+        self, label: str, rows: Callable[[], int], stream: TextIO = sys.stderr, delay: float = 1.0
+    ) -> None:
+        self._label, self._rows, self._stream, self._delay = label, rows, stream, delay
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._shown = False
+
+    def __enter__(self) -> Progress:
+        if self._stream.isatty():
+            self._thread = threading.Thread(
+                target=self._show, name="eventctx-progress", daemon=True
+            )
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self._shown:
+            self._stream.write("\r\x1b[K")
+            self._stream.flush()
+
+    def _show(self) -> None:
+        started = time.monotonic()
+        if self._done.wait(self._delay):
+            return
+        while not self._done.is_set():
+            seconds = time.monotonic() - started
+            self._stream.write(
+                f"\r\x1b[K{self._label}: {self._rows():,} rows read, {seconds:.0f} s"
+            )
+            self._stream.flush()
+            self._shown = True
+            self._done.wait(0.5)

@@ -3,6 +3,7 @@ people, ``--json`` that parses, one-line errors, and ``tail -f`` following anoth
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import subprocess
@@ -18,6 +19,7 @@ import pytest
 
 import eventctx
 from eventctx import ContextManager, PluginRunner, RetryPolicy
+from eventctx.render import Progress
 
 S = "review"
 
@@ -208,3 +210,25 @@ def test_tail_follows_another_process_and_ends_cleanly_on_ctrl_c(url: str) -> No
     finally:
         if follower.poll() is None:
             follower.kill()
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_long_command_shows_its_progress_on_a_terminal_only() -> None:
+    rows = iter(range(0, 10**9, 5000))
+    terminal = _Terminal()
+    with Progress("eventctx verify", lambda: next(rows), terminal, delay=0.0):
+        time.sleep(0.7)
+    shown = terminal.getvalue()
+    assert "eventctx verify: 0 rows read, 0 s" in shown and "5,000 rows read" in shown
+    assert shown.endswith("\r\x1b[K")  # erased at the end
+    quick = _Terminal()
+    with Progress("eventctx show", lambda: 0, quick, delay=1.0):
+        pass  # a command that ends sooner shows nothing
+    piped = io.StringIO()
+    with Progress("eventctx stats", lambda: 0, piped, delay=0.0):
+        time.sleep(0.2)
+    assert quick.getvalue() == piped.getvalue() == ""

@@ -93,6 +93,9 @@ class EventStore:
         self._dialect = dialect
         self._closed = False
         self.read_only = read_only
+        self.rows_read = 0
+        """Rows this store has read so far (approximate under threads): what a long command
+        shows as its progress."""
         """Whether every write is refused (StorageError): the store only reads."""
         self.busy_timeout = busy_timeout
         """How long an operation waits for locks held by others before it gives up."""
@@ -324,7 +327,9 @@ class EventStore:
             cur.execute(sql, params or {})
             return list(cur.fetchall())
 
-        return self._run(rows, write=False)
+        found = self._run(rows, write=False)
+        self.rows_read += len(found)
+        return found
 
     # --- writing ------------------------------------------------------------------------------
 
