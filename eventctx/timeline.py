@@ -21,7 +21,6 @@ from eventctx.events import RecordedEvent
 from eventctx.findings import Run
 from eventctx.inspect import Inspector
 from eventctx.render import plain
-from eventctx.snapshots import restore
 from eventctx.state import Provenance, State, advance
 from eventctx.store import EventStore
 
@@ -93,12 +92,9 @@ def timeline_data(
     verified = inspector.verify(session_id)
     store = inspector.store
     events = list(store.read(session_id))
-    base = (
-        State() if events[0].version == 1 else restore(store, session_id, events[0].version - 1)[0]
-    )
     times = {e.version: e.recorded_at_us for e in events}
     writes = sum(e.type in _WRITES for e in events)
-    folded, states = _fold(base, events, embed_states=writes <= embed_states_up_to)
+    folded, states = _fold(events, embed_states=writes <= embed_states_up_to)
     return {
         "session_id": session_id,
         "version": events[-1].version,
@@ -107,7 +103,6 @@ def timeline_data(
         "verify": {"ok": verified.ok, "events": verified.events, "error": verified.error},
         "runs": [_run(run, times, events[-1].recorded_at_us) for run in runs],
         "stats": plain(stats),
-        "base": _base(base),
         "events": folded,
         "states": states,
     }
@@ -156,33 +151,14 @@ def _writer(p: Provenance) -> list[Any]:
     return [p.phase, p.execution_id, p.attempt, p.version, p.op]
 
 
-def _base(state: State) -> dict[str, Any]:
-    """The state the page folds from: empty, or the one before a compacted session's events."""
-    run = state.run
-    return {
-        "data": state.data,
-        "writers": {k: _writer(p) for k, p in state.provenance.items()},
-        "undo": {
-            aid: {
-                k: [s[0], s[1], None if s[2] is None else _writer(Provenance(*s[2]))]
-                for k, s in saved.items()
-            }
-            for aid, saved in state.undo.items()
-        },
-        "run": None
-        if run is None
-        else {"execution_id": run.execution_id, "attempts": run.attempts},
-    }
-
-
 def _fold(
-    base: State, events: list[RecordedEvent], *, embed_states: bool
+    events: list[RecordedEvent], *, embed_states: bool
 ) -> tuple[list[list[Any]], dict[int, dict[str, Any]] | None]:
     """The events the page folds, as ``[version, µs, type, key, phase, execution, extra,
     before]`` (``extra``: a KeySet's value, a PhaseStarted's attempt and isolation;
     ``before``: what a write replaced, ``[value]`` or ``[]``, or the keys a clear removed),
     and the state after each write when ``embed_states``."""
-    state = base.copy()
+    state = State()
     folded: list[list[Any]] = []
     states: dict[int, dict[str, Any]] | None = {} if embed_states else None
     for e in events:
