@@ -18,6 +18,7 @@ from eventctx.events import RecordedEvent
 from eventctx.inspect import Inspector
 from eventctx.render import Style, json_bytes, shorten, table, when
 from eventctx.store import EventStore
+from eventctx.timeline import write_timeline
 
 __all__ = ["COMMANDS", "add_commands", "event_rows", "parse_time"]
 
@@ -99,6 +100,11 @@ def add_commands(commands: Any) -> None:
     tail.add_argument("session")
     tail.add_argument("-n", type=int, default=10, help="how many events first (default 10)")
     tail.add_argument("-f", "--follow", action="store_true", help="print new events as they come")
+    timeline = commands.add_parser(
+        "timeline", help="write a session's timeline as one self-contained HTML page"
+    )
+    timeline.add_argument("session")
+    timeline.add_argument("-o", "--output", required=True, metavar="FILE.html", help="the page")
 
 
 def event_rows(events: Iterator[RecordedEvent] | list[RecordedEvent]) -> list[list[str]]:
@@ -282,6 +288,11 @@ def _tail(insp: Inspector, args: argparse.Namespace) -> Result:
     return events, table(EVENT_HEADERS, event_rows(events))
 
 
+def _timeline(insp: Inspector, args: argparse.Namespace) -> Result:
+    path = write_timeline(insp, args.session, args.output)
+    return {"session_id": args.session, "path": str(path)}, [f"wrote {path}"]
+
+
 def follow(store: EventStore, session_id: str, after: int, as_json: bool, poll: float = 0.2) -> int:
     """Print each event of ``session_id`` after version ``after`` as it is committed (read-only
     polls, no lock held), until Ctrl-C or SIGTERM: exit status 0."""
@@ -320,5 +331,6 @@ COMMANDS: Final[dict[str, Callable[[Inspector, argparse.Namespace], Result]]] = 
     "fork": _fork,
     "rerun": _rerun,
     "tail": _tail,
+    "timeline": _timeline,
 }
 """Each command's Inspector call; ``fork`` and ``rerun`` are the ones that write."""

@@ -119,6 +119,13 @@ COMMANDS: list[tuple[str, str, list[str]]] = [
         "with `--endpoint URL`; docs/observability.md.",
         [],
     ),
+    (
+        "timeline",
+        "Write a session's timeline to `-o FILE.html`: one self-contained page (no network) "
+        "with its runs, phase attempts and key writes; click a write to see the context at "
+        "that version. docs/debugging.md shows one.",
+        [],
+    ),
     ("upgrade", "Migrate an older database schema to this version.", ["upgrade"]),
     ("demo", "Run the demo (default database `sqlite:///eventctx-demo.db`).", []),
 ]
