@@ -32,7 +32,7 @@ from eventctx import (
     SessionExistsError,
 )
 from eventctx.exchange import export_session, import_session
-from tests.conftest import _pg_schema, _pg_unavailable
+from tests.conftest import REQUIRE_PG, _pg_schema, _pg_unavailable
 
 S = "review ‘42’"
 _FAILED_ONCE: list[str] = []
@@ -123,6 +123,8 @@ def other_backend(db_url: str, tmp_path: Path) -> Iterator[str]:
     if db_url.startswith("sqlite"):
         problem = _pg_unavailable()
         if problem:
+            if REQUIRE_PG:
+                pytest.fail(f"{problem} (EVENTCTX_REQUIRE_POSTGRES=1)")
             pytest.skip(problem)
         with _pg_schema() as url:
             yield url
