@@ -1,8 +1,8 @@
 """The ``eventctx`` command: inspect and maintain a store from the shell.
 
 Global options come before the command. Tables are for people; ``--json`` prints one JSON
-document for scripts. Every command but demo, fork, rerun, compact and upgrade opens the
-database read-only: it never creates a file or a table. Errors are one line on stderr, never a
+document for scripts. Every command but demo, fork, rerun, import, compact and upgrade opens
+the database read-only: it never creates a file or a table. Errors are one line on stderr, never a
 traceback; the exit status is 0 on success, 1 on failure and 2 for a usage error.
 """
 
@@ -21,7 +21,7 @@ from typing import Any, Final, NoReturn
 
 import orjson
 
-from eventctx import cli_inspect, demo, otel
+from eventctx import cli_inspect, demo, exchange, otel
 from eventctx.cli_inspect import parse_time
 from eventctx.compaction import compact
 from eventctx.errors import EventCtxError, IntegrityError, InvalidInputError
@@ -83,6 +83,16 @@ def _parser() -> argparse.ArgumentParser:
         metavar="VERSION:HASH|@FILE",
         help="the recorded head(s) to check against: the event at VERSION must still have HASH",
     )
+    export = commands.add_parser(
+        "export", help="write a session's log as JSON Lines (gzip for .gz), to stdout or -o FILE"
+    )
+    export.add_argument("session")
+    export.add_argument("-o", "--output", metavar="FILE", help="the file to write (else stdout)")
+    load = commands.add_parser("import", help="load a session from a file eventctx export wrote")
+    load.add_argument("file", metavar="FILE", help="the file to read (- for stdin)")
+    load.add_argument(
+        "--as", dest="as_session", metavar="NEW", help="import under another id, re-chained"
+    )
     compact = commands.add_parser("compact", help="remove sessions past their ttl, once")
     compact.add_argument("--dry-run", action="store_true", help="only list what would go")
     commands.add_parser("upgrade", help="migrate the database schema to this version")
@@ -119,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             document, lines = command(store, args)
             if getattr(args, "jsonl", False):
                 _write(b"".join(json_bytes(item, indent=False) + b"\n" for item in document))
-            else:
+            elif document is not None or lines:  # else the command wrote its own output
                 _emit(args.json, document, lines)
         return 0
     except BrokenPipeError:
@@ -357,6 +367,23 @@ def _head_problem(
     return None
 
 
+def _export(store: EventStore, args: argparse.Namespace) -> tuple[Any, list[str]]:
+    if args.output is None:
+        exchange.export_session(store, args.session, sys.stdout.buffer)
+        sys.stdout.flush()
+        return None, []
+    done = exchange.export_session(store, args.session, args.output)
+    doc = {"session_id": done.session_id, "events": done.events, "file": args.output}
+    return doc, [printable(f"exported {done.events} events of {done.session_id} to {args.output}")]
+
+
+def _import(store: EventStore, args: argparse.Namespace) -> tuple[Any, list[str]]:
+    source = sys.stdin.buffer if args.file == "-" else args.file
+    done = exchange.import_session(store, source, args.as_session)
+    doc = {"session_id": done.session_id, "events": done.events, "head_hash": done.head_hash.hex()}
+    return doc, [printable(f"imported {done.events} events as {done.session_id} from {args.file}")]
+
+
 def _compact(store: EventStore, args: argparse.Namespace) -> tuple[Any, list[str]]:
     report = compact(store, dry_run=args.dry_run)
     doc = {
@@ -422,6 +449,8 @@ _COMMANDS: Final[dict[str, tuple[_Opener, _Command]]] = {
     "otel": (_READ_ONLY, _otel),
     "verify": (_READ_ONLY, _verify),
     "metrics": (_READ_ONLY, _metrics),
+    "export": (_READ_ONLY, _export),
+    "import": (EventStore.open, _import),
     "compact": (EventStore.open, _compact),
     "upgrade": (EventStore.upgrade, _upgrade),
 }

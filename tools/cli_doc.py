@@ -24,7 +24,8 @@ else `$EVENTCTX_URL`, else `sqlite:///eventctx.db`; a keyed database takes its k
   `tail --json` print JSON Lines.
 - Exit status: 0 ok, 1 failure, 2 usage. Every error is one line on stderr, never a traceback.
 - The read commands open the database read-only: they never create a file or a table, record
-  activity or take a write lock. Only `fork`, `rerun`, `compact` and `upgrade` write.
+  activity or take a write lock. Only `fork`, `rerun`, `import`,
+  `compact` and `upgrade` write.
 - Times are ISO 8601 with an offset (`2026-11-27T10:00:00Z`) or a time ago: `90s`, `15m`,
   `2h`, `7d`.
 
@@ -125,6 +126,18 @@ COMMANDS: list[tuple[str, str, list[str]]] = [
         "with its runs, phase attempts and key writes; click a write to see the context at "
         "that version. docs/debugging.md shows one.",
         [],
+    ),
+    (
+        "export",
+        "Write a session's log as JSON Lines, to stdout or `-o FILE` (gzip when it ends in "
+        "`.gz`); the format is in docs/retention.md.",
+        ["export", S, "-o", f"{S}.jsonl.gz"],
+    ),
+    (
+        "import",
+        "Load a session from a file `export` wrote (`-` for stdin), verifying its chain first; "
+        "`--as NEW` imports it under another id, re-chained.",
+        ["import", f"{S}.jsonl.gz", "--as", "restored"],
     ),
     ("upgrade", "Migrate an older database schema to this version.", ["upgrade"]),
     ("demo", "Run the demo (default database `sqlite:///eventctx-demo.db`).", []),

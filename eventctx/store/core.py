@@ -10,7 +10,15 @@ from __future__ import annotations
 
 import os
 import weakref
-from collections.abc import Callable, Collection, Iterator, Mapping, MutableMapping, Sequence
+from collections.abc import (
+    Callable,
+    Collection,
+    Iterable,
+    Iterator,
+    Mapping,
+    MutableMapping,
+    Sequence,
+)
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any, Final, TypeVar
@@ -22,9 +30,11 @@ from sqlalchemy.engine import URL, Engine
 from eventctx.clock import Clock, check_duration, now_us
 from eventctx.errors import (
     ChainKeyError,
+    ConcurrencyError,
     EventCtxError,
     IntegrityError,
     InvalidInputError,
+    SessionExistsError,
     SessionExpiredError,
     SessionNotFoundError,
     StorageError,
@@ -54,6 +64,7 @@ from eventctx.store.dialect import (
 )
 from eventctx.store.heads import (
     ACTIVE,
+    DELETED,
     EXPIRING,
     Fence,
     Head,
@@ -68,6 +79,8 @@ from eventctx.store.statements import EVENT_COLUMNS, Statements
 __all__ = ["EventStore"]
 
 READ_CHUNK: Final = 5000
+LOAD_BATCH: Final = 1000
+"""Rows per INSERT round trip when a whole log is loaded."""
 _NO_UPPER: Final = 2**62
 _READ_ONLY: Final = "the store was opened read-only: open it without read_only=True to write"
 T = TypeVar("T")
@@ -104,6 +117,8 @@ class EventStore:
         self._sql = Statements(dialect)
         self._hasher: Hasher = sha256
         """The chain's hash: keyed (HMAC) once the store is opened with the database's key."""
+        self.chain_mode = "sha256"
+        """How the chains are hashed: ``sha256``, or ``hmac-sha256`` under the store's key."""
         self._committer = GroupCommitter(
             engine, dialect, self._stage, self._insert, self._transaction, self._stored_hash
         )
@@ -230,7 +245,7 @@ class EventStore:
 
         stored = stored_mode(self._fetch(self._sql.chain_mode))
         if stored == (mode, check):
-            self._hasher = hasher
+            self._hasher, self.chain_mode = hasher, mode
             return
         found = stored if self.read_only else self._run(settle, write=True)
         if found is not None:
@@ -246,6 +261,7 @@ class EventStore:
                 else "the chain key given is not this database's key"
             )
         self._hasher = hasher
+        self.chain_mode = mode
 
     @property
     def url(self) -> URL:
@@ -589,6 +605,103 @@ class EventStore:
             cur.execute(self._sql.delete_events, params)
             return int(cur.rowcount)
 
+    # --- export and import --------------------------------------------------------------------
+
+    def chain_rows(self, session_id: str, to_version: int) -> Iterator[Sequence[Any]]:
+        """A session's events up to ``to_version`` as stored, in version order: every column
+        but the session id and position (``ChainCheck.feed``'s arguments), a chunk per short
+        transaction. What an export writes."""
+        check_session_id(session_id)
+        for rows in self._pages(self._sql.read_chain, session_id, 1, to_version, 0):
+            yield from rows
+
+    def chain_check(self, head: SessionHead) -> ChainCheck:
+        """A check of the chain that ends at ``head``, hashed as this store hashes."""
+        return ChainCheck(head, self._hasher)
+
+    def hash_event(
+        self,
+        prev_hash: bytes,
+        session_id: str,
+        version: int,
+        type_: str,
+        key: str | None,
+        phase: str | None,
+        execution_id: str | None,
+        recorded_at_us: int,
+        payload: bytes,
+    ) -> bytes:
+        """An event's chain hash as this store computes it (keyed when the store is)."""
+        return chain_hash(
+            prev_hash,
+            session_id,
+            version,
+            type_,
+            key,
+            phase,
+            execution_id,
+            recorded_at_us,
+            payload,
+            self._hasher,
+        )
+
+    def load(self, session_id: str, rows: Iterable[dict[str, Any]]) -> int:
+        """Insert a new session's whole log, then its head row, in one write transaction;
+        return the events inserted.
+
+        ``rows`` are event rows as appends make them (``EVENT_COLUMNS``), in version order;
+        they are inserted a batch at a time as they come, so a log of any length streams. The
+        head row is what appends would have left: the last creation's time and ttl, the last
+        event's version and hash, deleted if the log ends with a delete; the ttl counts from
+        now. A session that exists raises SessionExistsError; whatever ``rows`` raises rolls
+        everything back.
+        """
+        check_session_id(session_id)
+        exists = SessionExistsError(f"session {session_id!r} exists already: nothing was loaded")
+        params: dict[str, Any] = {"session_id": session_id}
+        count = 0
+        with self._transaction(write=True) as cur:
+            cur.execute(self._sql.session, params)
+            if cur.fetchone() is not None:
+                raise exists
+            batch: list[dict[str, Any]] = []
+            last: dict[str, Any] | None = None
+            for last in rows:
+                if last["type"] == "ContextCreated":
+                    params["created_at"] = last["recorded_at"]
+                    params["ttl_ms"] = orjson.loads(last["payload"]).get("ttl_ms")
+                batch.append(last)
+                if len(batch) == LOAD_BATCH:
+                    count += self._load_batch(cur, batch, exists)
+                    batch = []
+            count += self._load_batch(cur, batch, exists)
+            if last is None or "created_at" not in params:
+                raise IntegrityError(
+                    f"session {session_id!r}: a log without a ContextCreated cannot be loaded",
+                    session_id=session_id,
+                )
+            params.update(
+                new_version=last["version"],
+                new_hash=last["hash"],
+                now=self.clock(),
+                status=DELETED if last["type"] == "ContextDeleted" else ACTIVE,
+            )
+            cur.execute(self._sql.load_head, params)
+            if cur.rowcount != 1:  # created by another writer meanwhile
+                raise exists
+        return count
+
+    def _load_batch(
+        self, cur: Cursor, batch: list[dict[str, Any]], exists: SessionExistsError
+    ) -> int:
+        if not batch:
+            return 0
+        try:
+            self._insert(cur, batch)
+        except ConcurrencyError:  # its versions were taken: created by another writer meanwhile
+            raise exists from None
+        return len(batch)
+
     # --- reading ------------------------------------------------------------------------------
 
     def session(self, session_id: str) -> SessionHead | None:
@@ -785,7 +898,7 @@ class EventStore:
         found = self.session(session_id)
         if found is None:
             raise SessionNotFoundError(f"session {session_id!r} does not exist")
-        check = _Chain(found, self._hasher)
+        check = ChainCheck(found, self._hasher)
         for rows in self._pages(self._sql.read_chain, session_id, 1, _NO_UPPER, 0):
             for row in rows:
                 check.feed(*row)
@@ -809,7 +922,7 @@ class EventStore:
         compiled = stmt.compile(dialect=self._dialect.sql_dialect)
         sql, params = str(compiled), dict(compiled.params)
         seen: set[str] = set()
-        current: tuple[str, _Chain] | None = None
+        current: tuple[str, ChainCheck] | None = None
         while True:
             rows = self._fetch(sql, params)
             for session_id, *row in rows:  # grouped by session, in the database's order
@@ -817,7 +930,7 @@ class EventStore:
                     if current is not None:
                         yield current[0], current[1].result()
                     seen.add(session_id)  # None: events without a head row (removed meanwhile)
-                    current = (session_id, _Chain(heads.get(session_id), self._hasher))
+                    current = (session_id, ChainCheck(heads.get(session_id), self._hasher))
                 current[1].feed(*row)
             if len(rows) < READ_CHUNK:
                 break
@@ -825,10 +938,10 @@ class EventStore:
         if current is not None:
             yield current[0], current[1].result()
         for session_id in sorted(heads.keys() - seen):  # head rows without any event
-            yield session_id, _Chain(heads[session_id], self._hasher).result()
+            yield session_id, ChainCheck(heads[session_id], self._hasher).result()
 
 
-class _Chain:
+class ChainCheck:
     """The hash-chain check of one session, fed its events in version order (after the first
     failure it only waits for ``finish`` to report it)."""
 
@@ -837,7 +950,7 @@ class _Chain:
     def __init__(self, head: SessionHead | None, hasher: Hasher) -> None:
         self.head, self.hasher = head, hasher
         self.expected, self.prev = 1, GENESIS_HASH
-        self.error: EventCtxError | None = None
+        self.error: IntegrityError | None = None
 
     def feed(
         self,

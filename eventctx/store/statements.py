@@ -101,6 +101,18 @@ class Statements:
                 status=bindparam("status"),
             )
         )
+        # The head row of a loaded log (an import): created when its log was, active from now.
+        self.load_head = c(
+            dialect.insert_ignore(se).values(
+                session_id=sid,
+                version=bindparam("new_version"),
+                head_hash=bindparam("new_hash"),
+                created_at=bindparam("created_at"),
+                last_activity=bindparam("now"),
+                ttl_ms=bindparam("ttl_ms"),
+                status=bindparam("status"),
+            )
+        )
         # A session created again starts without a run lease; the token moves on, so that a
         # runner of its earlier life is fenced out.
         self.recreate_head = c(

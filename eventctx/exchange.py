@@ -1,0 +1,293 @@
+"""Export a session to a file and import it into any store, streamed both ways.
+
+The file is JSON Lines: a header, then one line per event with every stored column (the
+payload as base64 of the exact bytes that were hashed, the hashes in hex), so that an import
+rebuilds the log byte for byte on either backend and keeps its hashes. A path ending in
+``.gz`` is gzip-compressed. An import verifies the whole chain while it streams and commits
+nothing unless it verifies.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import gzip
+import os
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any, Final, NamedTuple, cast
+
+import orjson
+
+from eventctx.errors import (
+    ChainKeyError,
+    IntegrityError,
+    InvalidInputError,
+    SessionExpiredError,
+    SessionNotFoundError,
+)
+from eventctx.events import GENESIS_HASH
+from eventctx.store import EventStore
+from eventctx.store.core import ChainCheck
+from eventctx.store.heads import ACTIVE, EXPIRING, SessionHead, check_session_id
+from eventctx.store.schema import SCHEMA_VERSION
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "Exchanged", "export_session", "import_session"]
+
+FORMAT: Final = "eventctx-session"
+FORMAT_VERSION: Final = 1
+_CHAINS: Final = ("sha256", "hmac-sha256")
+
+Target = str | os.PathLike[str] | IO[bytes]
+"""A path (gzip when it ends in ``.gz``) or a binary file object."""
+
+
+class Exchanged(NamedTuple):
+    """What an export wrote or an import loaded: the session, its events and chain head."""
+
+    session_id: str
+    events: int
+    head_hash: bytes
+
+
+def export_session(store: EventStore, session_id: str, out: Target) -> Exchanged:
+    """Write ``session_id``'s log to ``out`` (a binary file object, or a path: gzip when it
+    ends in ``.gz``) as JSON Lines, a chunk of events at a time.
+
+    The events written are those up to the head read first, and their chain is verified on
+    the way (IntegrityError otherwise; a path written to is then removed), so a file always
+    holds a whole, verified log. Works on a read-only store.
+    """
+    head = store.session(session_id)
+    if head is None:
+        raise SessionNotFoundError(f"session {session_id!r} does not exist")
+    if head.status == EXPIRING:
+        raise SessionExpiredError(f"session {session_id!r} expired and is being removed")
+    header = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "schema_version": SCHEMA_VERSION,
+        "session_id": session_id,
+        "events": head.version,
+        "head_hash": head.head_hash.hex(),
+        "chain": store.chain_mode,
+        "ttl_ms": head.ttl_ms,
+    }
+    check = store.chain_check(head)
+    with _opened(out, "wb") as file:
+        file.write(orjson.dumps(header) + b"\n")
+        for row in store.chain_rows(session_id, head.version):
+            version, type_, key, phase, execution_id, payload, at, digest, prev = row
+            check.feed(*row)
+            line = {
+                "version": version,
+                "type": type_,
+                "key": key,
+                "phase": phase,
+                "execution_id": execution_id,
+                "recorded_at_us": at,
+                "payload_b64": base64.b64encode(payload).decode(),
+                "hash": bytes(digest).hex(),
+                "prev_hash": bytes(prev).hex(),
+            }
+            file.write(orjson.dumps(line) + b"\n")
+        check.finish()
+    return Exchanged(session_id, head.version, head.head_hash)
+
+
+def import_session(store: EventStore, source: Target, as_session: str | None = None) -> Exchanged:
+    """Load a file written by :func:`export_session` into ``store`` as a new session, in one
+    transaction, a batch of events at a time.
+
+    The chain is verified while it streams (gaps, ``prev_hash`` links, every hash recomputed
+    with ``store``'s hasher, then the header's count and head hash, which catch a truncated
+    file), and nothing is committed unless all of it holds. Kept as it is, the log keeps its
+    hashes; ``as_session`` loads it under another id, re-chained as a fork is (after its own
+    chain verified). A file that is cut short, edited, not JSON or of an unknown format
+    raises IntegrityError or InvalidInputError, one of another chain mode ChainKeyError, and a
+    session that exists SessionExistsError; each leaves ``store`` unchanged.
+    """
+    with _opened(source, "rb") as file:
+        name = _name(source)
+        lines = _lines(file, name)
+        head, chain = _header(next(lines, None), name, store)
+        target = head.session_id if as_session is None else as_session
+        check_session_id(target)
+        check = store.chain_check(head)
+        rows = _rows(lines, head, check, store, target, name, keyed=chain != "sha256")
+        count = store.load(target, rows)
+    last = store.session(target)
+    return Exchanged(target, count, GENESIS_HASH if last is None else last.head_hash)
+
+
+def _rows(
+    lines: Iterator[tuple[int, bytes]],
+    head: SessionHead,
+    check: ChainCheck,
+    store: EventStore,
+    target: str,
+    name: str,
+    *,
+    keyed: bool,
+) -> Iterator[dict[str, Any]]:
+    """The event rows of the file's lines, each checked against the chain as it passes (the
+    first failure raises at once); re-chained under ``target`` when it is another id."""
+    prev = GENESIS_HASH
+    count = 0
+    for number, line in lines:
+        row = _event(line, number, name)
+        check.feed(
+            row["version"],
+            row["type"],
+            row["key"],
+            row["phase"],
+            row["execution_id"],
+            row["payload"],
+            row["recorded_at"],
+            row["hash"],
+            row["prev_hash"],
+        )
+        if check.error is not None:
+            raise _refused(check.error, name, keyed=keyed)
+        if target != head.session_id:
+            row["prev_hash"] = prev
+            row["hash"] = prev = store.hash_event(
+                prev,
+                target,
+                row["version"],
+                row["type"],
+                row["key"],
+                row["phase"],
+                row["execution_id"],
+                row["recorded_at"],
+                row["payload"],
+            )
+        row["session_id"] = target
+        count += 1
+        yield row
+    if count != head.version:
+        raise IntegrityError(
+            f"{name}: holds {count} events but its header says {head.version}: "
+            + ("it is truncated" if count < head.version else "it was edited")
+            + "; nothing was imported",
+            session_id=head.session_id,
+        )
+    try:
+        check.finish()
+    except IntegrityError as exc:
+        raise _refused(exc, name, keyed=keyed) from None
+
+
+def _refused(error: IntegrityError, name: str, *, keyed: bool) -> IntegrityError:
+    """The chain check's failure as an import's refusal, naming the file."""
+    why = f"{name}: {error}; nothing was imported"
+    if keyed:
+        why += " (the file comes from a keyed chain: it verifies only with the same key)"
+    return IntegrityError(why, session_id=error.session_id, version=error.version)
+
+
+def _header(
+    first: tuple[int, bytes] | None, name: str, store: EventStore
+) -> tuple[SessionHead, str]:
+    """The session the header describes, and how its chain was hashed."""
+    not_export = InvalidInputError(f"{name} is not an eventctx session export")
+    if first is None:
+        raise InvalidInputError(f"{name} is empty: it is not an eventctx session export")
+    try:
+        header = orjson.loads(first[1])
+    except orjson.JSONDecodeError:
+        raise not_export from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise not_export
+    if header.get("format_version") != FORMAT_VERSION:
+        raise InvalidInputError(
+            f"{name} is of format_version {header.get('format_version')!r}; this eventctx "
+            f"reads version {FORMAT_VERSION}"
+        )
+    try:
+        session_id, events = header["session_id"], header["events"]
+        head_hash, chain = bytes.fromhex(header["head_hash"]), header["chain"]
+        if not isinstance(session_id, str) or type(events) is not int or chain not in _CHAINS:
+            raise TypeError
+    except (KeyError, TypeError, ValueError):
+        raise InvalidInputError(f"{name}: its header is incomplete or malformed") from None
+    check_session_id(session_id)
+    if chain != store.chain_mode:
+        raise ChainKeyError(
+            f"{name} was exported from a keyed chain ({chain}): it verifies only with the "
+            "same key; open the target with it (chain_key= or EVENTCTX_CHAIN_KEY)"
+            if chain == "hmac-sha256"
+            else f"{name} was exported from an unkeyed chain, but the target's chains are "
+            "keyed: import it into a database without a chain key"
+        )
+    return SessionHead(session_id, events, head_hash, 0, 0, None, ACTIVE), chain
+
+
+def _event(line: bytes, number: int, name: str) -> dict[str, Any]:
+    """An event row from one line of the file."""
+    try:
+        item = orjson.loads(line)
+        row = {
+            "version": item["version"],
+            "type": item["type"],
+            "key": item["key"],
+            "phase": item["phase"],
+            "execution_id": item["execution_id"],
+            "payload": base64.b64decode(item["payload_b64"], validate=True),
+            "recorded_at": item["recorded_at_us"],
+            "hash": bytes.fromhex(item["hash"]),
+            "prev_hash": bytes.fromhex(item["prev_hash"]),
+        }
+    except orjson.JSONDecodeError:
+        raise IntegrityError(
+            f"{name}: line {number} is not JSON: the file is truncated or was edited; "
+            "nothing was imported"
+        ) from None
+    except (KeyError, TypeError, ValueError, binascii.Error):
+        raise IntegrityError(
+            f"{name}: line {number} is not an event line; nothing was imported"
+        ) from None
+    if type(row["version"]) is not int or type(row["recorded_at"]) is not int:
+        raise IntegrityError(f"{name}: line {number} has a malformed event; nothing was imported")
+    return row
+
+
+def _lines(file: IO[bytes], name: str) -> Iterator[tuple[int, bytes]]:
+    """The file's lines with their numbers; a damaged gzip stream is a truncated file."""
+    try:
+        yield from enumerate(file, start=1)
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        raise IntegrityError(
+            f"{name}: the compressed stream is damaged or cut short ({exc}); nothing was imported"
+        ) from None
+
+
+def _name(target: Target) -> str:
+    if isinstance(target, str | os.PathLike):
+        return os.fspath(target)
+    return str(getattr(target, "name", "the file"))
+
+
+@contextmanager
+def _opened(target: Target, mode: str) -> Iterator[IO[bytes]]:
+    """``target`` as a binary file: opened (gzip for ``.gz``) and closed when it is a path;
+    a path written to is removed again when the block fails."""
+    if not isinstance(target, str | os.PathLike):
+        yield target
+        return
+    path = Path(target)
+    try:
+        opener = gzip.open if path.suffix == ".gz" else open
+        file = cast(IO[bytes], opener(path, mode))
+    except OSError as exc:
+        verb = "write" if "w" in mode else "read"
+        raise InvalidInputError(f"cannot {verb} {path}: {exc.strerror}") from None
+    try:
+        with file:
+            yield file
+    except BaseException:
+        if "w" in mode:
+            path.unlink(missing_ok=True)
+        raise
