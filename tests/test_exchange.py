@@ -32,6 +32,7 @@ from eventctx import (
     SessionExistsError,
 )
 from eventctx.exchange import export_session, import_session
+from eventctx.store.statements import EVENT_COLUMNS
 from tests.conftest import REQUIRE_PG, _pg_schema, _pg_unavailable
 
 S = "review ‘42’"
@@ -67,24 +68,7 @@ def record(url: str, session_id: str = S) -> None:
 def rows(url: str, session_id: str = S) -> list[tuple[Any, ...]]:
     """Every stored column of a session's events but the store-local position."""
     engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
-    ev = sa.table(
-        "eventctx_events",
-        *(
-            sa.column(n)
-            for n in (
-                "session_id",
-                "version",
-                "type",
-                "key",
-                "phase",
-                "execution_id",
-                "payload",
-                "recorded_at",
-                "hash",
-                "prev_hash",
-            )
-        ),
-    )
+    ev = sa.table("eventctx_events", *(sa.column(n) for n in EVENT_COLUMNS))
     try:
         with engine.connect() as conn:
             found = conn.execute(

@@ -90,29 +90,9 @@ class Statements:
             )
             .values(moved)
         )
-        self.insert_head = c(
-            dialect.insert_ignore(se).values(
-                session_id=sid,
-                version=bindparam("new_version"),
-                head_hash=bindparam("new_hash"),
-                created_at=bindparam("now"),
-                last_activity=bindparam("now"),
-                ttl_ms=bindparam("ttl_ms"),
-                status=bindparam("status"),
-            )
-        )
+        self.insert_head = self._head_insert(dialect, "now")
         # The head row of a loaded log (an import): created when its log was, active from now.
-        self.load_head = c(
-            dialect.insert_ignore(se).values(
-                session_id=sid,
-                version=bindparam("new_version"),
-                head_hash=bindparam("new_hash"),
-                created_at=bindparam("created_at"),
-                last_activity=bindparam("now"),
-                ttl_ms=bindparam("ttl_ms"),
-                status=bindparam("status"),
-            )
-        )
+        self.load_head = self._head_insert(dialect, "created_at")
         # A session created again starts without a run lease; the token moves on, so that a
         # runner of its earlier life is fenced out.
         self.recreate_head = c(
@@ -319,6 +299,22 @@ class Statements:
         )
         self.snapshotted = c(sa.select(sn.c.session_id).where(sn.c.digest.is_not(None)).distinct())
         self._schema_statements(c, sv)
+
+    @staticmethod
+    def _head_insert(dialect: Dialect, created_at: str) -> str:
+        """A new head row, created at the time bound as ``created_at``, active from ``now``."""
+        se = schema.sessions
+        return dialect.compile(
+            dialect.insert_ignore(se).values(
+                session_id=bindparam("session_id"),
+                version=bindparam("new_version"),
+                head_hash=bindparam("new_hash"),
+                created_at=bindparam(created_at),
+                last_activity=bindparam("now"),
+                ttl_ms=bindparam("ttl_ms"),
+                status=bindparam("status"),
+            )
+        )
 
     def _schema_statements(self, c: Callable[[Any], str], sv: sa.Table) -> None:
         """The schema stamp, and how the hash chains are computed."""
