@@ -95,6 +95,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     compact = commands.add_parser("compact", help="remove sessions past their ttl, once")
     compact.add_argument("--dry-run", action="store_true", help="only list what would go")
+    compact.add_argument(
+        "--archive", metavar="DIR", help="export each session to DIR (durably) before removing it"
+    )
     commands.add_parser("upgrade", help="migrate the database schema to this version")
     cli_inspect.add_commands(commands)
     metrics = commands.add_parser("metrics", help="phase durations and counts, from the log")
@@ -385,7 +388,7 @@ def _import(store: EventStore, args: argparse.Namespace) -> tuple[Any, list[str]
 
 
 def _compact(store: EventStore, args: argparse.Namespace) -> tuple[Any, list[str]]:
-    report = compact(store, dry_run=args.dry_run)
+    report = compact(store, dry_run=args.dry_run, archive=args.archive)
     doc = {
         "dry_run": report.dry_run,
         "sessions": report.sessions,
@@ -394,6 +397,7 @@ def _compact(store: EventStore, args: argparse.Namespace) -> tuple[Any, list[str
         "snapshots_removed": report.snapshots_removed,
         "kept": report.kept,
         "skipped": report.skipped,
+        "archived": report.archived,
         "duration_s": round(report.duration_s, 6),
     }
     verb = "would remove" if report.dry_run else "removed"
@@ -403,8 +407,10 @@ def _compact(store: EventStore, args: argparse.Namespace) -> tuple[Any, list[str
     ]
     if report.kept:
         lines.append(f"kept {report.kept} sessions written while the job ran")
+    if report.archived:
+        lines.append(f"archived {len(report.archived)} sessions first, e.g. {report.archived[0]}")
     if report.skipped:
-        lines.append(f"skipped: {report.skipped}")
+        lines.append(printable(f"skipped: {report.skipped}"))
     return doc, lines
 
 

@@ -14,12 +14,15 @@ One compactor runs at a time across processes and hosts (a lease row, renewed pe
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Final
 
 from eventctx import faults
+from eventctx.errors import EventCtxError
+from eventctx.exchange import archive_session
 from eventctx.owners import dead_here, new_owner
 from eventctx.store import EventStore
 
@@ -42,6 +45,8 @@ class CompactionReport:
     snapshots_removed: int = 0
     kept: int = 0
     """Sessions listed as expired but written before they could be removed."""
+    archived: list[str] = field(default_factory=list)
+    """The archive files written (with an archive directory)."""
     skipped: str | None = None
     """Why the run did nothing or stopped early (another compactor holds the lease)."""
     duration_s: float = 0.0
@@ -58,8 +63,11 @@ def compact(
     dry_run: bool = False,
     chunk_events: int = CHUNK_EVENTS,
     lease: timedelta = timedelta(seconds=60),
+    archive: str | os.PathLike[str] | None = None,
 ) -> CompactionReport:
-    """Remove every expired session from ``store``; with ``dry_run`` only list them."""
+    """Remove every expired session from ``store``; with ``dry_run`` only list them. With an
+    ``archive`` directory, each is first exported there, durably (``archive_session``): one
+    that cannot be archived stays, frozen, and is not removed."""
     started = time.perf_counter()
     report = CompactionReport(dry_run=dry_run)
     if dry_run:
@@ -77,7 +85,7 @@ def compact(
         report.duration_s = time.perf_counter() - started
         return report
     try:
-        _Compactor(store, report, owner, chunk_events, lease).run()
+        _Compactor(store, report, owner, chunk_events, lease, archive).run()
     finally:
         store.release_named_lease(LEASE, owner)
         report.duration_s = time.perf_counter() - started
@@ -109,6 +117,7 @@ class _Compactor:
     owner: str
     chunk: int
     lease: timedelta
+    archive: str | os.PathLike[str] | None = None
 
     def run(self) -> None:
         seen: set[str] = set()
@@ -124,7 +133,7 @@ class _Compactor:
             size = 0
             for session_id, version in listed:
                 seen.add(session_id)
-                if version > self.chunk:
+                if self.archive is not None or version > self.chunk:
                     if not self._remove_large(session_id, version):
                         return
                     continue
@@ -160,6 +169,14 @@ class _Compactor:
         if not self.store.removal.mark_expiring(session_id, self.store.clock()):
             self.report.kept += 1
             return True
+        if self.archive is not None:
+            try:  # frozen now: what is archived is exactly what is removed
+                self.report.archived.append(
+                    str(archive_session(self.store, session_id, self.archive))
+                )
+            except EventCtxError as exc:
+                self.report.skipped = f"not removed, could not archive: {exc}"
+                return True  # left marked: the next run archives and removes it
         for upto in range(self.chunk, version, self.chunk):
             if not self._renew():
                 return False  # marked: the next run finishes it

@@ -12,12 +12,15 @@ from __future__ import annotations
 import base64
 import binascii
 import gzip
+import hashlib
 import os
 import zlib
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from dataclasses import replace
 from pathlib import Path
 from typing import IO, Any, Final, NamedTuple, cast
+from urllib.parse import quote
 
 import orjson
 
@@ -27,6 +30,7 @@ from eventctx.errors import (
     InvalidInputError,
     SessionExpiredError,
     SessionNotFoundError,
+    StorageError,
 )
 from eventctx.events import GENESIS_HASH
 from eventctx.store import EventStore
@@ -34,7 +38,14 @@ from eventctx.store.core import ChainCheck
 from eventctx.store.heads import ACTIVE, EXPIRING, SessionHead, check_session_id
 from eventctx.store.schema import SCHEMA_VERSION
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "Exchanged", "export_session", "import_session"]
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "Exchanged",
+    "archive_session",
+    "export_session",
+    "import_session",
+]
 
 FORMAT: Final = "eventctx-session"
 FORMAT_VERSION: Final = 1
@@ -52,19 +63,24 @@ class Exchanged(NamedTuple):
     head_hash: bytes
 
 
-def export_session(store: EventStore, session_id: str, out: Target) -> Exchanged:
+def export_session(
+    store: EventStore, session_id: str, out: Target, *, marked: bool = False
+) -> Exchanged:
     """Write ``session_id``'s log to ``out`` (a binary file object, or a path: gzip when it
     ends in ``.gz``) as JSON Lines, a chunk of events at a time.
 
     The events written are those up to the head read first, and their chain is verified on
     the way (IntegrityError otherwise; a path written to is then removed), so a file always
-    holds a whole, verified log. Works on a read-only store.
+    holds a whole, verified log. Works on a read-only store. ``marked``: also a session that
+    compaction has marked for removal (frozen, not yet emptied), which ``archive_session`` does.
     """
     head = store.session(session_id)
     if head is None:
         raise SessionNotFoundError(f"session {session_id!r} does not exist")
     if head.status == EXPIRING:
-        raise SessionExpiredError(f"session {session_id!r} expired and is being removed")
+        if not marked:
+            raise SessionExpiredError(f"session {session_id!r} expired and is being removed")
+        head = replace(head, status=ACTIVE)  # frozen by compaction, still whole: export it
     header = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -95,6 +111,45 @@ def export_session(store: EventStore, session_id: str, out: Target) -> Exchanged
             file.write(orjson.dumps(line) + b"\n")
         check.finish()
     return Exchanged(session_id, head.version, head.head_hash)
+
+
+def archive_session(store: EventStore, session_id: str, directory: str | os.PathLike[str]) -> Path:
+    """Export a session compaction has marked for removal into ``directory`` durably (written
+    to a temporary file, fsynced, renamed, the directory fsynced) before it is removed, and
+    return the file: ``SESSION.HEAD.jsonl.gz``, the session id percent-encoded (hashed when
+    long) and the first 16 hex digits of its head hash. A file that exists already (written by
+    a compactor that died before removing the session) is kept as it is."""
+    head = store.session(session_id)
+    if head is None:
+        raise SessionNotFoundError(f"session {session_id!r} does not exist")
+    name = quote(session_id, safe="")
+    if len(name) > 150:
+        name = "sha256-" + hashlib.sha256(session_id.encode()).hexdigest()
+    folder = Path(directory)
+    path = folder / f"{name}.{head.head_hash.hex()[:16]}.jsonl.gz"
+    if path.exists():
+        return path
+    partial = path.with_name(path.name + ".partial")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with partial.open("wb") as raw:
+            with gzip.GzipFile(fileobj=raw, mode="wb") as zipped:
+                export_session(store, session_id, cast(IO[bytes], zipped), marked=True)
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.replace(partial, path)
+        directory_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(directory_fd)
+        finally:
+            os.close(directory_fd)
+    except BaseException as exc:
+        with suppress(OSError):  # nothing half-written stays behind
+            partial.unlink()
+        if isinstance(exc, OSError):
+            raise StorageError(f"cannot archive session {session_id!r} in {folder}: {exc}") from exc
+        raise
+    return path
 
 
 def import_session(store: EventStore, source: Target, as_session: str | None = None) -> Exchanged:

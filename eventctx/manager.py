@@ -57,10 +57,12 @@ class ContextManager:
     """Hands out one PluginContext per session and owns their lifecycle.
 
     ``store`` is an EventStore, a database URL, or None for ``$EVENTCTX_URL`` (default
-    ``sqlite:///eventctx.db``). ``ttl`` is the default lifetime of a session without activity
-    (None: for ever). While started, a background job runs ``cleanup_expired()`` every
-    ``cleanup_interval`` (None: never). Use ``with manager:`` (or ``start()``/``stop()``);
-    after ``stop()`` every method of the manager and its contexts raises EventCtxError.
+    ``sqlite:///eventctx.db``). With an ``archive`` directory, cleanup exports each expired
+    session there before removing it (docs/retention.md). ``ttl`` is the default lifetime of a
+    session without activity (None: for ever). While started, a background job runs
+    ``cleanup_expired()`` every ``cleanup_interval`` (None: never). Use ``with manager:`` (or
+    ``start()``/``stop()``); after ``stop()`` every method of the manager and its contexts
+    raises EventCtxError.
     """
 
     def __init__(
@@ -73,6 +75,7 @@ class ContextManager:
         max_key_length: int = 1024,
         max_value_bytes: int = 16 * 1024 * 1024,
         chain_key: bytes | str | None = None,
+        archive: str | os.PathLike[str] | None = None,
     ) -> None:
         """Open (or adopt) the store; a store opened here from a URL (with ``chain_key`` when
         its chains are keyed) is closed by ``stop()``."""
@@ -83,6 +86,8 @@ class ContextManager:
         if cleanup_interval is not None:
             check_duration(cleanup_interval, "cleanup_interval")
         self._cleanup_interval = cleanup_interval
+        self._archive = archive
+        """Where cleanup exports each expired session before removing it (None: nowhere)."""
         self._scheduler: BackgroundScheduler | None = None
         if store is not None and not isinstance(store, (EventStore, str)):
             raise InvalidInputError(
@@ -252,7 +257,7 @@ class ContextManager:
         """Remove every session whose last activity is older than its ttl (what the
         scheduled job runs); see ``eventctx.compaction``. Their contexts here are closed."""
         with self._runtime.gate:
-            report = compact(self._runtime.store, dry_run=dry_run)
+            report = compact(self._runtime.store, dry_run=dry_run, archive=self._archive)
         if not dry_run:
             self._runtime.counters.add("cleanups")
             self._runtime.counters.add("expired", report.sessions_removed)

@@ -10,8 +10,10 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,7 @@ from eventctx import (
     RetryPolicy,
     SessionExistsError,
 )
+from eventctx.compaction import compact
 from eventctx.exchange import export_session, import_session
 from eventctx.store.statements import EVENT_COLUMNS
 from tests.conftest import REQUIRE_PG, _pg_schema, _pg_unavailable
@@ -358,3 +361,63 @@ def test_export_and_import_stream_in_bounded_memory(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert int(done.stdout) < 60, f"peak RSS grew by {done.stdout.strip()} MiB"
+
+
+# --- the archive: cleanup never destroys the only copy -----------------------------------------
+
+
+def _expired_session(url: str, session_id: str = "old") -> list[tuple[Any, ...]]:
+    """A session with a run and writes, past its ttl; returns its rows as stored."""
+    with ContextManager(url, cleanup_interval=None) as manager:
+        ctx = manager.create_context(session_id, ttl=timedelta(milliseconds=300))
+        ctx.update({f"k{i}": i for i in range(30)})
+        PluginRunner(manager, [lambda _: "done"]).run(session_id)
+        rows = _rows(manager.store, session_id)
+    time.sleep(0.4)
+    return rows
+
+
+def _rows(store: EventStore, session_id: str) -> list[tuple[Any, ...]]:
+    return [tuple(r) for r in store.chain_rows(session_id, 2**62)]
+
+
+def test_cleanup_archives_each_expired_session_before_removing_it(
+    db_url: str, tmp_path: Path
+) -> None:
+    rows = _expired_session(db_url)
+    archive = tmp_path / "archive"
+    with ContextManager(db_url, cleanup_interval=None, archive=archive) as manager:
+        report = manager.cleanup_expired()
+        assert report.sessions == ["old"] and manager.store.session("old") is None
+        assert [Path(p).name for p in report.archived] == [p.name for p in archive.iterdir()]
+        (archived,) = archive.iterdir()
+        assert archived.name.startswith("old.") and archived.name.endswith(".jsonl.gz")
+        import_session(manager.store, archived)  # the archived session imports back whole
+        assert _rows(manager.store, "old") == rows
+        assert manager.store.verify("old") == len(rows)
+
+
+def test_a_session_that_cannot_be_archived_is_not_removed(db_url: str, tmp_path: Path) -> None:
+    rows = _expired_session(db_url)
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("a file where the archive directory should be")
+    with EventStore.open(db_url) as store:
+        report = compact(store, archive=blocked)
+        assert report.sessions == [] and "could not archive" in (report.skipped or "")
+        assert _rows(store, "old") == rows  # frozen, whole, not removed
+        done = compact(store, archive=tmp_path / "archive")  # the next run archives it
+        assert done.sessions == ["old"] and len(done.archived) == 1
+
+
+def test_compact_archive_on_the_command_line(db_url: str, tmp_path: Path) -> None:
+    _expired_session(db_url)
+    archive = tmp_path / "archive"
+    out = subprocess.run(
+        [sys.executable, "-m", "eventctx", "--url", db_url, "compact", "--archive", str(archive)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert out.returncode == 0 and "removed 1 expired sessions" in out.stdout, out.stderr
+    assert "archived 1 sessions first" in out.stdout and len(list(archive.iterdir())) == 1

@@ -105,7 +105,8 @@ COMMANDS: list[tuple[str, str, list[str]]] = [
     ),
     (
         "compact",
-        "Remove sessions past their ttl, once (`--dry-run` lists them).",
+        "Remove sessions past their ttl, once (`--dry-run` lists them; `--archive DIR` exports "
+        "each to DIR first, docs/retention.md).",
         ["compact", "--dry-run"],
     ),
     (
