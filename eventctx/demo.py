@@ -117,6 +117,7 @@ def run(url: str, out: Callable[[str], None] = print) -> None:
     path = sa.make_url(url).database or url
     out(f"\n{verified} events, hash chain verified. Database: {os.path.abspath(path)}")
     out(f"Explore it: eventctx --url {url} history {SESSION}")
+    out(f"       and: show, blame, runs, stats, tail -f, timeline {SESSION} -o timeline.html")
 
 
 def _timeline(events: list[RecordedEvent], out: Callable[[str], None]) -> None:
