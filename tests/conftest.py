@@ -41,6 +41,16 @@ def _pg_unavailable() -> str | None:
     return _pg_problem[0]
 
 
+def require_pg() -> None:
+    """Skip the test when no PostgreSQL server answers, or fail it when
+    EVENTCTX_REQUIRE_POSTGRES=1 (so a missing server never passes unnoticed in CI)."""
+    problem = _pg_unavailable()
+    if problem:
+        if REQUIRE_PG:
+            pytest.fail(f"{problem} (EVENTCTX_REQUIRE_POSTGRES=1)")
+        pytest.skip(problem)
+
+
 def pg_schema_url(schema: str) -> str:
     """The test server's URL with ``schema`` first on the search path."""
     url = sa.make_url(PG_URL).update_query_dict({"options": f"-csearch_path={schema}"})
@@ -51,11 +61,7 @@ def pg_schema_url(schema: str) -> str:
 def backend(request: pytest.FixtureRequest) -> str:
     """The backend under test."""
     if request.param == "postgresql":
-        problem = _pg_unavailable()
-        if problem:
-            if REQUIRE_PG:
-                pytest.fail(f"{problem} (EVENTCTX_REQUIRE_POSTGRES=1)")
-            pytest.skip(problem)
+        require_pg()
     return str(request.param)
 
 
@@ -86,11 +92,7 @@ def db_url(backend: str, tmp_path: Path) -> Iterator[str]:
 @pytest.fixture
 def pg_url() -> Iterator[str]:
     """A fresh, empty PostgreSQL schema's URL (for PostgreSQL-only tests)."""
-    problem = _pg_unavailable()
-    if problem:
-        if REQUIRE_PG:
-            pytest.fail(f"{problem} (EVENTCTX_REQUIRE_POSTGRES=1)")
-        pytest.skip(problem)
+    require_pg()
     with _pg_schema() as url:
         yield url
 

@@ -17,7 +17,7 @@ import pytest
 import sqlalchemy as sa
 
 from eventctx import ChainKeyError, ContextManager, EventStore, Inspector, IntegrityError
-from eventctx.events import chain_hash, sha256, snapshot_digest
+from eventctx.events import chain_hash, keyed_hasher, sha256, snapshot_digest
 from eventctx.state import FOLD_VERSION
 
 KEY = "a key the application holds, not the database"
@@ -231,22 +231,17 @@ def test_a_keyed_database_needs_its_key(db_url: str, monkeypatch: pytest.MonkeyP
     assert _restored(db_url) == _truth()
 
 
-def test_a_keyed_chain_differs_from_the_unkeyed_one(db_url: str, tmp_path: object) -> None:
+def test_a_keyed_chain_is_hmac_under_the_key(db_url: str) -> None:
+    """Each stored hash is the HMAC of its stored fields under the key, not their sha256."""
     _write(db_url, KEY)
+    keyed = keyed_hasher(KEY.encode())
     with EventStore.open(db_url, chain_key=KEY) as store:
-        first = next(iter(store.read("s")))
-    unkeyed = chain_hash(
-        bytes(32),
-        "s",
-        1,
-        first.type,
-        None,
-        None,
-        None,
-        first.recorded_at_us,
-        orjson.dumps(first.payload, option=orjson.OPT_SORT_KEYS),
-    )
-    assert first.hash != unkeyed
+        rows = list(store.chain_rows("s", 2**62))
+    assert len(rows) == 31
+    for version, type_, key, phase, run_id, payload, at, digest, prev in rows:
+        fields = (bytes(prev), "s", version, type_, key, phase, run_id, at, bytes(payload))
+        assert bytes(digest) == chain_hash(*fields, keyed)
+        assert bytes(digest) != chain_hash(*fields, sha256)
 
 
 # --- the same, through the command line (real processes) ------------------------------------

@@ -36,7 +36,7 @@ from eventctx import (
 from eventctx.compaction import compact
 from eventctx.exchange import export_session, import_session
 from eventctx.store.statements import EVENT_COLUMNS
-from tests.conftest import REQUIRE_PG, _pg_schema, _pg_unavailable
+from tests.conftest import _pg_schema, require_pg
 
 S = "review ‘42’"
 _FAILED_ONCE: list[str] = []
@@ -108,11 +108,7 @@ def verified(url: str, session_id: str = S) -> int:
 def other_backend(db_url: str, tmp_path: Path) -> Iterator[str]:
     """A fresh database on the other backend than ``db_url``'s."""
     if db_url.startswith("sqlite"):
-        problem = _pg_unavailable()
-        if problem:
-            if REQUIRE_PG:
-                pytest.fail(f"{problem} (EVENTCTX_REQUIRE_POSTGRES=1)")
-            pytest.skip(problem)
+        require_pg()
         with _pg_schema() as url:
             yield url
     else:
