@@ -161,6 +161,41 @@ class PhaseFailed(_Payload):
     retry_after_ms: float | None = None
 
 
+class CheckpointSaved(_Payload):
+    """A LangGraph checkpoint ``checkpoint_id`` of namespace ``ns`` (child of ``parent_id``).
+
+    ``checkpoint`` and ``metadata`` are stored as ``[kind, value]`` (see ``channels``);
+    ``channels`` maps each channel whose value changed to ``[version, kind]``: ``"json"`` (the
+    value is plain JSON), ``"empty"`` (no value), or the serializer's type name (the value is
+    base64 text). The values follow as ``KeySet`` events of the same batch."""
+
+    checkpoint_id: str
+    ns: str
+    parent_id: str | None
+    checkpoint: list[JsonValue]
+    metadata: list[JsonValue]
+    channels: dict[str, list[JsonValue]]
+
+
+class WritesSaved(_Payload):
+    """Pending writes of task ``task_id`` (at ``task_path``) against checkpoint
+    ``checkpoint_id`` of namespace ``ns``: ``[channel, index, kind, value]`` each, kinds as in
+    CheckpointSaved."""
+
+    checkpoint_id: str
+    ns: str
+    task_id: str
+    task_path: str
+    writes: list[list[JsonValue]]
+
+
+class CheckpointsRemoved(_Payload):
+    """LangGraph checkpoints (``[ns, checkpoint_id]`` each) and their pending writes no longer
+    exist for the thread; their events stay in the log."""
+
+    checkpoints: list[list[str]]
+
+
 EVENT_MODELS: Final[dict[str, type[_Payload]]] = {
     model.__name__: model
     for model in (
@@ -177,6 +212,9 @@ EVENT_MODELS: Final[dict[str, type[_Payload]]] = {
         PhaseStarted,
         PhaseCompleted,
         PhaseFailed,
+        CheckpointSaved,
+        WritesSaved,
+        CheckpointsRemoved,
     )
 }
 """Payload model of each event type, by type name."""

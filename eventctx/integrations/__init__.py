@@ -1,0 +1,1 @@
+"""Integrations of eventctx with other frameworks; each is an optional extra."""

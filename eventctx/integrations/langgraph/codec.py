@@ -1,0 +1,69 @@
+"""LangGraph values (channels, writes, checkpoints, metadata) as JSON that round-trips.
+
+Plain JSON stays as it is, so ``blame`` and ``history`` show it; anything else goes through the
+saver's serializer (``dumps_typed``) and is stored as base64 text under the serializer's type
+name, so it comes back equal to what was saved.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any, Final
+
+from langgraph.checkpoint.serde.base import SerializerProtocol
+
+from eventctx.events import INT_MAX, INT_MIN, MAX_DEPTH
+
+__all__ = ["EMPTY", "JSON", "decode", "encode", "is_plain"]
+
+JSON: Final = "json"
+"""The kind of a value stored as itself."""
+EMPTY: Final = "empty"
+"""The kind of a channel that has no value at that version."""
+
+
+def is_plain(value: Any, depth: int = 0) -> bool:
+    """Whether ``value`` is JSON that decodes to an equal value of the same types: exact
+    None/bool/int (64-bit)/finite float/str/list/dict with str keys, not subclasses or tuples."""
+    kind = type(value)
+    if kind is str:
+        return value.isascii() or _unicode(value)
+    if kind is bool or value is None:
+        return True
+    if kind is int:
+        return bool(INT_MIN <= value <= INT_MAX)
+    if kind is float:
+        return bool(value - value == 0.0)  # false for NaN and ±Inf
+    if depth >= MAX_DEPTH:
+        return False
+    if kind is list:
+        return all(is_plain(item, depth + 1) for item in value)
+    if kind is dict:
+        return all(
+            type(k) is str and _unicode(k) and is_plain(v, depth + 1) for k, v in value.items()
+        )
+    return False
+
+
+def _unicode(text: str) -> bool:
+    """Whether ``text`` is valid unicode (no lone surrogates), as JSON needs."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def encode(serde: SerializerProtocol, value: Any) -> tuple[str, Any]:
+    """``(kind, json)``: the value itself for plain JSON, else the serializer's bytes."""
+    if is_plain(value):
+        return JSON, value
+    kind, data = serde.dumps_typed(value)
+    return kind, base64.b64encode(data).decode("ascii")
+
+
+def decode(serde: SerializerProtocol, kind: str, stored: Any) -> Any:
+    """The value ``encode`` was given."""
+    if kind == JSON:
+        return stored
+    return serde.loads_typed((kind, base64.b64decode(stored)))

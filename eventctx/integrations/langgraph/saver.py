@@ -1,0 +1,558 @@
+"""A LangGraph checkpoint saver whose checkpoints are events of the thread's session.
+
+A thread is a session (its id the thread id). ``put`` appends, in one transaction, a
+``CheckpointSaved`` event, then for each node whose writes made the checkpoint a
+``PhaseStarted``/``PhaseCompleted`` pair around ``KeySet`` events of the channels it changed
+(``phase`` the node, ``execution_id`` the run), and ``KeySet`` events of channels no node wrote.
+``put_writes`` appends a ``WritesSaved`` event. Only changed channels are stored; a checkpoint
+is rebuilt from the versions its channels are at.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import os
+import random
+import threading
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import contextmanager
+from functools import partial
+from types import TracebackType
+from typing import Any, Final
+
+from langchain_core.runnables import RunnableConfig
+from langgraph.checkpoint.base import (
+    WRITES_IDX_MAP,
+    BaseCheckpointSaver,
+    ChannelVersions,
+    Checkpoint,
+    CheckpointMetadata,
+    CheckpointTuple,
+    get_checkpoint_id,
+    get_checkpoint_metadata,
+)
+from langgraph.checkpoint.serde.base import SerializerProtocol
+
+from eventctx.errors import InvalidInputError, SessionExistsError, SessionNotFoundError
+from eventctx.events import NewEvent, RecordedEvent
+from eventctx.inspect import Inspector
+from eventctx.integrations.langgraph import codec
+from eventctx.integrations.langgraph.threads import (
+    CheckpointRef,
+    ThreadIndex,
+    WriteRef,
+    channel_key,
+)
+from eventctx.manager import DEFAULT_URL
+from eventctx.store import EventStore
+from eventctx.store.heads import check_session_id
+
+__all__ = ["EventCtxSaver"]
+
+_PULL: Final = "~__pregel_pull, "
+"""How LangGraph's task path of a node's task starts (the node's name follows)."""
+_STRATEGIES: Final = ("keep_latest", "delete")
+_Pick = Callable[[str, str, CheckpointRef, ThreadIndex], bool]
+"""Picks checkpoints to remove: (namespace, checkpoint id, checkpoint, thread index)."""
+
+
+class EventCtxSaver(BaseCheckpointSaver[str]):
+    """LangGraph checkpoints, metadata and pending writes as eventctx events.
+
+    ``store`` is an EventStore (shared, not closed here) or a URL (opened here and closed by
+    :meth:`close`); None means ``$EVENTCTX_URL``, else ``sqlite:///eventctx.db``. Thread-safe;
+    the async methods run the store calls in a worker thread, never on the event loop.
+    """
+
+    def __init__(
+        self,
+        store: EventStore | str | None = None,
+        *,
+        serde: SerializerProtocol | None = None,
+        cached_threads: int = 256,
+    ) -> None:
+        super().__init__(serde=serde)
+        self._owns = not isinstance(store, EventStore)
+        self.store = (
+            store
+            if isinstance(store, EventStore)
+            else EventStore.open(store or os.environ.get("EVENTCTX_URL") or DEFAULT_URL)
+        )
+        self._threads: OrderedDict[str, ThreadIndex] = OrderedDict()
+        self._threads_lock = threading.Lock()
+        self._cached_threads = cached_threads
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the store if this saver opened it."""
+        if self._owns:
+            self.store.close()
+
+    def __enter__(self) -> EventCtxSaver:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> EventCtxSaver:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await asyncio.to_thread(self.close)
+
+    # --- writing -------------------------------------------------------------------------------
+
+    def put(
+        self,
+        config: RunnableConfig,
+        checkpoint: Checkpoint,
+        metadata: CheckpointMetadata,
+        new_versions: ChannelVersions,
+    ) -> RunnableConfig:
+        """Save a checkpoint with the values of the channels in ``new_versions``."""
+        thread_id, ns, parent_id = _address(config)
+        meta = get_checkpoint_metadata(config, metadata)
+        run_id = None if meta.get("run_id") is None else str(meta["run_id"])
+        values = checkpoint["channel_values"]
+        fields = {k: v for k, v in checkpoint.items() if k != "channel_values"}
+        channels: dict[str, builtins.list[Any]] = {}
+        stored: dict[str, Any] = {}
+        for channel in sorted(new_versions):
+            version = new_versions[channel]
+            if channel in values:
+                kind, stored[channel] = codec.encode(self.serde, values[channel])
+            else:
+                kind = codec.EMPTY
+            channels[channel] = [version, kind]
+        saved = NewEvent.create(
+            "CheckpointSaved",
+            {
+                "checkpoint_id": checkpoint["id"],
+                "ns": ns,
+                "parent_id": parent_id,
+                "checkpoint": list(codec.encode(self.serde, fields)),
+                "metadata": list(codec.encode(self.serde, meta)),
+                "channels": channels,
+            },
+            execution_id=run_id,
+        )
+
+        def key_set(channel: str, node: str | None) -> NewEvent:
+            return NewEvent.create(
+                "KeySet",
+                {"value": stored[channel]},
+                key=channel_key(ns, channel),
+                phase=node,
+                execution_id=run_id,
+            )
+
+        with self._thread(thread_id) as index:
+            events = []
+            if run_id is not None and run_id not in index.runs:
+                events.append(
+                    NewEvent.create(
+                        "RunStarted", {"input": None, "phases": []}, execution_id=run_id
+                    )
+                )
+            events.append(saved)
+            named: set[str] = set()
+            now = self.store.clock()
+            for run in index.node_runs(ns, parent_id, stored):
+                events.append(
+                    NewEvent.create(
+                        "PhaseStarted", {"attempt": 1}, phase=run.node, execution_id=run_id
+                    )
+                )
+                events.extend(key_set(channel, run.node) for channel in run.channels)
+                named.update(run.channels)
+                events.append(
+                    NewEvent.create(
+                        "PhaseCompleted",
+                        {
+                            "output": None,
+                            "duration_ms": max(0, min(run.ended_us, now) - run.started_us) / 1000,
+                            "attempt": 1,
+                            "keys_read": [],
+                        },
+                        phase=run.node,
+                        execution_id=run_id,
+                    )
+                )
+            events.extend(key_set(channel, None) for channel in stored if channel not in named)
+            self._append(index, events)
+        return {
+            "configurable": {
+                "thread_id": config["configurable"]["thread_id"],
+                "checkpoint_ns": ns,
+                "checkpoint_id": checkpoint["id"],
+            }
+        }
+
+    def put_writes(
+        self,
+        config: RunnableConfig,
+        writes: Sequence[tuple[str, Any]],
+        task_id: str,
+        task_path: str = "",
+    ) -> None:
+        """Save a task's writes against a checkpoint; a regular write already saved for the
+        same task and index is kept, a special one (error, interrupt, …) replaced."""
+        thread_id, ns, checkpoint_id = _address(config)
+        if checkpoint_id is None:
+            raise InvalidInputError("put_writes needs a config with a checkpoint_id")
+        node = task_path[len(_PULL) :] if task_path.startswith(_PULL) else None
+        with self._thread(thread_id) as index:
+            found = index.writes.get((ns, checkpoint_id), {})
+            rows = []
+            for i, (channel, value) in enumerate(writes):
+                idx = WRITES_IDX_MAP.get(channel, i)
+                if idx >= 0 and (task_id, idx) in found:
+                    continue
+                rows.append([channel, idx, *codec.encode(self.serde, value)])
+            if not rows:
+                return
+            ref = index.checkpoints.get(ns, {}).get(checkpoint_id)
+            event = NewEvent.create(
+                "WritesSaved",
+                {
+                    "checkpoint_id": checkpoint_id,
+                    "ns": ns,
+                    "task_id": task_id,
+                    "task_path": task_path,
+                    "writes": rows,
+                },
+                phase=node,
+                execution_id=None if ref is None else ref.run_id,
+            )
+            self._append(index, [event])
+
+    def _append(self, index: ThreadIndex, events: builtins.list[NewEvent]) -> None:
+        """Append to the thread (creating its session when it has none) and fold the result."""
+        if not index.live:
+            events = [NewEvent.create("ContextCreated", {"ttl_ms": None}), *events]
+        try:
+            recorded = self.store.append(index.thread_id, events)
+        except (SessionExistsError, SessionNotFoundError):
+            # Created, deleted or purged by another writer meanwhile: look again, once.
+            index.refresh(self.store)
+            events = events[1:] if events[0].type == "ContextCreated" else events
+            if not index.live:
+                events = [NewEvent.create("ContextCreated", {"ttl_ms": None}), *events]
+            recorded = self.store.append(index.thread_id, events)
+        if index.follows(recorded):
+            index.advance(recorded)
+        else:
+            index.refresh(self.store)
+
+    # --- reading -------------------------------------------------------------------------------
+
+    def get_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
+        """The checkpoint ``config`` names, or the thread's latest in its namespace."""
+        thread_id, ns, checkpoint_id = _address(config)
+        with self._thread(thread_id) as index:
+            saved = index.checkpoints.get(ns, {})
+            if checkpoint_id is None:
+                checkpoint_id = max(saved, default=None)
+            ref = saved.get(checkpoint_id) if checkpoint_id is not None else None
+            if ref is None or checkpoint_id is None:
+                return None
+            plans = [self._plan(index, ns, checkpoint_id, ref)]
+        found = self._tuples(config["configurable"]["thread_id"], thread_id, plans)
+        return found[0] if found else None
+
+    def list(
+        self,
+        config: RunnableConfig | None,
+        *,
+        filter: dict[str, Any] | None = None,
+        before: RunnableConfig | None = None,
+        limit: int | None = None,
+    ) -> Iterator[CheckpointTuple]:
+        """Checkpoints newest first: of ``config``'s thread (and namespace and checkpoint id,
+        when given) or of every thread, whose metadata holds ``filter``, before ``before``'s
+        checkpoint id, at most ``limit``."""
+        if config is None:
+            threads: builtins.list[Any] = sorted(
+                {e.session_id for e in self.store.find(types={"CheckpointSaved"})}
+            )
+            conf: dict[str, Any] = {}
+        else:
+            conf = dict(config["configurable"])
+            threads = [conf["thread_id"]]
+        before_id = get_checkpoint_id(before) if before else None
+        wanted_id = conf.get("checkpoint_id")
+        left = limit
+        for thread in threads:
+            if left is not None and left <= 0:
+                return
+            thread_id = _thread_id(thread)
+            with self._thread(thread_id) as index:
+                plans: builtins.list[_Plan] = []
+                found = sorted(
+                    (
+                        (checkpoint_id, ns, ref)
+                        for ns, saved in index.checkpoints.items()
+                        if "checkpoint_ns" not in conf or conf["checkpoint_ns"] == ns
+                        for checkpoint_id, ref in saved.items()
+                    ),
+                    key=lambda item: item[0],
+                    reverse=True,
+                )
+                for checkpoint_id, ns, ref in found:
+                    if left is not None and len(plans) >= left:
+                        break
+                    if wanted_id and checkpoint_id != wanted_id:
+                        continue
+                    if before_id and checkpoint_id >= before_id:
+                        continue
+                    if filter and any(ref.metadata.get(k) != v for k, v in filter.items()):
+                        continue
+                    plans.append(self._plan(index, ns, checkpoint_id, ref))
+            if left is not None:
+                left -= len(plans)
+            yield from self._tuples(thread, thread_id, plans)
+
+    def _plan(self, index: ThreadIndex, ns: str, checkpoint_id: str, ref: CheckpointRef) -> _Plan:
+        """What to read to rebuild a checkpoint, taken while the index is locked."""
+        blobs = {
+            channel: index.blobs[(ns, channel, version)]
+            for channel, version in ref.channel_versions.items()
+            if (ns, channel, version) in index.blobs
+        }
+        return _Plan(ns, checkpoint_id, ref, blobs, index.pending(ns, checkpoint_id))
+
+    def _tuples(
+        self, thread: Any, thread_id: str, plans: builtins.list[_Plan]
+    ) -> builtins.list[CheckpointTuple]:
+        """Read what ``plans`` need in one go and rebuild their checkpoint tuples."""
+        versions = {v for plan in plans for v in plan.versions()}
+        events = {e.version: e for e in self.store.read_versions(thread_id, versions)}
+        return [t for plan in plans if (t := self._tuple(thread, plan, events)) is not None]
+
+    def _tuple(
+        self, thread: Any, plan: _Plan, events: dict[int, RecordedEvent]
+    ) -> CheckpointTuple | None:
+        saved = events.get(plan.ref.version)
+        if saved is None:  # removed meanwhile
+            return None
+        decode = partial(codec.decode, self.serde)
+        checkpoint = decode(*saved.payload["checkpoint"])
+        checkpoint["channel_values"] = {
+            channel: decode(kind, events[version].payload["value"])
+            for channel, (version, kind) in plan.blobs.items()
+            if kind != codec.EMPTY and version in events
+        }
+        pending = [
+            (w.task_id, w.channel, decode(*events[w.version].payload["writes"][w.slot][2:]))
+            for w in plan.writes
+            if w.version in events
+        ]
+
+        def address(checkpoint_id: str) -> RunnableConfig:
+            return {
+                "configurable": {
+                    "thread_id": thread,
+                    "checkpoint_ns": plan.ns,
+                    "checkpoint_id": checkpoint_id,
+                }
+            }
+
+        return CheckpointTuple(
+            config=address(plan.checkpoint_id),
+            checkpoint=checkpoint,
+            metadata=decode(*saved.payload["metadata"]),
+            parent_config=address(plan.ref.parent_id) if plan.ref.parent_id else None,
+            pending_writes=pending,
+        )
+
+    # --- removing and copying ------------------------------------------------------------------
+
+    def delete_thread(self, thread_id: str) -> None:
+        """Remove the thread's session and every event of it (nothing if there is none)."""
+        session_id = _thread_id(thread_id)
+        with self._thread(session_id) as index:
+            if self.store.session(session_id) is not None:
+                self.store.purge(session_id)
+            index.reset()
+
+    def delete_for_runs(self, run_ids: Sequence[str]) -> None:
+        """Remove the checkpoints (and their pending writes) of runs ``run_ids`` from every
+        thread: a ``CheckpointsRemoved`` event, the history stays in the log."""
+        runs = {str(r) for r in run_ids}
+        threads = {
+            e.session_id
+            for run_id in sorted(runs)
+            for e in self.store.find(types={"CheckpointSaved"}, execution_id=run_id)
+        }
+        for thread_id in sorted(threads):
+            self._remove(thread_id, lambda ns, checkpoint_id, ref, index: ref.run_id in runs)
+
+    def prune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
+        """``keep_latest``: remove every checkpoint but each namespace's latest (a
+        ``CheckpointsRemoved`` event); ``delete``: remove the threads as delete_thread does."""
+        if strategy not in _STRATEGIES:
+            raise InvalidInputError(
+                f"unknown prune strategy {strategy!r}: use one of {', '.join(_STRATEGIES)}"
+            )
+        for thread in thread_ids:
+            if strategy == "delete":
+                self.delete_thread(thread)
+                continue
+            self._remove(
+                _thread_id(thread),
+                lambda ns, checkpoint_id, ref, index: checkpoint_id != max(index.checkpoints[ns]),
+            )
+
+    def _remove(self, thread_id: str, doomed: _Pick) -> None:
+        """Append a CheckpointsRemoved for the checkpoints ``doomed(ns, id, ref, index)``
+        picks, if any."""
+        with self._thread(thread_id) as index:
+            picked = [
+                [ns, checkpoint_id]
+                for ns, saved in index.checkpoints.items()
+                for checkpoint_id, ref in saved.items()
+                if doomed(ns, checkpoint_id, ref, index)
+            ]
+            if picked:
+                self._append(
+                    index, [NewEvent.create("CheckpointsRemoved", {"checkpoints": picked})]
+                )
+
+    def copy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
+        """Copy a thread's whole history into a new thread: ``Inspector.fork`` of its session
+        (re-chained; SessionExistsError if the target exists, SessionNotFoundError if the source
+        does not)."""
+        source, target = _thread_id(source_thread_id), _thread_id(target_thread_id)
+        with self._thread(target) as index:
+            Inspector(self.store).fork(source, target)
+            index.refresh(self.store)
+
+    def get_next_version(self, current: str | None, channel: None) -> str:
+        """A version above ``current`` that no other branch of the thread will reuse (a run
+        resumed from an earlier checkpoint counts up from its versions again)."""
+        number = 0 if current is None else int(str(current).split(".")[0])
+        return f"{number + 1:032}.{random.random():016}"
+
+    # --- async: the same calls in a worker thread ----------------------------------------------
+
+    async def aget_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
+        """:meth:`get_tuple` off the event loop."""
+        return await asyncio.to_thread(self.get_tuple, config)
+
+    async def alist(
+        self,
+        config: RunnableConfig | None,
+        *,
+        filter: dict[str, Any] | None = None,
+        before: RunnableConfig | None = None,
+        limit: int | None = None,
+    ) -> AsyncIterator[CheckpointTuple]:
+        """:meth:`list` off the event loop."""
+
+        def listed() -> builtins.list[CheckpointTuple]:
+            return list(self.list(config, filter=filter, before=before, limit=limit))
+
+        for item in await asyncio.to_thread(listed):
+            yield item
+
+    async def aput(
+        self,
+        config: RunnableConfig,
+        checkpoint: Checkpoint,
+        metadata: CheckpointMetadata,
+        new_versions: ChannelVersions,
+    ) -> RunnableConfig:
+        """:meth:`put` off the event loop."""
+        return await asyncio.to_thread(self.put, config, checkpoint, metadata, new_versions)
+
+    async def aput_writes(
+        self,
+        config: RunnableConfig,
+        writes: Sequence[tuple[str, Any]],
+        task_id: str,
+        task_path: str = "",
+    ) -> None:
+        """:meth:`put_writes` off the event loop."""
+        await asyncio.to_thread(self.put_writes, config, writes, task_id, task_path)
+
+    async def adelete_thread(self, thread_id: str) -> None:
+        """:meth:`delete_thread` off the event loop."""
+        await asyncio.to_thread(self.delete_thread, thread_id)
+
+    async def adelete_for_runs(self, run_ids: Sequence[str]) -> None:
+        """:meth:`delete_for_runs` off the event loop."""
+        await asyncio.to_thread(self.delete_for_runs, run_ids)
+
+    async def acopy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
+        """:meth:`copy_thread` off the event loop."""
+        await asyncio.to_thread(self.copy_thread, source_thread_id, target_thread_id)
+
+    async def aprune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
+        """:meth:`prune` off the event loop."""
+        await asyncio.to_thread(partial(self.prune, thread_ids, strategy=strategy))
+
+    # --- the thread indexes --------------------------------------------------------------------
+
+    @contextmanager
+    def _thread(self, thread_id: str) -> Iterator[ThreadIndex]:
+        """The thread's index, locked and brought up to date with the log."""
+        with self._threads_lock:
+            index = self._threads.get(thread_id)
+            if index is None:
+                index = ThreadIndex(thread_id, partial(codec.decode, self.serde))
+                self._threads[thread_id] = index
+                if len(self._threads) > self._cached_threads:
+                    self._threads.popitem(last=False)
+            self._threads.move_to_end(thread_id)
+        with index.lock:
+            index.refresh(self.store)
+            yield index
+
+
+class _Plan:
+    """The events a checkpoint tuple is rebuilt from."""
+
+    __slots__ = ("blobs", "checkpoint_id", "ns", "ref", "writes")
+
+    def __init__(
+        self,
+        ns: str,
+        checkpoint_id: str,
+        ref: CheckpointRef,
+        blobs: dict[str, tuple[int, str]],
+        writes: list[WriteRef],
+    ) -> None:
+        self.ns, self.checkpoint_id, self.ref, self.blobs, self.writes = (
+            ns,
+            checkpoint_id,
+            ref,
+            blobs,
+            writes,
+        )
+
+    def versions(self) -> Iterator[int]:
+        """The versions of the events to read."""
+        yield self.ref.version
+        yield from (version for version, _ in self.blobs.values())
+        yield from (w.version for w in self.writes)
+
+
+def _thread_id(thread: Any) -> str:
+    """The session id of a LangGraph thread id (InvalidInputError if it cannot be one)."""
+    return check_session_id(str(thread) if isinstance(thread, int | str) else thread)
+
+
+def _address(config: RunnableConfig) -> tuple[str, str, str | None]:
+    """(session id, namespace, checkpoint id) of a config."""
+    conf = config.get("configurable") or {}
+    if conf.get("thread_id") is None:
+        raise InvalidInputError("a LangGraph config needs configurable.thread_id")
+    return _thread_id(conf["thread_id"]), conf.get("checkpoint_ns") or "", conf.get("checkpoint_id")

@@ -1,0 +1,217 @@
+"""What a LangGraph thread's events say: its checkpoints, where each channel value and pending
+write is stored, and which runs it has seen. A pure fold, kept up to date from the log."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from langgraph.checkpoint.base import writes_sort_key
+
+from eventctx.events import GENESIS_HASH, RecordedEvent
+from eventctx.store import EventStore
+
+__all__ = ["CheckpointRef", "NodeRun", "ThreadIndex", "WriteRef", "channel_key"]
+
+Decoder = Callable[[str, Any], Any]
+"""``(kind, stored) -> value``: the codec's ``decode`` bound to a serializer."""
+
+
+def channel_key(ns: str, channel: str) -> str:
+    """The context key of ``channel`` in namespace ``ns``: the channel name at the root."""
+    return f"{ns}/{channel}" if ns else channel
+
+
+@dataclass(slots=True)
+class CheckpointRef:
+    """A stored checkpoint: the version of its CheckpointSaved event and what lists need."""
+
+    version: int
+    parent_id: str | None
+    run_id: str | None
+    metadata: dict[str, Any]
+    channel_versions: dict[str, Any]
+    saved_us: int
+
+
+@dataclass(slots=True)
+class WriteRef:
+    """A pending write: the WritesSaved event (``version``) and its place (``slot``) in it."""
+
+    task_id: str
+    task_path: str
+    channel: str
+    idx: int
+    version: int
+    slot: int
+    node: str | None
+    written_us: int
+
+    def sort_key(self) -> tuple[str, str, int]:
+        """The order LangGraph applies a super-step's writes in."""
+        return writes_sort_key(self.task_path, self.task_id, self.idx)
+
+
+@dataclass(slots=True)
+class NodeRun:
+    """A node's task that wrote against a checkpoint: when it started and last wrote, and
+    the channels whose new values it is named for."""
+
+    node: str
+    started_us: int
+    ended_us: int
+    channels: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class ThreadIndex:
+    """The fold of one thread's events (up to ``version``, whose hash is ``head_hash``)."""
+
+    thread_id: str
+    decode: Decoder
+    version: int = 0
+    head_hash: bytes = GENESIS_HASH
+    live: bool = False
+    checkpoints: dict[str, dict[str, CheckpointRef]] = field(default_factory=dict)
+    blobs: dict[tuple[str, str, Any], tuple[int, str]] = field(default_factory=dict)
+    """(ns, channel, version) -> (version of the KeySet holding it, kind)."""
+    writes: dict[tuple[str, str], dict[tuple[str, int], WriteRef]] = field(default_factory=dict)
+    runs: set[str] = field(default_factory=set)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    _saved: tuple[str, dict[str, list[Any]]] | None = None
+
+    def reset(self) -> None:
+        """Forget everything: the thread starts again (or never existed)."""
+        self.version, self.head_hash, self.live = 0, GENESIS_HASH, False
+        self._clear()
+
+    def _clear(self) -> None:
+        self.checkpoints.clear()
+        self.blobs.clear()
+        self.writes.clear()
+        self.runs.clear()
+        self._saved = None
+
+    def refresh(self, store: EventStore) -> None:
+        """Fold whatever the log holds beyond what this index has seen (one head read when
+        nothing is new); a history that is not the one folded so far is folded afresh."""
+        head = store.session(self.thread_id)
+        if head is None:
+            self.reset()
+            return
+        if head.version == self.version and head.head_hash == self.head_hash:
+            return
+        if self.version and head.version > self.version:
+            events = list(store.read(self.thread_id, self.version + 1))
+            if events and events[0].prev_hash == self.head_hash:
+                self.advance(events)
+                return
+        self.reset()
+        self.advance(store.read(self.thread_id))
+
+    def follows(self, events: list[RecordedEvent]) -> bool:
+        """Whether ``events`` (just appended) continue exactly what this index has folded."""
+        return (
+            bool(events)
+            and events[0].prev_hash == self.head_hash
+            and (events[0].version == self.version + 1)
+        )
+
+    def advance(self, events: Iterable[RecordedEvent]) -> None:
+        """Fold ``events``, which follow the index's version."""
+        for event in events:
+            kind = event.type
+            if kind == "KeySet":
+                self._key_set(event)
+            elif kind == "CheckpointSaved":
+                self._checkpoint_saved(event)
+            elif kind == "WritesSaved":
+                self._writes_saved(event)
+            elif kind == "CheckpointsRemoved":
+                for ns, checkpoint_id in event.payload["checkpoints"]:
+                    self.checkpoints.get(ns, {}).pop(checkpoint_id, None)
+                    self.writes.pop((ns, checkpoint_id), None)
+            elif kind in ("ContextCreated", "ContextDeleted"):
+                self._clear()
+                self.live = kind == "ContextCreated"
+            elif kind == "RunStarted" and event.execution_id:
+                self.runs.add(event.execution_id)
+            self.version, self.head_hash = event.version, event.hash
+
+    def _checkpoint_saved(self, event: RecordedEvent) -> None:
+        p = event.payload
+        ns, checkpoint = p["ns"], self.decode(*p["checkpoint"])
+        self.checkpoints.setdefault(ns, {})[p["checkpoint_id"]] = CheckpointRef(
+            event.version,
+            p["parent_id"],
+            event.execution_id,
+            self.decode(*p["metadata"]),
+            dict(checkpoint["channel_versions"]),
+            event.recorded_at_us,
+        )
+        if event.execution_id:
+            self.runs.add(event.execution_id)
+        self._saved = (ns, p["channels"])
+
+    def _key_set(self, event: RecordedEvent) -> None:
+        """A channel value saved with the checkpoint just folded (other KeySets are not ours)."""
+        if self._saved is None or event.key is None:
+            return
+        ns, channels = self._saved
+        prefix = f"{ns}/" if ns else ""
+        if not event.key.startswith(prefix):
+            return
+        saved = channels.get(event.key[len(prefix) :])
+        if saved is not None:
+            version, kind = saved
+            self.blobs[(ns, event.key[len(prefix) :], version)] = (event.version, kind)
+
+    def _writes_saved(self, event: RecordedEvent) -> None:
+        p = event.payload
+        found = self.writes.setdefault((p["ns"], p["checkpoint_id"]), {})
+        for slot, (channel, idx, _, _) in enumerate(p["writes"]):
+            if idx >= 0 and (p["task_id"], idx) in found:
+                continue  # a regular write is saved once; special ones are replaced
+            found[(p["task_id"], idx)] = WriteRef(
+                p["task_id"],
+                p["task_path"],
+                channel,
+                idx,
+                event.version,
+                slot,
+                event.phase,
+                event.recorded_at_us,
+            )
+        self._saved = None
+
+    def pending(self, ns: str, checkpoint_id: str) -> list[WriteRef]:
+        """The pending writes of a checkpoint, in LangGraph's order."""
+        return sorted(self.writes.get((ns, checkpoint_id), {}).values(), key=WriteRef.sort_key)
+
+    def node_runs(self, ns: str, parent_id: str | None, changed: Iterable[str]) -> list[NodeRun]:
+        """The nodes whose writes against ``parent_id`` make the next checkpoint, in the order
+        they wrote. A node starts after the parent was saved or the last write from outside
+        the nodes (a resume); each ``changed`` channel is named for the last node, in
+        LangGraph's order, that wrote it."""
+        parent = self.checkpoints.get(ns, {}).get(parent_id) if parent_id else None
+        if parent is None or parent_id is None:
+            return []
+        refs = self.writes.get((ns, parent_id), {}).values()
+        runs: dict[str, NodeRun] = {}
+        outside = parent.saved_us
+        for ref in sorted(refs, key=lambda r: (r.version, r.slot)):
+            if ref.node is None:
+                outside = max(outside, ref.written_us)
+                continue
+            run = runs.setdefault(ref.node, NodeRun(ref.node, outside, ref.written_us))
+            run.ended_us = max(run.ended_us, ref.written_us)
+        owners: dict[str, str] = {}
+        for ref in sorted(refs, key=WriteRef.sort_key):
+            if ref.node is not None:
+                owners[ref.channel] = ref.node
+        for channel in changed:
+            if channel in owners:
+                runs[owners[channel]].channels.append(channel)
+        return list(runs.values())
