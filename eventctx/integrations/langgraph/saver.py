@@ -16,7 +16,7 @@ import os
 import random
 import threading
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import partial
 from types import TracebackType
@@ -120,73 +120,55 @@ class EventCtxSaver(BaseCheckpointSaver[str]):
         """Save a checkpoint with the values of the channels in ``new_versions``."""
         thread_id, ns, parent_id = _address(config)
         meta = get_checkpoint_metadata(config, metadata)
-        run_id = None if meta.get("run_id") is None else str(meta["run_id"])
         values = checkpoint["channel_values"]
-        fields = {k: v for k, v in checkpoint.items() if k != "channel_values"}
         channels: dict[str, builtins.list[Any]] = {}
         stored: dict[str, Any] = {}
         for channel in sorted(new_versions):
-            version = new_versions[channel]
+            kind = codec.EMPTY
             if channel in values:
                 kind, stored[channel] = codec.encode(self.serde, values[channel])
-            else:
-                kind = codec.EMPTY
-            channels[channel] = [version, kind]
-        saved = NewEvent.create(
-            "CheckpointSaved",
-            {
-                "checkpoint_id": checkpoint["id"],
-                "ns": ns,
-                "parent_id": parent_id,
-                "checkpoint": list(codec.encode(self.serde, fields)),
-                "metadata": list(codec.encode(self.serde, meta)),
-                "channels": channels,
-            },
-            execution_id=run_id,
-        )
-
-        def key_set(channel: str, node: str | None) -> NewEvent:
-            return NewEvent.create(
-                "KeySet",
-                {"value": stored[channel]},
-                key=channel_key(ns, channel),
-                phase=node,
-                execution_id=run_id,
-            )
-
+            channels[channel] = [new_versions[channel], kind]
+        payload = {
+            "checkpoint_id": checkpoint["id"],
+            "ns": ns,
+            "parent_id": parent_id,
+            "checkpoint": list(
+                codec.encode(
+                    self.serde, {k: v for k, v in checkpoint.items() if k != "channel_values"}
+                )
+            ),
+            "metadata": list(codec.encode(self.serde, meta)),
+            "channels": channels,
+        }
         with self._thread(thread_id) as index:
+            execution_id = _lineage(index, ns, parent_id, checkpoint["id"], meta)
             events = []
-            if run_id is not None and run_id not in index.runs:
+            if execution_id not in index.runs:
                 events.append(
                     NewEvent.create(
-                        "RunStarted", {"input": None, "phases": []}, execution_id=run_id
+                        "RunStarted", {"input": None, "phases": []}, execution_id=execution_id
                     )
                 )
-            events.append(saved)
+            events.append(NewEvent.create("CheckpointSaved", payload, execution_id=execution_id))
             named: set[str] = set()
-            now = self.store.clock()
-            for run in index.node_runs(ns, parent_id, stored):
-                events.append(
-                    NewEvent.create(
-                        "PhaseStarted", {"attempt": 1}, phase=run.node, execution_id=run_id
-                    )
+            seen = checkpoint.get("versions_seen") or {}
+            for run in index.node_runs(ns, parent_id, seen, stored, self.store.clock()):
+                phase = partial(NewEvent.create, phase=run.node, execution_id=execution_id)
+                events.append(phase("PhaseStarted", {"attempt": 1}))
+                events.extend(
+                    _key_set(ns, c, stored[c], run.node, execution_id) for c in run.channels
                 )
-                events.extend(key_set(channel, run.node) for channel in run.channels)
                 named.update(run.channels)
+                duration_ms = max(0, run.ended_us - run.started_us) / 1000
                 events.append(
-                    NewEvent.create(
+                    phase(
                         "PhaseCompleted",
-                        {
-                            "output": None,
-                            "duration_ms": max(0, min(run.ended_us, now) - run.started_us) / 1000,
-                            "attempt": 1,
-                            "keys_read": [],
-                        },
-                        phase=run.node,
-                        execution_id=run_id,
+                        {"output": None, "duration_ms": duration_ms, "attempt": 1, "keys_read": []},
                     )
                 )
-            events.extend(key_set(channel, None) for channel in stored if channel not in named)
+            events.extend(
+                _key_set(ns, c, stored[c], None, execution_id) for c in stored if c not in named
+            )
             self._append(index, events)
         return {
             "configurable": {
@@ -230,7 +212,7 @@ class EventCtxSaver(BaseCheckpointSaver[str]):
                     "writes": rows,
                 },
                 phase=node,
-                execution_id=None if ref is None else ref.run_id,
+                execution_id=None if ref is None else ref.execution_id,
             )
             self._append(index, [event])
 
@@ -393,7 +375,10 @@ class EventCtxSaver(BaseCheckpointSaver[str]):
             for e in self.store.find(types={"CheckpointSaved"}, execution_id=run_id)
         }
         for thread_id in sorted(threads):
-            self._remove(thread_id, lambda ns, checkpoint_id, ref, index: ref.run_id in runs)
+            self._remove(
+                thread_id,
+                lambda ns, checkpoint_id, ref, index: str(ref.metadata.get("run_id")) in runs,
+            )
 
     def prune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
         """``keep_latest``: remove every checkpoint but each namespace's latest (a
@@ -548,6 +533,31 @@ class _Plan:
 def _thread_id(thread: Any) -> str:
     """The session id of a LangGraph thread id (InvalidInputError if it cannot be one)."""
     return check_session_id(str(thread) if isinstance(thread, int | str) else thread)
+
+
+def _lineage(
+    index: ThreadIndex, ns: str, parent_id: str | None, checkpoint_id: str, meta: Mapping[str, Any]
+) -> str:
+    """The execution id of a checkpoint's events: the run id in its metadata; else its
+    parent's (a run interrupted and resumed, perhaps in another process, stays one execution);
+    else, for a new input or a first checkpoint, its own id."""
+    if meta.get("run_id") is not None:
+        return str(meta["run_id"])
+    parent = index.checkpoints.get(ns, {}).get(parent_id) if parent_id else None
+    if parent is None or meta.get("source") == "input":
+        return checkpoint_id
+    return parent.execution_id
+
+
+def _key_set(ns: str, channel: str, value: Any, node: str | None, execution_id: str) -> NewEvent:
+    """The event holding a channel's new value (already encoded)."""
+    return NewEvent.create(
+        "KeySet",
+        {"value": value},
+        key=channel_key(ns, channel),
+        phase=node,
+        execution_id=execution_id,
+    )
 
 
 def _address(config: RunnableConfig) -> tuple[str, str, str | None]:

@@ -30,9 +30,10 @@ class CheckpointRef:
 
     version: int
     parent_id: str | None
-    run_id: str | None
+    execution_id: str
     metadata: dict[str, Any]
     channel_versions: dict[str, Any]
+    versions_seen: dict[str, Any]
     saved_us: int
 
 
@@ -146,9 +147,10 @@ class ThreadIndex:
         self.checkpoints.setdefault(ns, {})[p["checkpoint_id"]] = CheckpointRef(
             event.version,
             p["parent_id"],
-            event.execution_id,
+            event.execution_id or p["checkpoint_id"],
             self.decode(*p["metadata"]),
             dict(checkpoint["channel_versions"]),
+            dict(checkpoint.get("versions_seen") or {}),
             event.recorded_at_us,
         )
         if event.execution_id:
@@ -190,28 +192,41 @@ class ThreadIndex:
         """The pending writes of a checkpoint, in LangGraph's order."""
         return sorted(self.writes.get((ns, checkpoint_id), {}).values(), key=WriteRef.sort_key)
 
-    def node_runs(self, ns: str, parent_id: str | None, changed: Iterable[str]) -> list[NodeRun]:
-        """The nodes whose writes against ``parent_id`` make the next checkpoint, in the order
-        they wrote. A node starts after the parent was saved or the last write from outside
-        the nodes (a resume); each ``changed`` channel is named for the last node, in
-        LangGraph's order, that wrote it."""
+    def node_runs(
+        self,
+        ns: str,
+        parent_id: str | None,
+        versions_seen: dict[str, Any],
+        changed: Iterable[str],
+        now_us: int,
+    ) -> list[NodeRun]:
+        """The nodes that ran between checkpoint ``parent_id`` and the next one (whose
+        ``versions_seen`` is given): those whose seen versions moved. A node starts when the
+        parent was saved or at the last write from outside the nodes (a resume), and ends at
+        its last write (``now_us`` if its writes have not arrived: LangGraph saves them in the
+        background). Each ``changed`` channel is named for the last node, in LangGraph's
+        order, whose writes hold it, or for the only node that ran."""
         parent = self.checkpoints.get(ns, {}).get(parent_id) if parent_id else None
         if parent is None or parent_id is None:
             return []
+        ran = [n for n, seen in versions_seen.items() if parent.versions_seen.get(n) != seen]
         refs = self.writes.get((ns, parent_id), {}).values()
-        runs: dict[str, NodeRun] = {}
-        outside = parent.saved_us
+        runs = {node: NodeRun(node, parent.saved_us, now_us) for node in ran}
+        outside, ends = parent.saved_us, dict[str, int]()
         for ref in sorted(refs, key=lambda r: (r.version, r.slot)):
             if ref.node is None:
                 outside = max(outside, ref.written_us)
-                continue
-            run = runs.setdefault(ref.node, NodeRun(ref.node, outside, ref.written_us))
-            run.ended_us = max(run.ended_us, ref.written_us)
-        owners: dict[str, str] = {}
-        for ref in sorted(refs, key=WriteRef.sort_key):
-            if ref.node is not None:
-                owners[ref.channel] = ref.node
+            elif ref.node in runs:
+                if ref.node not in ends:
+                    runs[ref.node].started_us = outside
+                ends[ref.node] = ref.written_us
+        owners = {r.channel: r.node for r in sorted(refs, key=WriteRef.sort_key) if r.node in runs}
+        for node, run in runs.items():
+            run.ended_us = ends.get(node, now_us)
+            if node not in ends:
+                run.started_us = outside
         for channel in changed:
-            if channel in owners:
-                runs[owners[channel]].channels.append(channel)
+            owner = owners.get(channel) or (ran[0] if len(ran) == 1 else None)
+            if owner is not None:
+                runs[owner].channels.append(channel)
         return list(runs.values())
