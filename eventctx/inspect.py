@@ -372,7 +372,12 @@ class Inspector:
         each session's rows in the database."""
         runs = [self._latest_run(first), self._latest_run(second)]
         writes = [self._phase_writes(s, run) for s, run in zip((first, second), runs, strict=True)]
-        order = list(dict.fromkeys([*runs[0].phases, *runs[1].phases]))
+        # Declared phases first, then any that ran undeclared (a LangGraph run's nodes).
+        order = list(
+            dict.fromkeys(
+                [*runs[0].phases, *runs[1].phases, *runs[0].phase_runs, *runs[1].phase_runs]
+            )
+        )
         phases = []
         for name in order:
             a, b = (run.phase_runs.get(name, PhaseRun(name)) for run in runs)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from langgraph.checkpoint.base import writes_sort_key
+from langgraph.checkpoint.serde.types import INTERRUPT
 
 from eventctx.events import GENESIS_HASH, RecordedEvent
 from eventctx.store import EventStore
@@ -201,7 +202,8 @@ class ThreadIndex:
         now_us: int,
     ) -> list[NodeRun]:
         """The nodes that ran between checkpoint ``parent_id`` and the next one (whose
-        ``versions_seen`` is given): those whose seen versions moved. A node starts when the
+        ``versions_seen`` is given): those whose seen versions moved (LangGraph's interrupt
+        bookkeeping is no node). A node starts when the
         parent was saved or at the last write from outside the nodes (a resume), and ends at
         its last write (``now_us`` if its writes have not arrived: LangGraph saves them in the
         background). Each ``changed`` channel is named for the last node, in LangGraph's
@@ -209,7 +211,11 @@ class ThreadIndex:
         parent = self.checkpoints.get(ns, {}).get(parent_id) if parent_id else None
         if parent is None or parent_id is None:
             return []
-        ran = [n for n, seen in versions_seen.items() if parent.versions_seen.get(n) != seen]
+        ran = [
+            node
+            for node, seen in versions_seen.items()
+            if node != INTERRUPT and parent.versions_seen.get(node) != seen
+        ]
         refs = self.writes.get((ns, parent_id), {}).values()
         runs = {node: NodeRun(node, parent.saved_us, now_us) for node in ran}
         outside, ends = parent.saved_us, dict[str, int]()
