@@ -164,10 +164,13 @@ class PhaseFailed(_Payload):
 class CheckpointSaved(_Payload):
     """A LangGraph checkpoint ``checkpoint_id`` of namespace ``ns`` (child of ``parent_id``).
 
-    ``checkpoint`` and ``metadata`` are stored as ``[kind, value]`` (see ``channels``);
-    ``channels`` maps each channel whose value changed to ``[version, kind]``: ``"json"`` (the
-    value is plain JSON), ``"empty"`` (no value), or the serializer's type name (the value is
-    base64 text). The values follow as ``KeySet`` events of the same batch."""
+    ``checkpoint`` (its fields but id and channel values) and ``metadata`` are stored as
+    ``[kind, value]``; ``channels`` maps each channel whose value changed to ``[version,
+    kind]``: ``"json"`` (the value is plain JSON), ``"empty"`` (no value), or the serializer's
+    type name (the value is base64 text). The values follow as ``KeySet`` events of the same
+    batch. With ``delta``, the checkpoint is stored on its parent's: ``channel_versions``, when
+    left out, is the parent's with ``channels`` on top, and ``versions_seen`` holds only the
+    entries that moved."""
 
     checkpoint_id: str
     ns: str
@@ -175,6 +178,7 @@ class CheckpointSaved(_Payload):
     checkpoint: list[JsonValue]
     metadata: list[JsonValue]
     channels: dict[str, list[JsonValue]]
+    delta: bool = False
 
 
 class WritesSaved(_Payload):

@@ -35,8 +35,13 @@ from langgraph.checkpoint.base import (
 )
 from langgraph.checkpoint.serde.base import SerializerProtocol
 
-from eventctx.errors import InvalidInputError, SessionExistsError, SessionNotFoundError
-from eventctx.events import NewEvent, RecordedEvent
+from eventctx.errors import (
+    ConcurrencyError,
+    InvalidInputError,
+    SessionExistsError,
+    SessionNotFoundError,
+)
+from eventctx.events import NewEvent, RecordedEvent, encode_payload
 from eventctx.inspect import Inspector
 from eventctx.integrations.langgraph import codec
 from eventctx.integrations.langgraph.threads import (
@@ -128,20 +133,25 @@ class EventCtxSaver(BaseCheckpointSaver[str]):
             if channel in values:
                 kind, stored[channel] = codec.encode(self.serde, values[channel])
             channels[channel] = [new_versions[channel], kind]
-        payload = {
-            "checkpoint_id": checkpoint["id"],
-            "ns": ns,
-            "parent_id": parent_id,
-            "checkpoint": list(
-                codec.encode(
-                    self.serde, {k: v for k, v in checkpoint.items() if k != "channel_values"}
-                )
-            ),
-            "metadata": list(codec.encode(self.serde, meta)),
-            "channels": channels,
-        }
-        with self._thread(thread_id) as index:
+        fields = {k: v for k, v in checkpoint.items() if k not in ("channel_values", "id")}
+        metadata_kind, metadata_value = codec.encode(self.serde, meta)
+
+        def build(index: ThreadIndex) -> builtins.list[NewEvent]:
             execution_id = _lineage(index, ns, parent_id, checkpoint["id"], meta)
+            parent = index.checkpoints.get(ns, {}).get(parent_id) if parent_id else None
+            kind, value = codec.encode(self.serde, fields)
+            delta = None
+            if parent is not None and kind == codec.JSON:
+                delta = _from_parent(value, parent, new_versions)
+            saved = {
+                "checkpoint_id": checkpoint["id"],
+                "ns": ns,
+                "parent_id": parent_id,
+                "checkpoint": [kind, value if delta is None else delta],
+                "metadata": [metadata_kind, metadata_value],
+                "channels": channels,
+                "delta": delta is not None,
+            }
             events = []
             if execution_id not in index.runs:
                 events.append(
@@ -149,7 +159,7 @@ class EventCtxSaver(BaseCheckpointSaver[str]):
                         "RunStarted", {"input": None, "phases": []}, execution_id=execution_id
                     )
                 )
-            events.append(NewEvent.create("CheckpointSaved", payload, execution_id=execution_id))
+            events.append(_event("CheckpointSaved", saved, None, None, execution_id))
             named: set[str] = set()
             seen = checkpoint.get("versions_seen") or {}
             for run in index.node_runs(ns, parent_id, seen, stored, self.store.clock()):
@@ -169,7 +179,9 @@ class EventCtxSaver(BaseCheckpointSaver[str]):
             events.extend(
                 _key_set(ns, c, stored[c], None, execution_id) for c in stored if c not in named
             )
-            self._append(index, events)
+            return events
+
+        self._write(thread_id, build)
         return {
             "configurable": {
                 "thread_id": config["configurable"]["thread_id"],
@@ -191,48 +203,59 @@ class EventCtxSaver(BaseCheckpointSaver[str]):
         if checkpoint_id is None:
             raise InvalidInputError("put_writes needs a config with a checkpoint_id")
         node = task_path[len(_PULL) :] if task_path.startswith(_PULL) else None
-        with self._thread(thread_id) as index:
-            found = index.writes.get((ns, checkpoint_id), {})
-            rows = []
-            for i, (channel, value) in enumerate(writes):
-                idx = WRITES_IDX_MAP.get(channel, i)
-                if idx >= 0 and (task_id, idx) in found:
-                    continue
-                rows.append([channel, idx, *codec.encode(self.serde, value)])
-            if not rows:
-                return
-            ref = index.checkpoints.get(ns, {}).get(checkpoint_id)
-            event = NewEvent.create(
-                "WritesSaved",
-                {
-                    "checkpoint_id": checkpoint_id,
-                    "ns": ns,
-                    "task_id": task_id,
-                    "task_path": task_path,
-                    "writes": rows,
-                },
-                phase=node,
-                execution_id=None if ref is None else ref.execution_id,
-            )
-            self._append(index, [event])
+        encoded = [
+            (channel, WRITES_IDX_MAP.get(channel, i), *codec.encode(self.serde, value))
+            for i, (channel, value) in enumerate(writes)
+        ]
 
-    def _append(self, index: ThreadIndex, events: builtins.list[NewEvent]) -> None:
-        """Append to the thread (creating its session when it has none) and fold the result."""
-        if not index.live:
-            events = [NewEvent.create("ContextCreated", {"ttl_ms": None}), *events]
-        try:
-            recorded = self.store.append(index.thread_id, events)
-        except (SessionExistsError, SessionNotFoundError):
-            # Created, deleted or purged by another writer meanwhile: look again, once.
-            index.refresh(self.store)
-            events = events[1:] if events[0].type == "ContextCreated" else events
-            if not index.live:
-                events = [NewEvent.create("ContextCreated", {"ttl_ms": None}), *events]
-            recorded = self.store.append(index.thread_id, events)
-        if index.follows(recorded):
-            index.advance(recorded)
-        else:
-            index.refresh(self.store)
+        def build(index: ThreadIndex) -> builtins.list[NewEvent]:
+            found = index.writes.get((ns, checkpoint_id), {})
+            rows = [list(row) for row in encoded if row[1] < 0 or (task_id, row[1]) not in found]
+            if not rows:
+                return []
+            ref = index.checkpoints.get(ns, {}).get(checkpoint_id)
+            payload = {
+                "checkpoint_id": checkpoint_id,
+                "ns": ns,
+                "task_id": task_id,
+                "task_path": task_path,
+                "writes": rows,
+            }
+            execution_id = None if ref is None else ref.execution_id
+            return [_event("WritesSaved", payload, None, node, execution_id)]
+
+        self._write(thread_id, build)
+
+    def _write(
+        self,
+        thread_id: str,
+        build: Callable[[ThreadIndex], builtins.list[NewEvent]],
+        *,
+        fresh: bool = False,
+    ) -> None:
+        """Append the events ``build`` makes from the thread's index, on condition that the
+        thread is still what the index folded (creating its session when it has none); when
+        another writer got there first, fold what it wrote and build again. ``fresh`` reads
+        the log first even when the index has folded the thread before (for a build that
+        may find nothing to do)."""
+        with self._thread(thread_id, fresh=fresh) as index:
+            while True:
+                events = build(index)
+                if not events:
+                    return
+                if not index.live:
+                    events = [NewEvent.create("ContextCreated", {"ttl_ms": None}), *events]
+                expected = index.version if index.live else None
+                try:
+                    recorded = self.store.append(thread_id, events, expected_version=expected)
+                except (ConcurrencyError, SessionExistsError, SessionNotFoundError):
+                    index.refresh(self.store)
+                    continue
+                if index.follows(recorded):
+                    index.advance(recorded)
+                else:
+                    index.refresh(self.store)
+                return
 
     # --- reading -------------------------------------------------------------------------------
 
@@ -327,6 +350,9 @@ class EventCtxSaver(BaseCheckpointSaver[str]):
             return None
         decode = partial(codec.decode, self.serde)
         checkpoint = decode(*saved.payload["checkpoint"])
+        checkpoint["id"] = plan.checkpoint_id
+        checkpoint["channel_versions"] = dict(plan.ref.channel_versions)
+        checkpoint["versions_seen"] = {n: dict(v) for n, v in plan.ref.versions_seen.items()}
         checkpoint["channel_values"] = {
             channel: decode(kind, events[version].payload["value"])
             for channel, (version, kind) in plan.blobs.items()
@@ -399,17 +425,19 @@ class EventCtxSaver(BaseCheckpointSaver[str]):
     def _remove(self, thread_id: str, doomed: _Pick) -> None:
         """Append a CheckpointsRemoved for the checkpoints ``doomed(ns, id, ref, index)``
         picks, if any."""
-        with self._thread(thread_id) as index:
+
+        def build(index: ThreadIndex) -> builtins.list[NewEvent]:
             picked = [
                 [ns, checkpoint_id]
                 for ns, saved in index.checkpoints.items()
                 for checkpoint_id, ref in saved.items()
                 if doomed(ns, checkpoint_id, ref, index)
             ]
-            if picked:
-                self._append(
-                    index, [NewEvent.create("CheckpointsRemoved", {"checkpoints": picked})]
-                )
+            if not picked:
+                return []
+            return [NewEvent.create("CheckpointsRemoved", {"checkpoints": picked})]
+
+        self._write(thread_id, build, fresh=True)
 
     def copy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
         """Copy a thread's whole history into a new thread: ``Inspector.fork`` of its session
@@ -422,9 +450,10 @@ class EventCtxSaver(BaseCheckpointSaver[str]):
 
     def get_next_version(self, current: str | None, channel: None) -> str:
         """A version above ``current`` that no other branch of the thread will reuse (a run
-        resumed from an earlier checkpoint counts up from its versions again)."""
+        resumed from an earlier checkpoint counts up from its versions again): the count,
+        zero-padded so that versions compare as text, and 32 random bits."""
         number = 0 if current is None else int(str(current).split(".")[0])
-        return f"{number + 1:032}.{random.random():016}"
+        return f"{number + 1:010}.{random.getrandbits(32):08x}"
 
     # --- async: the same calls in a worker thread ----------------------------------------------
 
@@ -487,8 +516,9 @@ class EventCtxSaver(BaseCheckpointSaver[str]):
     # --- the thread indexes --------------------------------------------------------------------
 
     @contextmanager
-    def _thread(self, thread_id: str) -> Iterator[ThreadIndex]:
-        """The thread's index, locked and brought up to date with the log."""
+    def _thread(self, thread_id: str, *, fresh: bool = True) -> Iterator[ThreadIndex]:
+        """The thread's index, locked and brought up to date with the log (unless not
+        ``fresh`` and the index has folded the thread before: a conditional write checks)."""
         with self._threads_lock:
             index = self._threads.get(thread_id)
             if index is None:
@@ -498,7 +528,8 @@ class EventCtxSaver(BaseCheckpointSaver[str]):
                     self._threads.popitem(last=False)
             self._threads.move_to_end(thread_id)
         with index.lock:
-            index.refresh(self.store)
+            if fresh or not index.version:
+                index.refresh(self.store)
             yield index
 
 
@@ -549,15 +580,41 @@ def _lineage(
     return parent.execution_id
 
 
+def _event(
+    type_: str,
+    payload: dict[str, Any],
+    key: str | None,
+    phase: str | None,
+    execution_id: str | None,
+) -> NewEvent:
+    """An event of a payload the codec made: plain JSON already (``is_plain``), so it is
+    encoded once and not checked or copied again (it may share values with the caller's)."""
+    return NewEvent(type_, payload, encode_payload(payload), key, phase, execution_id)
+
+
 def _key_set(ns: str, channel: str, value: Any, node: str | None, execution_id: str) -> NewEvent:
     """The event holding a channel's new value (already encoded)."""
-    return NewEvent.create(
-        "KeySet",
-        {"value": value},
-        key=channel_key(ns, channel),
-        phase=node,
-        execution_id=execution_id,
-    )
+    return _event("KeySet", {"value": value}, channel_key(ns, channel), node, execution_id)
+
+
+def _from_parent(
+    fields: dict[str, Any], parent: CheckpointRef, new: ChannelVersions
+) -> dict[str, Any] | None:
+    """A checkpoint's fields stored as a delta on its parent's: ``channel_versions`` left out
+    when it is the parent's with ``new`` on top, and only the ``versions_seen`` entries that
+    moved; None when a node the parent saw is gone (then they are stored whole)."""
+    seen = fields.get("versions_seen")
+    if not isinstance(seen, dict) or not set(parent.versions_seen) <= set(seen):
+        return None
+    delta = dict(fields)
+    if delta.get("channel_versions") == {**parent.channel_versions, **new}:
+        del delta["channel_versions"]
+    delta["versions_seen"] = {
+        node: versions
+        for node, versions in seen.items()
+        if parent.versions_seen.get(node) != versions
+    }
+    return delta
 
 
 def _address(config: RunnableConfig) -> tuple[str, str, str | None]:

@@ -145,13 +145,21 @@ class ThreadIndex:
     def _checkpoint_saved(self, event: RecordedEvent) -> None:
         p = event.payload
         ns, checkpoint = p["ns"], self.decode(*p["checkpoint"])
+        channel_versions = checkpoint.get("channel_versions")
+        versions_seen = checkpoint.get("versions_seen") or {}
+        parent = self.checkpoints.get(ns, {}).get(p["parent_id"]) if p.get("delta") else None
+        if parent is not None:  # stored as a delta on the parent's
+            if channel_versions is None:
+                new = {channel: saved[0] for channel, saved in p["channels"].items()}
+                channel_versions = {**parent.channel_versions, **new}
+            versions_seen = {**parent.versions_seen, **versions_seen}
         self.checkpoints.setdefault(ns, {})[p["checkpoint_id"]] = CheckpointRef(
             event.version,
             p["parent_id"],
             event.execution_id or p["checkpoint_id"],
             self.decode(*p["metadata"]),
-            dict(checkpoint["channel_versions"]),
-            dict(checkpoint.get("versions_seen") or {}),
+            dict(channel_versions or {}),
+            versions_seen,
             event.recorded_at_us,
         )
         if event.execution_id:
