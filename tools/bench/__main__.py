@@ -23,6 +23,7 @@ from tools.bench import (
     append,
     audit,
     compaction,
+    langgraph,
     maintenance,
     readside,
     restore,
@@ -293,6 +294,10 @@ def main() -> int:
     sections.append(readside.run())
     sections.append(maintenance.run())
     sections.append(audit.run())
+    print("measuring LangGraph checkpointing…", file=sys.stderr)
+    text, found = langgraph.run()
+    sections.append(text)
+    targets += found
     _plot_writers(writer_results, DOCS / "bench-writers.png")
     _plot_restore(restore_results, DOCS / "bench-restore.png")
     target_rows = [[name, got, "met" if ok else "**missed**"] for name, got, ok in targets]

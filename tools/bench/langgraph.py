@@ -123,31 +123,32 @@ async def _pg_peer(url: str) -> AsyncIterator[BaseCheckpointSaver[Any]]:
         yield saver
 
 
-async def _one(make: SaverFactory, size: Callable[[], int]) -> tuple[Figure, float]:
+async def _one(make: SaverFactory, size: Callable[[], int]) -> Result:
     async with make() as saver:
         figure, stored = await _rate(saver)
     return figure, size() / stored
 
 
-async def _measure() -> dict[str, dict[str, tuple[Figure, float]]]:
-    results: dict[str, dict[str, tuple[Figure, float]]] = {}
+Result = tuple[Figure, float]
+"""Checkpoints per second and bytes stored per checkpoint."""
+
+
+async def _measure() -> dict[str, tuple[str, Result, Result]]:
+    """Per backend: LangGraph's saver's name, our result and its."""
+    results: dict[str, tuple[str, Result, Result]] = {}
     with sqlite_file() as ours, sqlite_file() as theirs:
-        results["SQLite"] = {
-            "eventctx": await _one(lambda: _ours(f"sqlite:///{ours}"), lambda: _sqlite_bytes(ours)),
-            "AsyncSqliteSaver": await _one(
-                lambda: _sqlite_peer(theirs), lambda: _sqlite_bytes(theirs)
-            ),
-        }
+        results["SQLite"] = (
+            "AsyncSqliteSaver",
+            await _one(lambda: _ours(f"sqlite:///{ours}"), lambda: _sqlite_bytes(ours)),
+            await _one(lambda: _sqlite_peer(theirs), lambda: _sqlite_bytes(theirs)),
+        )
     if pg_available():
         with pg_schema() as (ours_schema, ours_url), pg_schema() as (peer_schema, peer_url):
-            results["PostgreSQL"] = {
-                "eventctx": await _one(
-                    lambda: _ours(ours_url), lambda: _pg_bytes(ours_url, ours_schema)
-                ),
-                "AsyncPostgresSaver": await _one(
-                    lambda: _pg_peer(peer_url), lambda: _pg_bytes(peer_url, peer_schema)
-                ),
-            }
+            results["PostgreSQL"] = (
+                "AsyncPostgresSaver",
+                await _one(lambda: _ours(ours_url), lambda: _pg_bytes(ours_url, ours_schema)),
+                await _one(lambda: _pg_peer(peer_url), lambda: _pg_bytes(peer_url, peer_schema)),
+            )
     return results
 
 
@@ -155,10 +156,9 @@ def run() -> tuple[str, list[Target]]:
     """Measure on each backend; the table and the targets (at least as fast and at most as
     large as LangGraph's saver for the same backend)."""
     rows, targets = [], []
-    for backend, pair in asyncio.run(_measure()).items():
-        (ours, ours_bytes), (peer_name, (peer, peer_bytes)) = pair["eventctx"], [
-            (name, found) for name, found in pair.items() if name != "eventctx"
-        ][0]
+    for backend, (peer_name, (ours, ours_bytes), (peer, peer_bytes)) in asyncio.run(
+        _measure()
+    ).items():
         rows.append(
             [
                 backend,
