@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypedDict
 
 import sqlalchemy as sa
+from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
 from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
@@ -62,7 +63,10 @@ async def _rate(saver: BaseCheckpointSaver[Any]) -> tuple[Figure, int]:
     graph = _graph(saver)
     rates, stored = [], 0
     for round_ in range(ROUNDS + 1):
-        config = {"configurable": {"thread_id": f"t-{uuid.uuid4().hex}"}, "recursion_limit": 200}
+        config: RunnableConfig = {
+            "configurable": {"thread_id": f"t-{uuid.uuid4().hex}"},
+            "recursion_limit": 200,
+        }
         start = time.perf_counter()
         await graph.ainvoke({"step": 0, "log": []}, config)
         seconds = time.perf_counter() - start
