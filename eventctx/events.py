@@ -167,10 +167,11 @@ class CheckpointSaved(_Payload):
     ``checkpoint`` (its fields but id and channel values) and ``metadata`` are stored as
     ``[kind, value]``; ``channels`` maps each channel whose value changed to ``[version,
     kind]``: ``"json"`` (the value is plain JSON), ``"empty"`` (no value), or the serializer's
-    type name (the value is base64 text). The values follow as ``KeySet`` events of the same
-    batch. With ``delta``, the checkpoint is stored on its parent's: ``channel_versions``, when
-    left out, is the parent's with ``channels`` on top, and ``versions_seen`` holds only the
-    entries that moved."""
+    type name (the value is base64 text). The values of the graph's channels follow as
+    ``KeySet`` events of the same batch; LangGraph's own channels (``branch:…``, ``__…__``)
+    carry theirs inline, as ``[version, kind, value]``. With ``delta``, the checkpoint is
+    stored on its parent's: ``channel_versions``, when left out, is the parent's with
+    ``channels`` on top, and ``versions_seen`` holds only the entries that moved."""
 
     checkpoint_id: str
     ns: str

@@ -14,12 +14,18 @@ from langgraph.checkpoint.serde.base import SerializerProtocol
 
 from eventctx.events import INT_MAX, INT_MIN, MAX_DEPTH
 
-__all__ = ["EMPTY", "JSON", "decode", "encode", "is_plain"]
+__all__ = ["EMPTY", "JSON", "bookkeeping", "decode", "encode", "is_plain"]
 
 JSON: Final = "json"
 """The kind of a value stored as itself."""
 EMPTY: Final = "empty"
 """The kind of a channel that has no value at that version."""
+
+
+def bookkeeping(channel: str) -> bool:
+    """Whether a channel is LangGraph's own (``branch:to:node``, ``__start__``, …) rather than
+    the graph's state: its value is kept inside the CheckpointSaved event, not a KeySet."""
+    return channel.startswith("branch:") or (channel.startswith("__") and channel.endswith("__"))
 
 
 def is_plain(value: Any, depth: int = 0) -> bool:

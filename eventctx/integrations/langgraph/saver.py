@@ -129,10 +129,12 @@ class EventCtxSaver(BaseCheckpointSaver[str]):
         channels: dict[str, builtins.list[Any]] = {}
         stored: dict[str, Any] = {}
         for channel in sorted(new_versions):
-            kind = codec.EMPTY
+            channels[channel] = [new_versions[channel], codec.EMPTY]
             if channel in values:
-                kind, stored[channel] = codec.encode(self.serde, values[channel])
-            channels[channel] = [new_versions[channel], kind]
+                kind, value = codec.encode(self.serde, values[channel])
+                channels[channel][1:] = [kind, value] if codec.bookkeeping(channel) else [kind]
+                if not codec.bookkeeping(channel):
+                    stored[channel] = value
         fields = {k: v for k, v in checkpoint.items() if k not in ("channel_values", "id")}
         metadata_kind, metadata_value = codec.encode(self.serde, meta)
 
@@ -354,8 +356,8 @@ class EventCtxSaver(BaseCheckpointSaver[str]):
         checkpoint["channel_versions"] = dict(plan.ref.channel_versions)
         checkpoint["versions_seen"] = {n: dict(v) for n, v in plan.ref.versions_seen.items()}
         checkpoint["channel_values"] = {
-            channel: decode(kind, events[version].payload["value"])
-            for channel, (version, kind) in plan.blobs.items()
+            channel: decode(kind, _blob(events[version].payload, channel, inline))
+            for channel, (version, kind, inline) in plan.blobs.items()
             if kind != codec.EMPTY and version in events
         }
         pending = [
@@ -543,7 +545,7 @@ class _Plan:
         ns: str,
         checkpoint_id: str,
         ref: CheckpointRef,
-        blobs: dict[str, tuple[int, str]],
+        blobs: dict[str, tuple[int, str, bool]],
         writes: list[WriteRef],
     ) -> None:
         self.ns, self.checkpoint_id, self.ref, self.blobs, self.writes = (
@@ -557,7 +559,7 @@ class _Plan:
     def versions(self) -> Iterator[int]:
         """The versions of the events to read."""
         yield self.ref.version
-        yield from (version for version, _ in self.blobs.values())
+        yield from (version for version, _, _ in self.blobs.values())
         yield from (w.version for w in self.writes)
 
 
@@ -590,6 +592,11 @@ def _event(
     """An event of a payload the codec made: plain JSON already (``is_plain``), so it is
     encoded once and not checked or copied again (it may share values with the caller's)."""
     return NewEvent(type_, payload, encode_payload(payload), key, phase, execution_id)
+
+
+def _blob(payload: dict[str, Any], channel: str, inline: bool) -> Any:
+    """A channel's stored value: in its KeySet, or (``inline``) in the CheckpointSaved."""
+    return payload["channels"][channel][2] if inline else payload["value"]
 
 
 def _key_set(ns: str, channel: str, value: Any, node: str | None, execution_id: str) -> NewEvent:

@@ -77,8 +77,9 @@ class ThreadIndex:
     head_hash: bytes = GENESIS_HASH
     live: bool = False
     checkpoints: dict[str, dict[str, CheckpointRef]] = field(default_factory=dict)
-    blobs: dict[tuple[str, str, Any], tuple[int, str]] = field(default_factory=dict)
-    """(ns, channel, version) -> (version of the KeySet holding it, kind)."""
+    blobs: dict[tuple[str, str, Any], tuple[int, str, bool]] = field(default_factory=dict)
+    """(ns, channel, version) -> (version of the event holding it, kind, whether inline: in
+    the CheckpointSaved rather than a KeySet)."""
     writes: dict[tuple[str, str], dict[tuple[str, int], WriteRef]] = field(default_factory=dict)
     runs: set[str] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -162,6 +163,9 @@ class ThreadIndex:
             versions_seen,
             event.recorded_at_us,
         )
+        for channel, saved in p["channels"].items():
+            if len(saved) == 3:  # a bookkeeping channel's value, inline
+                self.blobs[(ns, channel, saved[0])] = (event.version, saved[1], True)
         if event.execution_id:
             self.runs.add(event.execution_id)
         self._saved = (ns, p["channels"])
@@ -177,7 +181,7 @@ class ThreadIndex:
         saved = channels.get(event.key[len(prefix) :])
         if saved is not None:
             version, kind = saved
-            self.blobs[(ns, event.key[len(prefix) :], version)] = (event.version, kind)
+            self.blobs[(ns, event.key[len(prefix) :], version)] = (event.version, kind, False)
 
     def _writes_saved(self, event: RecordedEvent) -> None:
         p = event.payload
