@@ -2,7 +2,7 @@
 
 Plain JSON stays as it is, so ``blame`` and ``history`` show it; anything else goes through the
 saver's serializer (``dumps_typed``) and is stored as base64 text under the serializer's type
-name, so it comes back equal to what was saved.
+name, so it comes back exactly as the serializer returns it.
 """
 
 from __future__ import annotations
