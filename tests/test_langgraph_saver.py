@@ -46,9 +46,7 @@ def saver(tmp_path: Path) -> Any:
 def test_values_round_trip_exactly_and_json_stays_readable(saver: EventCtxSaver) -> None:
     versions = dict.fromkeys(VALUES, 1)
     checkpoint = generate_checkpoint(channel_values=VALUES, channel_versions=versions)
-    stored = saver.put(
-        generate_config("t"), checkpoint, generate_metadata(extra=(1, 2)), versions
-    )
+    stored = saver.put(generate_config("t"), checkpoint, generate_metadata(extra=(1, 2)), versions)
     saver.put_writes(stored, [("w", {1, 2}), ("j", [1, "a"])], "task-1")
     found = saver.get_tuple(stored)
     assert found is not None
