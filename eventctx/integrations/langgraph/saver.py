@@ -18,6 +18,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import partial
 from types import TracebackType
 from typing import Any, Final
@@ -405,7 +406,7 @@ class EventCtxSaver(BaseCheckpointSaver[str]):
         for thread_id in sorted(threads):
             self._remove(
                 thread_id,
-                lambda ns, checkpoint_id, ref, index: str(ref.metadata.get("run_id")) in runs,
+                lambda ns, checkpoint_id, ref, index: _run_of(ref) in runs,
             )
 
     def prune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
@@ -535,32 +536,28 @@ class EventCtxSaver(BaseCheckpointSaver[str]):
             yield index
 
 
+@dataclass(frozen=True, slots=True)
 class _Plan:
-    """The events a checkpoint tuple is rebuilt from."""
+    """The events a checkpoint tuple is rebuilt from, taken while the thread's index is
+    locked: its CheckpointSaved (``ref``), its channels' values and its pending writes."""
 
-    __slots__ = ("blobs", "checkpoint_id", "ns", "ref", "writes")
-
-    def __init__(
-        self,
-        ns: str,
-        checkpoint_id: str,
-        ref: CheckpointRef,
-        blobs: dict[str, tuple[int, str, bool]],
-        writes: list[WriteRef],
-    ) -> None:
-        self.ns, self.checkpoint_id, self.ref, self.blobs, self.writes = (
-            ns,
-            checkpoint_id,
-            ref,
-            blobs,
-            writes,
-        )
+    ns: str
+    checkpoint_id: str
+    ref: CheckpointRef
+    blobs: dict[str, tuple[int, str, bool]]
+    writes: builtins.list[WriteRef]
 
     def versions(self) -> Iterator[int]:
         """The versions of the events to read."""
         yield self.ref.version
         yield from (version for version, _, _ in self.blobs.values())
         yield from (w.version for w in self.writes)
+
+
+def _run_of(ref: CheckpointRef) -> str | None:
+    """The run id in a checkpoint's metadata, as a str."""
+    run_id = ref.metadata.get("run_id")
+    return None if run_id is None else str(run_id)
 
 
 def _thread_id(thread: Any) -> str:

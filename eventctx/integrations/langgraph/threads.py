@@ -230,19 +230,20 @@ class ThreadIndex:
         ]
         refs = self.writes.get((ns, parent_id), {}).values()
         runs = {node: NodeRun(node, parent.saved_us, now_us) for node in ran}
-        outside, ends = parent.saved_us, dict[str, int]()
+        outside = parent.saved_us  # the last time something outside the nodes wrote
+        written: set[str] = set()
         for ref in sorted(refs, key=lambda r: (r.version, r.slot)):
             if ref.node is None:
                 outside = max(outside, ref.written_us)
             elif ref.node in runs:
-                if ref.node not in ends:
-                    runs[ref.node].started_us = outside
-                ends[ref.node] = ref.written_us
+                run = runs[ref.node]
+                if ref.node not in written:
+                    run.started_us = outside
+                    written.add(ref.node)
+                run.ended_us = ref.written_us
+        for node in runs.keys() - written:
+            runs[node].started_us = outside
         owners = {r.channel: r.node for r in sorted(refs, key=WriteRef.sort_key) if r.node in runs}
-        for node, run in runs.items():
-            run.ended_us = ends.get(node, now_us)
-            if node not in ends:
-                run.started_us = outside
         for channel in changed:
             owner = owners.get(channel) or (ran[0] if len(ran) == 1 else None)
             if owner is not None:
