@@ -108,5 +108,7 @@ def test_a_thread_id_that_is_no_session_id_is_refused(url: str) -> None:
                 saver.get_tuple({"configurable": {"thread_id": bad}})
         with pytest.raises(InvalidInputError, match="thread_id"):
             saver.get_tuple({"configurable": {}})
+        with pytest.raises(InvalidInputError, match="thread_id"):
+            list(saver.list({}))
         with pytest.raises(InvalidInputError, match="prune strategy"):
             saver.prune(["a"], strategy="all")

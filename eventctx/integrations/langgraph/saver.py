@@ -60,6 +60,8 @@ __all__ = ["EventCtxSaver"]
 _PULL: Final = "~__pregel_pull, "
 """How LangGraph's task path of a node's task starts (the node's name follows)."""
 _STRATEGIES: Final = ("keep_latest", "delete")
+_TRIES: Final = 50
+"""How many times a write is built again after other writers moved the thread first."""
 _Pick = Callable[[str, str, CheckpointRef, ThreadIndex], bool]
 """Picks checkpoints to remove: (namespace, checkpoint id, checkpoint, thread index)."""
 
@@ -242,7 +244,7 @@ class EventCtxSaver(BaseCheckpointSaver[str]):
         the log first even when the index has folded the thread before (for a build that
         may find nothing to do)."""
         with self._thread(thread_id, fresh=fresh) as index:
-            while True:
+            for _ in range(_TRIES):
                 events = build(index)
                 if not events:
                     return
@@ -259,6 +261,10 @@ class EventCtxSaver(BaseCheckpointSaver[str]):
                 else:
                     index.refresh(self.store)
                 return
+        raise ConcurrencyError(
+            f"thread {thread_id!r} changed under each of {_TRIES} tries to write to it; "
+            "nothing was written: try again"
+        )
 
     # --- reading -------------------------------------------------------------------------------
 
@@ -293,6 +299,7 @@ class EventCtxSaver(BaseCheckpointSaver[str]):
             )
             conf: dict[str, Any] = {}
         else:
+            _address(config)  # InvalidInputError for a config without a valid thread id
             conf = dict(config["configurable"])
             threads = [conf["thread_id"]]
         before_id = get_checkpoint_id(before) if before else None
