@@ -1,11 +1,11 @@
 """A LangGraph checkpoint saver whose checkpoints are events of the thread's session.
 
 A thread is a session (its id the thread id). ``put`` appends, in one transaction, a
-``CheckpointSaved`` event, then for each node whose writes made the checkpoint a
-``PhaseStarted``/``PhaseCompleted`` pair around ``KeySet`` events of the channels it changed
-(``phase`` the node, ``execution_id`` the run), and ``KeySet`` events of channels no node wrote.
-``put_writes`` appends a ``WritesSaved`` event. Only changed channels are stored; a checkpoint
-is rebuilt from the versions its channels are at.
+``CheckpointSaved`` event (stored as a delta on its parent's, with LangGraph's own channels
+inline), then for each node that ran since the parent a ``PhaseStarted``/``PhaseCompleted``
+pair around ``KeySet`` events of the graph's channels it changed (``phase`` the node,
+``execution_id`` the run), and ``KeySet`` events of the channels no node wrote. ``put_writes``
+appends a ``WritesSaved`` event. A checkpoint is rebuilt from the versions its channels are at.
 """
 
 from __future__ import annotations
@@ -454,8 +454,8 @@ class EventCtxSaver(BaseCheckpointSaver[str]):
         (re-chained; SessionExistsError if the target exists, SessionNotFoundError if the source
         does not)."""
         source, target = _thread_id(source_thread_id), _thread_id(target_thread_id)
-        with self._thread(target) as index:
-            Inspector(self.store).fork(source, target)
+        with self._thread(target) as index, Inspector(self.store) as insp:
+            insp.fork(source, target)
             index.refresh(self.store)
 
     def get_next_version(self, current: str | None, channel: None) -> str:
