@@ -13,12 +13,13 @@ from itertools import islice
 from typing import Final
 
 from eventctx import faults
-from eventctx.errors import IntegrityError
+from eventctx.errors import HistoryRemovedError, IntegrityError
 from eventctx.state import FOLD_VERSION, State, advance, decode_state
 from eventctx.store import EventStore
+from eventctx.store.bases import Base
 from eventctx.store.log import EventLog
 
-__all__ = ["MIN_BYTES", "SnapshotPolicy", "check_snapshots", "restore"]
+__all__ = ["MIN_BYTES", "SnapshotPolicy", "base_state", "check_snapshots", "removed", "restore"]
 
 MIN_BYTES: Final = 64 * 1024
 """Appended bytes after which a small state is snapshotted even before ``snapshot_every``."""
@@ -88,8 +89,8 @@ def restore(
             session_id,
             state.version - max(tail, 0),
         )
-    state = State()
     try:
+        state, size = _start(source, session_id, version)
         tail = _tail(source, session_id, state, version)
     except IntegrityError as exc:
         if exc.session_id is not None:
@@ -103,18 +104,59 @@ def restore(
             f"{version} with the head row's chain hash; run verify",
             session_id=session_id,
         )
-    return state, 0, tail
+    return state, size, tail
+
+
+def removed(source: EventLog, session_id: str, version: int) -> Base | None:
+    """The session's retention base; HistoryRemovedError when ``version`` is below it (that
+    part of the history was folded into the base and removed)."""
+    base = source.base(session_id)
+    if base is not None and version < base.version:
+        raise HistoryRemovedError(
+            f"session {session_id!r}: versions before {base.version} were removed by retention "
+            f"(their effect is kept in the base at version {base.version}); ask about version "
+            f"{base.version} or later",
+            session_id=session_id,
+            base_version=base.version,
+        )
+    return base
+
+
+def base_state(base: Base) -> State:
+    """The state a retention base holds."""
+    if base.fold_version != FOLD_VERSION:
+        raise IntegrityError(
+            f"session {base.session_id!r}: its retention base was written under fold rules "
+            f"{base.fold_version}, not {FOLD_VERSION}; run `eventctx upgrade`",
+            session_id=base.session_id,
+            version=base.version,
+        )
+    return decode_state(base.state)
+
+
+def _start(source: EventLog, session_id: str, version: int) -> tuple[State, int]:
+    """Where a full fold of the log starts: the empty state, or the session's retention base
+    (and its size) once its first events are gone."""
+    first = next(source.read(session_id, 1, 1), None)
+    if first is not None:
+        return State(), 0
+    base = removed(source, session_id, version)
+    if base is None:
+        raise IntegrityError("the log has no version 1 and no retention base", version=1)
+    return base_state(base), len(base.state)
 
 
 def check_snapshots(store: EventStore, session_id: str) -> int:
     """Check every snapshot of a session a restore may use against the fold of its log (one
     pass): the number checked. The first that is not the fold at its version (or no longer
     matches its digest) raises IntegrityError naming the session and version."""
-    stored = [s for s in store.snapshots(session_id) if s[1] == FOLD_VERSION]
+    base = store.base(session_id)
+    start = 0 if base is None else base.version
+    stored = [s for s in store.snapshots(session_id) if s[1] == FOLD_VERSION and s[0] > start]
     if not stored:
         return 0
-    state = State()
-    events = store.read(session_id, 1, stored[-1][0], verify=True)
+    state = State() if base is None else base_state(base)
+    events = store.read(session_id, start + 1, stored[-1][0], verify=True)
     for version, _, head_hash, data in stored:
         advance(state, islice(events, version - state.version))
         try:

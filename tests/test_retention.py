@@ -1,0 +1,324 @@
+"""Retention: old events folded into a base and removed, with the current state, provenance,
+readers and phase timings kept exactly, the chain verifiable from the base, and nothing lost
+to writers and runners racing the job."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+import orjson
+import pytest
+
+import eventctx
+from eventctx import (
+    ContextManager,
+    EventStore,
+    HistoryRemovedError,
+    Inspector,
+    IntegrityError,
+    PluginRunner,
+)
+from eventctx.cli import main
+from eventctx.compaction import compact
+from eventctx.findings import ABSENT
+from eventctx.store import schema
+
+WINDOW = timedelta(milliseconds=400)
+
+
+@pytest.fixture
+def manager(db_url: str) -> Iterator[ContextManager]:
+    with ContextManager(db_url, cleanup_interval=None, snapshot_every=7) as m:
+        yield m
+
+
+def _phases(fail_first: set[str]) -> list[Any]:
+    def analysis(inp: Any) -> dict[str, Any]:
+        ctx = eventctx.current_context()
+        ctx.set("files", inp["n"])
+        ctx.set("seen", ctx.get("seen", 0) + 1)
+        return {"files": inp["n"]}
+
+    def planning(inp: Any) -> dict[str, Any]:
+        ctx = eventctx.current_context()
+        ctx.set("plan", [ctx.get("files"), inp["n"]])
+        if "planning" in fail_first:  # fails once: a rolled-back attempt, then a retry
+            fail_first.discard("planning")
+            raise eventctx.PhaseError("flaky")
+        return {"steps": 2}
+
+    def execution(inp: Any) -> dict[str, Any]:
+        ctx = eventctx.current_context()
+        ctx.update({"done": ctx.get("plan"), f"run{inp['n']}": True})
+        if inp["n"] % 2:
+            ctx.delete("tmp")
+        else:
+            ctx.set("tmp", inp["n"])
+        return {"ok": True}
+
+    return [analysis, planning, execution]
+
+
+def _run(manager: ContextManager, session_id: str, n: int, flaky: bool = False) -> None:
+    runner = PluginRunner(manager, _phases({"planning"} if flaky else set()), retries=1)
+    assert runner.run(session_id, input={"n": n}, resume=False).status == "completed"
+
+
+def _view(insp: Inspector, session_id: str) -> dict[str, Any]:
+    """Everything retention must leave exactly as it was."""
+    state = insp.state_at(session_id)
+    keys = sorted(state.provenance)
+    return {
+        "data": state.data,
+        "provenance": state.provenance,
+        "outputs": state.outputs,
+        "blame": insp.blame(session_id),
+        "readers": {k: insp.readers(session_id, k) for k in keys},
+        "stats": insp.phase_stats(session_id),
+        "all_stats": insp.phase_stats(),
+        "timings": sorted(insp.phase_timings(session_id), key=lambda t: t.recorded_at),
+        "latest_run": insp.runs(session_id)[-1],
+        "diff": insp.diff_sessions(session_id, "other"),
+    }
+
+
+def test_retention_keeps_state_provenance_readers_and_timings(manager: ContextManager) -> None:
+    ctx = manager.create_context("s")
+    ctx.update({"tmp": 0, "outside": "a"})
+    for n in range(4):
+        _run(manager, "s", n, flaky=n == 1)
+    ctx.refresh()
+    ctx.set("outside", "b")  # an outside write whose prior is removed
+    old_version = ctx.version
+    time.sleep(WINDOW.total_seconds() + 0.1)
+    _run(manager, "s", 4)
+    _run(manager, "s", 5, flaky=True)
+    ctx.refresh()
+    ctx.set("late", 1)
+    _run(manager, "other", 4)
+    insp = Inspector(manager.store)
+    before = _view(insp, "s")
+    at_base = insp.state_at("s", old_version)
+    head = manager.store.session("s")
+    assert head is not None
+
+    planned = compact(manager.store, retain=WINDOW, dry_run=True)
+    assert planned.trimmed == {"s": old_version} and planned.events_trimmed == old_version
+    assert manager.store.base("s") is None  # a dry run changes nothing
+
+    report = compact(manager.store, retain=WINDOW)
+    assert report.trimmed == {"s": old_version} and report.events_trimmed == old_version
+    assert not list(manager.store.read("s", 1, old_version))  # the events are gone
+    assert manager.store.base("s") is not None
+    assert _view(insp, "s") == before
+    with ContextManager(manager.store, cleanup_interval=None) as fresh:
+        assert fresh.get_context("s").to_dict() == before["data"]  # restored cold
+    assert insp.verify("s").ok and insp.verify("s").events == head.version - old_version
+    assert all(r.ok for r in insp.verify())
+
+    # What the removed part can no longer answer says so.
+    with pytest.raises(HistoryRemovedError) as removed:
+        insp.state_at("s", old_version - 1)
+    assert removed.value.base_version == old_version
+    with pytest.raises(HistoryRemovedError):
+        list(insp.replay("s", 1))
+    with pytest.raises(HistoryRemovedError):
+        insp.state_at("s", at=head.created_at - timedelta(seconds=1))
+    assert insp.state_at("s", old_version) == at_base  # the base itself still answers
+    assert insp.base_version("s") == old_version
+    steps = list(insp.replay("s"))
+    assert steps[0].event.version == old_version + 1 and steps[-1].state.data == before["data"]
+    assert [e.version for e in insp.history("s")][0] == old_version + 1
+    history = insp.key_history("s", "outside")
+    assert [(w.version, w.value, w.previous) for w in history] == [
+        (old_version, "b", "a"),
+    ]
+    assert insp.key_history("s", "late")[0].previous is ABSENT
+
+    # Nothing further to do until more of the history ages; a second run is a no-op.
+    assert compact(manager.store, retain=WINDOW).trimmed == {}
+    ctx.set("after", 2)  # writes go on from the head
+    assert ctx.version == head.version + 1 and manager.store.verify("s") == ctx.version - old_version
+
+
+def test_the_base_moves_on_and_keeps_accumulating(manager: ContextManager) -> None:
+    ctx = manager.create_context("s")
+    for n in range(3):
+        _run(manager, "s", n, flaky=True)
+    time.sleep(WINDOW.total_seconds() + 0.1)
+    for n in range(3, 6):
+        _run(manager, "s", n, flaky=n == 4)
+    insp = Inspector(manager.store)
+    before = _view_without_other(insp)
+    first = compact(manager.store, retain=WINDOW).trimmed["s"]
+    time.sleep(WINDOW.total_seconds() + 0.1)
+    _run(manager, "s", 6)
+    second = compact(manager.store, retain=WINDOW).trimmed["s"]
+    assert second > first
+    after = _view_without_other(insp)
+    assert after["stats"] == {
+        phase: _plus(before["stats"][phase], after["stats"][phase]) for phase in before["stats"]
+    }
+    assert after["timings"][: len(before["timings"])] == before["timings"]
+    assert after["data"] == insp.state_at("s").data and "run6" in after["data"]
+    ctx.refresh()
+    assert ctx.to_dict() == after["data"]
+    assert insp.verify("s").ok
+
+
+def _view_without_other(insp: Inspector) -> dict[str, Any]:
+    state = insp.state_at("s")
+    return {
+        "data": state.data,
+        "stats": insp.phase_stats("s"),
+        "timings": sorted(insp.phase_timings("s"), key=lambda t: t.recorded_at),
+    }
+
+
+def _plus(before: Any, after: Any) -> Any:
+    """``after``: the stats grew by one run's attempts (the base kept the earlier ones)."""
+    assert after.count >= before.count + 1
+    return after
+
+
+def test_retention_races_writers_and_a_runner(db_url: str) -> None:
+    """Writers, a runner and the retention job at once: every acknowledged write is in the
+    state, runs complete, the chain verifies, and a fresh restore equals the live context."""
+    window = timedelta(milliseconds=150)
+    errors: list[BaseException] = []
+    acknowledged: dict[str, int] = {}
+    stop = threading.Event()
+    with ContextManager(db_url, cleanup_interval=None, snapshot_every=25) as manager:
+        manager.create_context("s")
+
+        def writer(name: str) -> None:
+            try:
+                ctx = manager.get_context("s")
+                i = 0
+                while not stop.is_set():
+                    ctx.set(f"{name}-{i % 40}", i)
+                    acknowledged[f"{name}-{i % 40}"] = i
+                    i += 1
+            except BaseException as exc:
+                errors.append(exc)
+
+        def runner() -> None:
+            try:
+                n = 0
+                while not stop.is_set():
+                    _run(manager, "s", n, flaky=n % 3 == 0)
+                    n += 1
+            except BaseException as exc:
+                errors.append(exc)
+
+        def job() -> None:
+            try:
+                with EventStore.open(db_url) as store:
+                    while not stop.is_set():
+                        compact(store, retain=window, chunk_events=50)
+                        time.sleep(0.05)
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=writer, args=(f"w{i}",)) for i in range(2)]
+        threads += [threading.Thread(target=runner), threading.Thread(target=job)]
+        for t in threads:
+            t.start()
+        time.sleep(2.5)
+        stop.set()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        ctx = manager.get_context("s")
+        base = manager.store.base("s")
+        assert base is not None and base.version > 100  # the job did remove history
+        for key, value in acknowledged.items():
+            assert ctx.get(key) == value
+        insp = Inspector(manager.store)
+        assert insp.verify("s").ok
+        with ContextManager(db_url, cleanup_interval=None) as fresh:
+            assert fresh.get_context("s").to_dict() == ctx.to_dict()
+        assert all(run.status == "completed" for run in insp.runs("s"))
+
+
+def test_an_interrupted_removal_is_finished_by_the_next_run(manager: ContextManager) -> None:
+    ctx = manager.create_context("s")
+    for i in range(30):
+        ctx.set("k", i)
+    time.sleep(WINDOW.total_seconds() + 0.1)
+    ctx.set("k", "new")
+    store = manager.store
+    # A compactor that moved the base and then died: the events below it are still there.
+    head = store.session("s")
+    assert head is not None
+    from eventctx.retention import build_base, plan
+
+    planned = plan(store, head, WINDOW, store.clock())
+    assert planned is not None and planned.cut == 31
+    assert store.bases.move(build_base(store, head, planned), store.clock(), 0)
+    assert store.read_versions("s", [1])  # still there, but no longer part of the history
+    insp = Inspector(store)
+    with pytest.raises(HistoryRemovedError):
+        insp.state_at("s", 5)
+    assert insp.verify("s").ok and insp.verify("s").events == 1
+    report = compact(store, retain=WINDOW)
+    assert report.trimmed == {"s": 31} and report.events_trimmed == 31
+    assert not store.read_versions("s", [1, 31])
+    assert insp.state_at("s").data == {"k": "new"} and insp.verify("s").ok
+
+
+def test_a_tampered_base_is_caught(manager: ContextManager) -> None:
+    ctx = manager.create_context("s")
+    ctx.set("k", 1)
+    time.sleep(WINDOW.total_seconds() + 0.1)
+    ctx.set("k", 2)
+    compact(manager.store, retain=WINDOW)
+    with manager.store.engine.begin() as conn:
+        conn.execute(
+            schema.bases.update().values(state=b'{"forged": true}')  # not the fold it was
+        )
+    insp = Inspector(manager.store)
+    result = insp.verify("s")
+    assert not result.ok and "retention base" in str(result.error)
+    with pytest.raises(IntegrityError):
+        insp.blame("s")
+
+
+def test_purge_and_ttl_removal_take_the_base_with_them(manager: ContextManager) -> None:
+    ctx = manager.create_context("s", ttl=timedelta(milliseconds=600))
+    ctx.set("k", 1)
+    time.sleep(WINDOW.total_seconds() + 0.1)
+    ctx.set("k", 2)
+    assert compact(manager.store, retain=WINDOW).trimmed == {"s": 2}
+    manager.delete_context("s", purge=True)
+    assert manager.store.base("s") is None
+    again = manager.create_context("s", ttl=timedelta(milliseconds=200))
+    again.set("k", 3)
+    assert again.version == 2 and Inspector(manager.store).verify("s").ok
+    time.sleep(0.3)
+    assert compact(manager.store).sessions == ["s"]
+    assert manager.store.base("s") is None
+
+
+def test_compact_retain_on_the_command_line(
+    db_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with ContextManager(db_url, cleanup_interval=None) as manager:
+        ctx = manager.create_context("s")
+        ctx.update({"a": 1, "b": 2})
+    time.sleep(1.1)
+    with ContextManager(db_url, cleanup_interval=None) as manager:
+        manager.get_context("s").set("a", 3)
+    assert main(["--url", db_url, "compact", "--retain", "1s", "--dry-run"]) == 0
+    assert "would fold 3 events of 1 live sessions" in capsys.readouterr().out
+    assert main(["--url", db_url, "--json", "compact", "--retain", "1s"]) == 0
+    done = orjson.loads(capsys.readouterr().out)
+    assert done["trimmed"] == {"s": 3} and done["events_trimmed"] == 3
+    with pytest.raises(SystemExit) as usage:
+        main(["--url", db_url, "compact", "--retain", "soon"])
+    assert usage.value.code == 2
+    assert "not a duration" in capsys.readouterr().err
