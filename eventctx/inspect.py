@@ -456,7 +456,14 @@ class Inspector:
         return version
 
     def _copy_into(self, store: EventStore, session_id: str, new: str, version: int) -> None:
-        """Append ``session_id``'s events up to ``version`` to ``new`` through ``store``."""
+        """Append ``session_id``'s events up to ``version`` to ``new`` through ``store`` (after
+        retention: load its base and the events after it, re-chained under ``new``)."""
+        base = self._store.base(session_id)
+        if base is not None:
+            head = self._head(session_id)
+            rows = self._rechained(store, session_id, new, base, version)
+            store.load(new, rows, base, head.created_at_us)
+            return
         batch: list[NewEvent] = []
         for event in self._store.read(session_id, 1, version):
             # The store reads a batch's first and last events as the lifecycle of the session:
@@ -469,6 +476,31 @@ class Inspector:
             batch.append(_copy(event))
         if batch:
             store.append(new, batch)
+
+    def _rechained(
+        self, store: EventStore, session_id: str, new: str, base: Base, version: int
+    ) -> Iterator[dict[str, Any]]:
+        """``session_id``'s events after ``base`` up to ``version`` as rows of ``new``, each
+        hashed onto the one before it from the base's chain hash."""
+        prev = base.head_hash
+        for number, kind, key, phase, run_id, payload, at, _, _ in self._store.chain_rows(
+            session_id, version, base.version + 1
+        ):
+            data = bytes(payload)
+            digest = store.hash_event(prev, new, number, kind, key, phase, run_id, at, data)
+            yield {
+                "session_id": new,
+                "version": number,
+                "type": kind,
+                "key": key,
+                "phase": phase,
+                "execution_id": run_id,
+                "payload": data,
+                "recorded_at": at,
+                "hash": digest,
+                "prev_hash": prev,
+            }
+            prev = digest
 
     @contextmanager
     def _writable(self) -> Iterator[EventStore]:

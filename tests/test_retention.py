@@ -4,10 +4,13 @@ to writers and runners racing the job."""
 
 from __future__ import annotations
 
+import base64
+import gzip
 import threading
 import time
 from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -24,7 +27,9 @@ from eventctx import (
 )
 from eventctx.cli import main
 from eventctx.compaction import compact
+from eventctx.exchange import export_session, import_session
 from eventctx.findings import ABSENT
+from eventctx.retention import build_base, plan
 from eventctx.store import schema
 
 WINDOW = timedelta(milliseconds=400)
@@ -132,7 +137,7 @@ def test_retention_keeps_state_provenance_readers_and_timings(manager: ContextMa
     assert insp.base_version("s") == old_version
     steps = list(insp.replay("s"))
     assert steps[0].event.version == old_version + 1 and steps[-1].state.data == before["data"]
-    assert [e.version for e in insp.history("s")][0] == old_version + 1
+    assert next(e.version for e in insp.history("s")) == old_version + 1
     history = insp.key_history("s", "outside")
     assert [(w.version, w.value, w.previous) for w in history] == [
         (old_version, "b", "a"),
@@ -142,7 +147,8 @@ def test_retention_keeps_state_provenance_readers_and_timings(manager: ContextMa
     # Nothing further to do until more of the history ages; a second run is a no-op.
     assert compact(manager.store, retain=WINDOW).trimmed == {}
     ctx.set("after", 2)  # writes go on from the head
-    assert ctx.version == head.version + 1 and manager.store.verify("s") == ctx.version - old_version
+    assert ctx.version == head.version + 1
+    assert manager.store.verify("s") == ctx.version - old_version
 
 
 def test_the_base_moves_on_and_keeps_accumulating(manager: ContextManager) -> None:
@@ -255,8 +261,6 @@ def test_an_interrupted_removal_is_finished_by_the_next_run(manager: ContextMana
     # A compactor that moved the base and then died: the events below it are still there.
     head = store.session("s")
     assert head is not None
-    from eventctx.retention import build_base, plan
-
     planned = plan(store, head, WINDOW, store.clock())
     assert planned is not None and planned.cut == 31
     assert store.bases.move(build_base(store, head, planned), store.clock(), 0)
@@ -322,3 +326,65 @@ def test_compact_retain_on_the_command_line(
         main(["--url", db_url, "compact", "--retain", "soon"])
     assert usage.value.code == 2
     assert "not a duration" in capsys.readouterr().err
+
+
+def test_a_trimmed_session_exports_imports_forks_and_archives(
+    manager: ContextManager, tmp_path: Path
+) -> None:
+    ctx = manager.create_context("s", ttl=timedelta(seconds=2))
+    ctx.update({"tmp": 0, "outside": "a"})
+    for n in range(2):
+        _run(manager, "s", n, flaky=n == 1)
+    time.sleep(WINDOW.total_seconds() + 0.1)
+    _run(manager, "s", 2)
+    base = compact(manager.store, retain=WINDOW).trimmed["s"]
+    insp = Inspector(manager.store)
+    want = {
+        "data": insp.state_at("s").data,
+        "blame": insp.blame("s"),
+        "stats": insp.phase_stats("s"),
+        "readers": insp.readers("s", "files"),
+    }
+
+    def same(store: EventStore, session_id: str) -> None:
+        other = Inspector(store)
+        assert other.verify(session_id).ok
+        assert other.base_version(session_id) == base
+        assert other.state_at(session_id).data == want["data"]
+        assert other.blame(session_id) == want["blame"]
+        assert other.phase_stats(session_id) == want["stats"]
+        assert other.readers(session_id, "files") == want["readers"]
+
+    path = tmp_path / "s.jsonl.gz"
+    export_session(manager.store, "s", path)
+    with EventStore.open(f"sqlite:///{tmp_path / 'elsewhere.db'}") as elsewhere:
+        import_session(elsewhere, path)
+        same(elsewhere, "s")
+    import_session(manager.store, path, as_session="s-copy")
+    same(manager.store, "s-copy")
+
+    # A base edited in the file is refused and nothing is written.
+    lines = gzip.decompress(path.read_bytes()).split(b"\n")
+    header = orjson.loads(lines[0])
+    header["base"]["state_b64"] = base64.b64encode(b'{"forged": 1}').decode()
+    edited = tmp_path / "edited.jsonl"
+    edited.write_bytes(b"\n".join([orjson.dumps(header), *lines[1:]]))
+    with pytest.raises(IntegrityError, match="base"):
+        import_session(manager.store, edited, as_session="s-edited")
+    assert manager.store.session("s-edited") is None and manager.store.base("s-edited") is None
+
+    # A fork starts from the base; before it there is nothing to fork from.
+    head = manager.store.session("s")
+    assert head is not None
+    assert insp.fork("s", "s-fork") == head.version
+    same(manager.store, "s-fork")
+    with pytest.raises(HistoryRemovedError):
+        insp.fork("s", "s-early", base - 1)
+
+    # Expired with an archive: the archived file imports back whole.
+    time.sleep(2.1)
+    report = compact(manager.store, archive=tmp_path / "archive")
+    assert report.sessions == ["s", "s-copy", "s-fork"] and len(report.archived) == 3
+    (archived,) = [a for a in report.archived if "/s." in a]
+    import_session(manager.store, archived)
+    same(manager.store, "s")

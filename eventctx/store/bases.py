@@ -166,6 +166,11 @@ class Bases:
 
         return bool(self._run(move, write=True))
 
+    def insert(self, cur: Cursor, base: Base, now: int) -> None:
+        """Store ``base`` with its digest, in the caller's write transaction (a new session's
+        base when a log is loaded, or a moved one)."""
+        cur.execute(self._insert, base._asdict() | {"digest": self.digest(base), "now": now})
+
     def trim(self, session_id: str, version: int, chunk: int) -> int | None:
         """Remove up to ``chunk`` of the oldest events at or below ``version``, the session's
         base (one transaction): the number removed (0: none left), or None when the session's

@@ -652,27 +652,40 @@ class EventStore:
             self._hasher,
         )
 
-    def load(self, session_id: str, rows: Iterable[dict[str, Any]]) -> int:
-        """Insert a new session's whole log, then its head row, in one write transaction;
-        return the events inserted.
+    def load(
+        self,
+        session_id: str,
+        rows: Iterable[dict[str, Any]],
+        base: Base | None = None,
+        created_at: int | None = None,
+    ) -> int:
+        """Insert a new session's whole log (after ``base``, its retention base, if it has
+        one), then its head row, in one write transaction; return the events inserted.
 
         ``rows`` are event rows as appends make them (``EVENT_COLUMNS``), in version order;
         they are inserted a batch at a time as they come, so a log of any length streams. The
-        head row is what appends would have left: the last creation's time and ttl, the last
-        event's version and hash, deleted if the log ends with a delete; the ttl counts from
-        now. A session that exists raises SessionExistsError; whatever ``rows`` raises rolls
-        everything back.
+        head row is what appends would have left: the last creation's time (``created_at``
+        when the creation is in the base) and ttl, the last event's version and hash, deleted
+        if the log ends with a delete; the ttl counts from now. A session that exists raises
+        SessionExistsError; whatever ``rows`` raises rolls everything back.
         """
         check_session_id(session_id)
         exists = SessionExistsError(f"session {session_id!r} exists already: nothing was loaded")
         params: dict[str, Any] = {"session_id": session_id}
+        last: dict[str, Any] | None = None
+        if base is not None:
+            state = orjson.loads(base.state)
+            params.update(created_at=created_at, ttl_ms=state["ttl_ms"])
+            deleted = "ContextDeleted" if state["deleted"] else ""
+            last = {"version": base.version, "hash": base.head_hash, "type": deleted}
         count = 0
         with self._transaction(write=True) as cur:
             cur.execute(self._sql.session, params)
             if cur.fetchone() is not None:
                 raise exists
+            if base is not None:
+                self.bases.insert(cur, base._replace(session_id=session_id), self.clock())
             batch: list[dict[str, Any]] = []
-            last: dict[str, Any] | None = None
             for last in rows:
                 if last["type"] == "ContextCreated":
                     params["created_at"] = last["recorded_at"]
@@ -682,7 +695,7 @@ class EventStore:
                     count += self._load_batch(cur, batch, exists)
                     batch = []
             count += self._load_batch(cur, batch, exists)
-            if last is None or "created_at" not in params:
+            if last is None or params.get("created_at") is None:
                 raise IntegrityError(
                     f"session {session_id!r}: a log without a ContextCreated cannot be loaded",
                     session_id=session_id,
