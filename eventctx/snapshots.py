@@ -90,14 +90,12 @@ def restore(
             state.version - max(tail, 0),
         )
     try:
-        state, size = _start(source, session_id, version)
-        tail = _tail(source, session_id, state, version)
-    except IntegrityError as exc:
-        if exc.session_id is not None:
+        state, size, tail = _fold_log(source, session_id, version)
+    except IntegrityError:
+        if source.base(session_id) is None:
             raise
-        raise IntegrityError(
-            f"session {session_id!r}: {exc}; run verify", session_id=session_id, version=exc.version
-        ) from exc
+        # Retention removed the start of the log while it was read: fold from its base.
+        state, size, tail = _fold_log(source, session_id, version)
     if not _matches(state, version, head_hash):
         raise IntegrityError(
             f"session {session_id!r}: folding the log gives version {state.version}, expected "
@@ -105,6 +103,20 @@ def restore(
             session_id=session_id,
         )
     return state, size, tail
+
+
+def _fold_log(source: EventLog, session_id: str, version: int) -> tuple[State, int, int]:
+    """The state at ``version`` folded from the start of the log (or from its retention
+    base): (state, base size, events folded)."""
+    try:
+        state, size = _start(source, session_id, version)
+        return state, size, _tail(source, session_id, state, version)
+    except IntegrityError as exc:
+        if exc.session_id is not None:
+            raise
+        raise IntegrityError(
+            f"session {session_id!r}: {exc}; run verify", session_id=session_id, version=exc.version
+        ) from exc
 
 
 def removed(source: EventLog, session_id: str, version: int) -> Base | None:

@@ -30,6 +30,7 @@ from eventctx.compaction import compact
 from eventctx.exchange import export_session, import_session
 from eventctx.findings import ABSENT
 from eventctx.retention import build_base, plan
+from eventctx.snapshots import restore
 from eventctx.store import schema
 
 WINDOW = timedelta(milliseconds=400)
@@ -388,3 +389,42 @@ def test_a_trimmed_session_exports_imports_forks_and_archives(
     (archived,) = [a for a in report.archived if "/s." in a]
     import_session(manager.store, archived)
     same(manager.store, "s")
+
+
+class _TrimmedWhileRead:
+    """A store whose first read from version 1 sees retention remove the events under it
+    once the first page has been read (a reader racing the job)."""
+
+    def __init__(self, store: EventStore, base: int) -> None:
+        self.store, self.cut, self.raced = store, base, False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+    def read(self, session_id: str, *args: Any, **kwargs: Any) -> Iterator[Any]:
+        events = self.store.read(session_id, *args, **kwargs)
+        for i, event in enumerate(events):
+            if i == 1 and event.version == 2 and not self.raced:
+                self.raced = True
+                while self.store.bases.trim(session_id, self.cut, 10_000):
+                    pass
+            yield event
+
+
+def test_a_full_fold_racing_the_removal_starts_again_from_the_base(
+    manager: ContextManager,
+) -> None:
+    ctx = manager.create_context("s")
+    for i in range(7):
+        ctx.update({f"k{j}": i for j in range(1000)})  # more than one page of events
+    time.sleep(WINDOW.total_seconds() + 0.1)
+    ctx.set("late", 1)
+    store = manager.store
+    head = store.session("s")
+    assert head is not None
+    planned = plan(store, head, WINDOW, store.clock())
+    assert planned is not None
+    assert store.bases.move(build_base(store, head, planned), store.clock(), 0)
+    racing = _TrimmedWhileRead(store, planned.cut)
+    state, _, _ = restore(racing, "s", head.version)  # type: ignore[arg-type]
+    assert racing.raced and state.data == ctx.to_dict()
