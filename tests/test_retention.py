@@ -323,6 +323,10 @@ def test_compact_retain_on_the_command_line(
     assert main(["--url", db_url, "--json", "compact", "--retain", "1s"]) == 0
     done = orjson.loads(capsys.readouterr().out)
     assert done["trimmed"] == {"s": 3} and done["events_trimmed"] == 3
+    assert main(["--url", db_url, "replay", "s", "--version", "2"]) == 1
+    assert "removed by retention" in capsys.readouterr().err
+    assert main(["--url", db_url, "blame", "s", "a"]) == 0
+    assert "3" in capsys.readouterr().out
     with pytest.raises(SystemExit) as usage:
         main(["--url", db_url, "compact", "--retain", "soon"])
     assert usage.value.code == 2
