@@ -9,7 +9,7 @@ they summarise) and either ``MIN_BYTES`` or ``snapshot_every`` events have gone 
 from __future__ import annotations
 
 import logging
-from itertools import islice
+from itertools import chain, islice
 from typing import Final
 
 from eventctx import faults
@@ -106,11 +106,23 @@ def restore(
 
 
 def _fold_log(source: EventLog, session_id: str, version: int) -> tuple[State, int, int]:
-    """The state at ``version`` folded from the start of the log (or from its retention
-    base): (state, base size, events folded)."""
+    """The state at ``version`` folded from the start of the log, or from the session's
+    retention base once its first events are gone: (state, base size, events folded). The
+    base is looked up only then, so a whole log costs no extra read."""
     try:
-        state, size = _start(source, session_id, version)
-        return state, size, _tail(source, session_id, state, version)
+        events = source.read(session_id, 1, version, verify=True)
+        first = next(events, None)
+        state = State()
+        if first is not None and first.version == 1:
+            advance(state, chain((first,), events))
+            return state, 0, state.version
+        base = removed(source, session_id, version)
+        if base is None:
+            if first is None and version == 0:
+                return state, 0, 0
+            raise IntegrityError("the log has no version 1 and no retention base", version=1)
+        state = base_state(base)
+        return state, len(base.state), _tail(source, session_id, state, version)
     except IntegrityError as exc:
         if exc.session_id is not None:
             raise
@@ -144,18 +156,6 @@ def base_state(base: Base) -> State:
             version=base.version,
         )
     return decode_state(base.state)
-
-
-def _start(source: EventLog, session_id: str, version: int) -> tuple[State, int]:
-    """Where a full fold of the log starts: the empty state, or the session's retention base
-    (and its size) once its first events are gone."""
-    first = next(source.read(session_id, 1, 1), None)
-    if first is not None:
-        return State(), 0
-    base = removed(source, session_id, version)
-    if base is None:
-        raise IntegrityError("the log has no version 1 and no retention base", version=1)
-    return base_state(base), len(base.state)
 
 
 def check_snapshots(store: EventStore, session_id: str) -> int:
