@@ -3,8 +3,9 @@
 A base is not a cache: once its events are gone it is the only record of them, so it is
 written before any event goes, checked against its digest on every read (IntegrityError, never
 skipped), and removed only with its session. Each step is one bounded transaction that
-re-checks the session under its head-row lock, like TTL removal's: a session purged (and
-perhaps created again) since it was read is left alone.
+re-checks the session under a lock (the head row's when the base moves, the base row's while
+the events below it are removed, so writers go on): a session purged (and perhaps created
+again) since it was read is left alone.
 """
 
 from __future__ import annotations
@@ -59,6 +60,9 @@ class Bases:
             sa.select(ev.c.hash).where(ev.c.session_id == sid, ev.c.version == bindparam("v"))
         )
         self._version = c(sa.select(ba.c.version).where(ba.c.session_id == sid))
+        self._version_for_update = c(
+            sa.select(ba.c.version).where(ba.c.session_id == sid).with_for_update()
+        )
         self._delete = c(sa.delete(ba).where(ba.c.session_id == sid))
         self._insert = c(
             sa.insert(ba).values(
@@ -178,10 +182,9 @@ class Bases:
         params: dict[str, Any] = {"session_id": session_id, "v": version}
 
         def trim(cur: Cursor) -> int | None:
-            cur.execute(self._head, params)
-            if cur.fetchone() is None:
-                return None
-            cur.execute(self._version, params)
+            # The base row's lock, not the head row's: writers to the session go on meanwhile,
+            # and a purge (which removes the base too) waits for this chunk or is seen done.
+            cur.execute(self._version_for_update, params)
             found = cur.fetchone()
             if found is None or int(found[0]) != version:
                 return None
