@@ -29,6 +29,7 @@ from eventctx.cli import main
 from eventctx.compaction import compact
 from eventctx.exchange import export_session, import_session
 from eventctx.findings import ABSENT
+from eventctx.metrics import log_metrics
 from eventctx.retention import build_base, plan
 from eventctx.snapshots import restore
 from eventctx.store import schema
@@ -109,6 +110,7 @@ def test_retention_keeps_state_provenance_readers_and_timings(manager: ContextMa
     insp = Inspector(manager.store)
     before = _view(insp, "s")
     at_base = insp.state_at("s", old_version)
+    metrics_before = log_metrics(manager.store)
     head = manager.store.session("s")
     assert head is not None
 
@@ -121,6 +123,7 @@ def test_retention_keeps_state_provenance_readers_and_timings(manager: ContextMa
     assert not list(manager.store.read("s", 1, old_version))  # the events are gone
     assert manager.store.base("s") is not None
     assert _view(insp, "s") == before
+    assert log_metrics(manager.store).phases == metrics_before.phases  # counted from the base
     with ContextManager(manager.store, cleanup_interval=None) as fresh:
         assert fresh.get_context("s").to_dict() == before["data"]  # restored cold
     assert insp.verify("s").ok and insp.verify("s").events == head.version - old_version
