@@ -166,7 +166,9 @@ class Inspector:
         first = self._first(session_id)
         if start is not None and start < first:
             removed(self._store, session_id, start - 1)
-        start = min(self._version(head, first if start is None else start), head.version)
+        if start is None and first > head.version:
+            return  # retention folded every event into the base: nothing to replay
+        start = self._version(head, first if start is None else start)
         stop = self._version(head, stop)
         if stop < start:
             raise InvalidInputError(f"replay stop {stop} is before start {start}")
@@ -281,6 +283,13 @@ class Inspector:
                 if undo is not None:
                     undo.last = write
                 value, last = new, event.version
+        if not history and base is not None:
+            raise HistoryRemovedError(
+                f"key {key!r} has no write kept in session {session_id!r}: any before version "
+                f"{base.version} were removed by retention",
+                session_id=session_id,
+                base_version=base.version,
+            )
         if not history:
             raise ContextKeyError(f"key {key!r} was never written in session {session_id!r}")
         return history
@@ -323,7 +332,8 @@ class Inspector:
         over the session's rows in the database (only run and phase events travel)."""
         self._head(session_id)
         runs: dict[str, Run] = {}
-        for e in self._store.find(session_id, types=_RUN_TYPES):
+        first = self._first(session_id)
+        for e in self._store.find(session_id, types=_RUN_TYPES, from_version=first):
             run = runs.get(e.execution_id or "")
             if e.type == "RunStarted":
                 runs[e.execution_id or ""] = Run(
@@ -643,7 +653,8 @@ class Inspector:
             return head.version
         if type(version) is not int or not 1 <= version <= head.version:
             raise InvalidInputError(
-                f"session {head.session_id!r} has versions 1 to {head.version}, not {version!r}"
+                f"session {head.session_id!r} has versions {self._first(head.session_id)} to "
+                f"{head.version}, not {version!r}"
             )
         removed(self._store, head.session_id, version)
         return version

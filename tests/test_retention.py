@@ -26,6 +26,7 @@ from eventctx import (
     PluginRunner,
 )
 from eventctx.cli import main
+from eventctx.clock import now_us
 from eventctx.compaction import compact
 from eventctx.exchange import export_session, import_session
 from eventctx.findings import ABSENT
@@ -33,8 +34,21 @@ from eventctx.metrics import log_metrics
 from eventctx.retention import build_base, plan
 from eventctx.snapshots import restore
 from eventctx.store import schema
+from eventctx.timeline import timeline_data
 
-WINDOW = timedelta(milliseconds=400)
+
+def _mark() -> int:
+    """A moment (µs) between the writes before it and those after it."""
+    time.sleep(0.01)
+    mark = now_us()
+    time.sleep(0.01)
+    return mark
+
+
+def _since(mark: int) -> timedelta:
+    """The retention window that keeps exactly what was written after ``mark``, however long
+    the test took since."""
+    return timedelta(microseconds=now_us() - mark)
 
 
 @pytest.fixture
@@ -101,7 +115,7 @@ def test_retention_keeps_state_provenance_readers_and_timings(manager: ContextMa
     ctx.refresh()
     ctx.set("outside", "b")  # an outside write whose prior is removed
     old_version = ctx.version
-    time.sleep(WINDOW.total_seconds() + 0.1)
+    mark = _mark()
     _run(manager, "s", 4)
     _run(manager, "s", 5, flaky=True)
     ctx.refresh()
@@ -114,11 +128,11 @@ def test_retention_keeps_state_provenance_readers_and_timings(manager: ContextMa
     head = manager.store.session("s")
     assert head is not None
 
-    planned = compact(manager.store, retain=WINDOW, dry_run=True)
+    planned = compact(manager.store, retain=_since(mark), dry_run=True)
     assert planned.trimmed == {"s": old_version} and planned.events_trimmed == old_version
     assert manager.store.base("s") is None  # a dry run changes nothing
 
-    report = compact(manager.store, retain=WINDOW)
+    report = compact(manager.store, retain=_since(mark))
     assert report.trimmed == {"s": old_version} and report.events_trimmed == old_version
     assert not list(manager.store.read("s", 1, old_version))  # the events are gone
     assert manager.store.base("s") is not None
@@ -149,7 +163,7 @@ def test_retention_keeps_state_provenance_readers_and_timings(manager: ContextMa
     assert insp.key_history("s", "late")[0].previous is ABSENT
 
     # Nothing further to do until more of the history ages; a second run is a no-op.
-    assert compact(manager.store, retain=WINDOW).trimmed == {}
+    assert compact(manager.store, retain=_since(mark)).trimmed == {}
     ctx.set("after", 2)  # writes go on from the head
     assert ctx.version == head.version + 1
     assert manager.store.verify("s") == ctx.version - old_version
@@ -159,15 +173,15 @@ def test_the_base_moves_on_and_keeps_accumulating(manager: ContextManager) -> No
     ctx = manager.create_context("s")
     for n in range(3):
         _run(manager, "s", n, flaky=True)
-    time.sleep(WINDOW.total_seconds() + 0.1)
+    mark = _mark()
     for n in range(3, 6):
         _run(manager, "s", n, flaky=n == 4)
     insp = Inspector(manager.store)
     before = _view_without_other(insp)
-    first = compact(manager.store, retain=WINDOW).trimmed["s"]
-    time.sleep(WINDOW.total_seconds() + 0.1)
+    first = compact(manager.store, retain=_since(mark)).trimmed["s"]
+    mark = _mark()
     _run(manager, "s", 6)
-    second = compact(manager.store, retain=WINDOW).trimmed["s"]
+    second = compact(manager.store, retain=_since(mark)).trimmed["s"]
     assert second > first
     after = _view_without_other(insp)
     assert after["stats"] == {
@@ -259,13 +273,13 @@ def test_an_interrupted_removal_is_finished_by_the_next_run(manager: ContextMana
     ctx = manager.create_context("s")
     for i in range(30):
         ctx.set("k", i)
-    time.sleep(WINDOW.total_seconds() + 0.1)
+    mark = _mark()
     ctx.set("k", "new")
     store = manager.store
     # A compactor that moved the base and then died: the events below it are still there.
     head = store.session("s")
     assert head is not None
-    planned = plan(store, head, WINDOW, store.clock())
+    planned = plan(store, head, _since(mark), store.clock())
     assert planned is not None and planned.cut == 31
     assert store.bases.move(build_base(store, head, planned), store.clock(), 0)
     assert store.read_versions("s", [1])  # still there, but no longer part of the history
@@ -273,7 +287,7 @@ def test_an_interrupted_removal_is_finished_by_the_next_run(manager: ContextMana
     with pytest.raises(HistoryRemovedError):
         insp.state_at("s", 5)
     assert insp.verify("s").ok and insp.verify("s").events == 1
-    report = compact(store, retain=WINDOW)
+    report = compact(store, retain=_since(mark))
     assert report.trimmed == {"s": 31} and report.events_trimmed == 31
     assert not store.read_versions("s", [1, 31])
     assert insp.state_at("s").data == {"k": "new"} and insp.verify("s").ok
@@ -282,9 +296,9 @@ def test_an_interrupted_removal_is_finished_by_the_next_run(manager: ContextMana
 def test_a_tampered_base_is_caught(manager: ContextManager) -> None:
     ctx = manager.create_context("s")
     ctx.set("k", 1)
-    time.sleep(WINDOW.total_seconds() + 0.1)
+    mark = _mark()
     ctx.set("k", 2)
-    compact(manager.store, retain=WINDOW)
+    compact(manager.store, retain=_since(mark))
     with manager.store.engine.begin() as conn:
         conn.execute(
             schema.bases.update().values(state=b'{"forged": true}')  # not the fold it was
@@ -299,9 +313,9 @@ def test_a_tampered_base_is_caught(manager: ContextManager) -> None:
 def test_purge_and_ttl_removal_take_the_base_with_them(manager: ContextManager) -> None:
     ctx = manager.create_context("s", ttl=timedelta(milliseconds=600))
     ctx.set("k", 1)
-    time.sleep(WINDOW.total_seconds() + 0.1)
+    mark = _mark()
     ctx.set("k", 2)
-    assert compact(manager.store, retain=WINDOW).trimmed == {"s": 2}
+    assert compact(manager.store, retain=_since(mark)).trimmed == {"s": 2}
     manager.delete_context("s", purge=True)
     assert manager.store.base("s") is None
     again = manager.create_context("s", ttl=timedelta(milliseconds=200))
@@ -343,9 +357,9 @@ def test_a_trimmed_session_exports_imports_forks_and_archives(
     ctx.update({"tmp": 0, "outside": "a"})
     for n in range(2):
         _run(manager, "s", n, flaky=n == 1)
-    time.sleep(WINDOW.total_seconds() + 0.1)
+    mark = _mark()
     _run(manager, "s", 2)
-    base = compact(manager.store, retain=WINDOW).trimmed["s"]
+    base = compact(manager.store, retain=_since(mark)).trimmed["s"]
     insp = Inspector(manager.store)
     want = {
         "data": insp.state_at("s").data,
@@ -424,14 +438,34 @@ def test_a_full_fold_racing_the_removal_starts_again_from_the_base(
     ctx = manager.create_context("s")
     for i in range(7):
         ctx.update({f"k{j}": i for j in range(1000)})  # more than one page of events
-    time.sleep(WINDOW.total_seconds() + 0.1)
+    mark = _mark()
     ctx.set("late", 1)
     store = manager.store
     head = store.session("s")
     assert head is not None
-    planned = plan(store, head, WINDOW, store.clock())
+    planned = plan(store, head, _since(mark), store.clock())
     assert planned is not None
     assert store.bases.move(build_base(store, head, planned), store.clock(), 0)
     racing = _TrimmedWhileRead(store, planned.cut)
     state, _, _ = restore(racing, "s", head.version)  # type: ignore[arg-type]
     assert racing.raced and state.data == ctx.to_dict()
+
+
+def test_the_timeline_starts_from_the_base(manager: ContextManager) -> None:
+    ctx = manager.create_context("s")
+    ctx.update({"old": 1, "keep": 2})
+    mark = _mark()
+    compact(manager.store, retain=_since(mark))  # every event folded: nothing after the base
+    insp = Inspector(manager.store)
+    data = timeline_data(insp, "s")
+    assert data["base"]["data"] == {"old": 1, "keep": 2} and data["events"] == []
+    assert data["version"] == 3
+    ctx.set("new", 3)
+    data = timeline_data(insp, "s")
+    assert [e[0] for e in data["events"]] == [4]
+    assert data["states"][4]["data"] == {"old": 1, "keep": 2, "new": 3}
+    assert next(iter(insp.replay("s"))).event.version == 4
+    ctx.refresh()
+    mark = _mark()
+    compact(manager.store, retain=_since(mark))
+    assert list(insp.replay("s")) == []  # a fully folded session replays nothing

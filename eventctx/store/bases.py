@@ -155,8 +155,10 @@ class Bases:
             cur.execute(self._version, params)
             found = cur.fetchone()
             current = 0 if found is None else int(found[0])
-            if current == base.version:  # moved by a try whose connection dropped after COMMIT
-                return True
+            if current == base.version:  # moved by a try whose connection dropped after COMMIT?
+                cur.execute(self._get, params)
+                row = cur.fetchone()
+                return row is not None and bytes(row[5]) == self.digest(base)
             if current != previous:
                 return False
             cur.execute(self._event_hash, params)
