@@ -28,6 +28,7 @@ import orjson
 
 from eventctx.errors import (
     ChainKeyError,
+    ConcurrencyError,
     IntegrityError,
     InvalidInputError,
     SessionExpiredError,
@@ -51,6 +52,8 @@ __all__ = [
 ]
 
 FORMAT: Final = "eventctx-session"
+TRIES: Final = 3
+"""How often an export to a path starts again when retention moves the base under it."""
 FORMAT_VERSION: Final = 2
 """The newest format written: 2 for a session with a retention base, 1 (also read) without."""
 _CHAINS: Final = ("sha256", "hmac-sha256")
@@ -77,7 +80,22 @@ def export_session(
     the way (IntegrityError otherwise; a path written to is then removed), so a file always
     holds a whole, verified log. Works on a read-only store. ``marked``: also a session that
     compaction has marked for removal (frozen, not yet emptied), which ``archive_session`` does.
+    When retention moves the session's base during the export, a path is written again; a file
+    object cannot be, and ConcurrencyError says to export again.
     """
+    for _ in range(TRIES if isinstance(out, str | os.PathLike) else 1):
+        try:
+            return _export(store, session_id, out, marked=marked)
+        except _BaseMovedError:
+            continue
+    raise ConcurrencyError(
+        f"retention moved the base of session {session_id!r} while it was exported; what was "
+        "written is incomplete: export again"
+    )
+
+
+def _export(store: EventStore, session_id: str, out: Target, *, marked: bool) -> Exchanged:
+    """One try of ``export_session``; _BaseMovedError when retention took events meanwhile."""
     head = store.session(session_id)
     if head is None:
         raise SessionNotFoundError(f"session {session_id!r} does not exist")
@@ -124,8 +142,17 @@ def export_session(
                 "prev_hash": bytes(prev).hex(),
             }
             file.write(orjson.dumps(line) + b"\n")
-        check.finish()
+        try:
+            check.finish()
+        except IntegrityError:
+            if store.base(session_id) != base:
+                raise _BaseMovedError from None
+            raise
     return Exchanged(session_id, head.version, head.head_hash)
+
+
+class _BaseMovedError(Exception):
+    """Retention moved the session's base (and removed events) while it was exported."""
 
 
 def archive_session(store: EventStore, session_id: str, directory: str | os.PathLike[str]) -> Path:

@@ -22,6 +22,7 @@ from heapq import merge
 from typing import Any, Final, overload
 
 from eventctx.errors import (
+    ConcurrencyError,
     ContextKeyError,
     EventCtxError,
     HistoryRemovedError,
@@ -64,6 +65,9 @@ from eventctx.store.bases import Base
 from eventctx.store.heads import check_session_id
 
 __all__ = ["Inspector"]
+
+TRIES: Final = 3
+"""How often a copy starts again when retention moves the base under it."""
 
 
 _KEY_TYPES: Final = frozenset({"KeySet", "KeyDeleted", "ContextCleared"})
@@ -467,15 +471,37 @@ class Inspector:
 
     def _copy_into(self, store: EventStore, session_id: str, new: str, version: int) -> None:
         """Append ``session_id``'s events up to ``version`` to ``new`` through ``store`` (after
-        retention: load its base and the events after it, re-chained under ``new``)."""
-        base = self._store.base(session_id)
-        if base is not None:
-            head = self._head(session_id)
-            rows = self._rechained(store, session_id, new, base, version)
-            store.load(new, rows, base, head.created_at_us)
-            return
+        retention: load its base and the events after it, re-chained under ``new``). When
+        retention moves the base while the events are read, it starts again."""
+        for _ in range(TRIES):
+            base = self._store.base(session_id)
+            try:
+                if base is None:
+                    self._append_copies(store, session_id, new, version)
+                    return
+                removed(self._store, session_id, version)
+                head = self._head(session_id)
+                rows = self._rechained(store, session_id, new, base, version)
+                store.load(new, rows, base, head.created_at_us)
+                return
+            except _BaseMovedError:
+                continue
+        raise ConcurrencyError(
+            f"retention kept moving the base of session {session_id!r} while it was copied; "
+            "nothing was written: try again"
+        )
+
+    def _append_copies(self, store: EventStore, session_id: str, new: str, version: int) -> None:
+        """Copy a whole log by appending its events to ``new``; a log whose first events go
+        meanwhile (retention) leaves no ``new`` behind and raises _BaseMovedError."""
         batch: list[NewEvent] = []
+        expected = 1
         for event in self._store.read(session_id, 1, version):
+            if event.version != expected:
+                if store.session(new) is not None:
+                    store.purge(new)  # ours alone so far: nobody else knows the id
+                raise _BaseMovedError
+            expected += 1
             # The store reads a batch's first and last events as the lifecycle of the session:
             # a re-creation (with its ttl) must start a batch, and a delete must end one only
             # where the history does.
@@ -493,9 +519,13 @@ class Inspector:
         """``session_id``'s events after ``base`` up to ``version`` as rows of ``new``, each
         hashed onto the one before it from the base's chain hash."""
         prev = base.head_hash
+        expected = base.version + 1
         for number, kind, key, phase, run_id, payload, at, _, _ in self._store.chain_rows(
             session_id, version, base.version + 1
         ):
+            if number != expected:  # the base moved on and took these events: not loaded
+                raise _BaseMovedError
+            expected += 1
             data = bytes(payload)
             digest = store.hash_event(prev, new, number, kind, key, phase, run_id, at, data)
             yield {
@@ -760,6 +790,10 @@ def _kept_write(key: str, state: State, replaced: dict[str, Any]) -> KeyWrite:
         replaced.get(key, ABSENT),
         p.prior,
     )
+
+
+class _BaseMovedError(Exception):
+    """Retention moved a session's base while its events were being copied."""
 
 
 def _after(base: Base | None) -> int:

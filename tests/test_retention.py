@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import gzip
+import io
 import threading
 import time
 from collections.abc import Iterator
@@ -469,3 +470,49 @@ def test_the_timeline_starts_from_the_base(manager: ContextManager) -> None:
     mark = _mark()
     compact(manager.store, retain=_since(mark))
     assert list(insp.replay("s")) == []  # a fully folded session replays nothing
+
+
+def test_a_fork_or_export_racing_a_base_move_starts_again(
+    manager: ContextManager, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ctx = manager.create_context("s")
+    for i in range(5):
+        ctx.set("k", i)
+    compact(manager.store, retain=_since(_mark()))  # a base at 6
+    for i in range(5, 10):
+        ctx.set("k", i)
+    mark = _mark()
+    ctx.set("late", 1)
+    store = manager.store
+
+    def moving_first(name: str) -> None:
+        original = getattr(EventStore, name)
+        calls = []
+
+        def racing(self: EventStore, *args: Any, **kwargs: Any) -> Any:
+            if not calls:
+                calls.append(compact(store, retain=_since(mark)).trimmed)  # moves it to 11
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(EventStore, name, racing)
+
+    moving_first("load")
+    insp = Inspector(store)
+    assert insp.fork("s", "f") == 12
+    assert insp.verify("f").ok and insp.state_at("f").data == {"k": 9, "late": 1}
+    assert insp.base_version("f") == 11
+    monkeypatch.undo()
+
+    ctx.set("k", 10)
+    mark = _mark()
+    ctx.set("later", 2)
+    moving_first("chain_rows")
+    with pytest.raises(eventctx.ConcurrencyError, match="export again"):
+        export_session(store, "s", io.BytesIO())  # a file object cannot be rewound
+    mark = _mark()
+    ctx.set("last", 3)
+    moving_first("chain_rows")
+    path = tmp_path / "s.jsonl"
+    export_session(store, "s", path)  # a path is written again
+    import_session(store, path, as_session="s2")
+    assert insp.verify("s2").ok and insp.state_at("s2").data == ctx.to_dict()
