@@ -291,10 +291,15 @@ def _verify(store: EventStore, args: argparse.Namespace) -> tuple[Any, list[str]
             failed.append(sid)
         else:
             sessions[sid] = result.events
-            line = f"{sid}: {result.events} events verified" + (
-                f", {result.snapshots} snapshot{'s' * (result.snapshots > 1)} checked"
-                if result.snapshots
-                else ""
+            base = store.base(sid)
+            line = (
+                f"{sid}: {result.events} events verified"
+                + ("" if base is None else f" from the retention base at version {base.version}")
+                + (
+                    f", {result.snapshots} snapshot{'s' * (result.snapshots > 1)} checked"
+                    if result.snapshots
+                    else ""
+                )
             )
             head = store.session(sid)
             if head is not None:
@@ -368,6 +373,20 @@ def _head_problem(
     if expected is None:
         return None
     version, digest = expected
+    base = store.base(session_id)
+    if base is not None and version <= base.version:
+        if version < base.version:
+            return (
+                f"session {session_id!r}: the recorded head at version {version} cannot be "
+                f"checked: retention folded versions up to {base.version} into the base"
+            )
+        if base.head_hash.hex() != digest:
+            return (
+                f"session {session_id!r} version {version}: the base's hash "
+                f"{base.head_hash.hex()} is not the recorded head {digest}: the history up to "
+                "there was rewritten"
+            )
+        return None
     found = store.read_versions(session_id, [version])
     if not found:
         return f"session {session_id!r} has no version {version}, yet its head was recorded there"

@@ -35,7 +35,7 @@ from eventctx.errors import (
     SessionNotFoundError,
     StorageError,
 )
-from eventctx.events import GENESIS_HASH
+from eventctx.events import GENESIS_HASH, INT_MAX
 from eventctx.store import EventStore
 from eventctx.store.bases import Base
 from eventctx.store.core import ChainCheck
@@ -330,8 +330,10 @@ def _header(
             session_id=session_id,
         )
     created_at = header.get("created_at_us") if base is not None else 0
-    if type(created_at) is not int:
-        raise InvalidInputError(f"{name}: its header is incomplete or malformed")
+    if type(created_at) is not int or not 0 <= created_at <= INT_MAX:
+        raise InvalidInputError(f"{name}: its header's created_at_us is missing or out of range")
+    if base is not None and header["format_version"] < FORMAT_VERSION:
+        raise InvalidInputError(f"{name}: a base in a format_version 1 file; it was edited")
     return SessionHead(session_id, events, head_hash, created_at, 0, None, ACTIVE), chain, base
 
 

@@ -57,7 +57,7 @@ from eventctx.findings import (
     SessionDiff,
     VerifyResult,
 )
-from eventctx.retention import ENDS, Kept, end_status, previous_values
+from eventctx.retention import ENDS, Kept, end_status, every_base, previous_values
 from eventctx.snapshots import base_state, check_snapshots, removed, restore
 from eventctx.state import State, advance, rolled_back
 from eventctx.store import EventStore, SessionHead
@@ -376,7 +376,7 @@ class Inspector:
             found = self._store.base(session_id)
             bases = {} if found is None else {session_id: found}
         else:
-            bases = {b.session_id: b for b in self._store.bases.all() if isinstance(b, Base)}
+            bases = every_base(self._store)
         low, high = _us(since, "since"), _us(until, "until")
         for sid, base in bases.items():
             for _, at, run_id, name, attempt, status, ms, _ in Kept.of(base).ends:

@@ -18,10 +18,9 @@ from typing import TYPE_CHECKING, Any, Final
 from eventctx.counters import Bins, Histogram, LiveMetrics
 from eventctx.errors import InvalidInputError
 from eventctx.events import to_us
-from eventctx.retention import ENDS, Kept, end_status
+from eventctx.retention import ENDS, Kept, end_status, every_base
 from eventctx.runlog import INTERRUPTED
 from eventctx.store import EventStore
-from eventctx.store.bases import Base
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
@@ -137,7 +136,7 @@ def log_metrics(
         if status != INTERRUPTED and duration_ms is not None:
             durations.setdefault(name, []).append(duration_ms / 1000)
 
-    bases = {b.session_id: b for b in store.bases.all() if isinstance(b, Base)}
+    bases = every_base(store)
     for kept in bases.values():  # the attempts retention folded into a base
         for _, at, _, name, number, status, ms, _ in Kept.of(kept).ends:
             if (phase is None or name == phase) and (since_us is None or at >= since_us):

@@ -27,7 +27,7 @@ from typing import Any, Final
 
 import orjson
 
-from eventctx.errors import InvalidInputError
+from eventctx.errors import IntegrityError, InvalidInputError
 from eventctx.events import RecordedEvent
 from eventctx.findings import ABSENT
 from eventctx.snapshots import base_state
@@ -43,6 +43,7 @@ __all__ = [
     "build_base",
     "check_window",
     "end_status",
+    "every_base",
     "plan",
     "previous_values",
 ]
@@ -93,6 +94,17 @@ class Kept:
     def encode(self) -> bytes:
         """The bytes stored as the base's history."""
         return orjson.dumps({"ends": self.ends, "replaced": self.replaced, "removed": self.removed})
+
+
+def every_base(store: EventStore) -> dict[str, Base]:
+    """Every session's retention base, by session; one that no longer matches its digest
+    raises IntegrityError (a base is never skipped: its events are gone)."""
+    found: dict[str, Base] = {}
+    for base in store.bases.all():
+        if isinstance(base, IntegrityError):
+            raise base
+        found[base.session_id] = base
+    return found
 
 
 def check_window(window: timedelta) -> timedelta:

@@ -24,6 +24,7 @@ from eventctx import (
     HistoryRemovedError,
     Inspector,
     IntegrityError,
+    InvalidInputError,
     PluginRunner,
 )
 from eventctx.cli import main
@@ -396,6 +397,17 @@ def test_a_trimmed_session_exports_imports_forks_and_archives(
         import_session(manager.store, edited, as_session="s-edited")
     assert manager.store.session("s-edited") is None and manager.store.base("s-edited") is None
 
+    for change, said in (
+        ({"created_at_us": -5}, "out of range"),
+        ({"created_at_us": 2**63 + 5}, "out of range"),
+        ({"format_version": 1}, "format_version 1"),
+    ):
+        bad = tmp_path / "bad.jsonl"
+        bad.write_bytes(b"\n".join([orjson.dumps(orjson.loads(lines[0]) | change), *lines[1:]]))
+        with pytest.raises(InvalidInputError, match=said):
+            import_session(manager.store, bad, as_session="s-bad")
+    assert manager.store.session("s-bad") is None
+
     # A fork starts from the base; before it there is nothing to fork from.
     head = manager.store.session("s")
     assert head is not None
@@ -516,3 +528,35 @@ def test_a_fork_or_export_racing_a_base_move_starts_again(
     export_session(store, "s", path)  # a path is written again
     import_session(store, path, as_session="s2")
     assert insp.verify("s2").ok and insp.state_at("s2").data == ctx.to_dict()
+
+
+def test_recorded_heads_and_corrupt_bases_after_trimming(
+    db_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with ContextManager(db_url, cleanup_interval=None) as manager:
+        ctx = manager.create_context("s")
+        ctx.set("k", 1)
+        early = manager.store.session("s")
+        ctx.set("k", 2)
+        at_base = manager.store.session("s")
+        mark = _mark()
+        compact(manager.store, retain=_since(mark))
+        assert early is not None and at_base is not None
+        for head, code, said in (
+            (at_base, 0, "0 events verified from the retention base at version 3"),
+            (early, 1, "cannot be checked"),
+        ):
+            spec = f"{head.version}:{head.head_hash.hex()}"
+            assert main(["--url", db_url, "verify", "s", "--expect-head", spec]) == code
+            assert said in capsys.readouterr().out
+        forged = f"{at_base.version}:{'00' * 32}"
+        assert main(["--url", db_url, "verify", "s", "--expect-head", forged]) == 1
+        assert "rewritten" in capsys.readouterr().out
+        # A corrupt base fails the all-session readers too, never skipped.
+        with manager.store.engine.begin() as conn:
+            conn.execute(schema.bases.update().values(history=b'{"ends":[],"replaced":{}}'))
+        insp = Inspector(manager.store)
+        for read in (insp.phase_stats, lambda: log_metrics(manager.store)):
+            with pytest.raises(IntegrityError, match="retention base"):
+                read()
+        assert not insp.verify("s").ok
