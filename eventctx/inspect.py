@@ -639,6 +639,7 @@ class Inspector:
             self._head(session_id)
             return self._verify(session_id)
         snapshotted = self._store.snapshotted()
+        snapshotted |= {b.session_id for b in self._store.bases.all() if isinstance(b, Base)}
         return [
             self._snapshots_of(_verified(sid, found))
             if sid in snapshotted

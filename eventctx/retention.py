@@ -1,5 +1,6 @@
 """Retention for long-lived sessions: events older than a window are folded into the session's
-base and removed, so a session that runs every hour for months stays bounded.
+base and removed, so a session that runs every hour for months keeps what each run leaves in
+its state (outputs, the ends of its phase attempts), not every event it wrote.
 
 The window is a duration (``retain=timedelta(days=30)``): "how far back can I replay" is what
 users ask of a debugging history, and it does not depend on how often a plugin runs. Runs are

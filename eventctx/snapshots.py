@@ -9,8 +9,11 @@ they summarise) and either ``MIN_BYTES`` or ``snapshot_every`` events have gone 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from itertools import chain, islice
-from typing import Final
+from typing import Any, Final
+
+import orjson
 
 from eventctx import faults
 from eventctx.errors import HistoryRemovedError, IntegrityError
@@ -146,16 +149,34 @@ def removed(source: EventLog, session_id: str, version: int) -> Base | None:
     return base
 
 
+BASE_CONVERSIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {}
+"""How a retention base's state (decoded JSON) written under fold rules N becomes one under
+N + 1. A snapshot under old rules is simply ignored, but a base cannot be folded again (its
+events are gone): a change of ``FOLD_VERSION`` must add its conversion here."""
+
+
 def base_state(base: Base) -> State:
-    """The state a retention base holds."""
-    if base.fold_version != FOLD_VERSION:
+    """The state a retention base holds, converted to the current fold rules."""
+    raw = orjson.loads(base.state)
+    for rules in range(base.fold_version, FOLD_VERSION):
+        convert = BASE_CONVERSIONS.get(rules)
+        if convert is None:
+            raise IntegrityError(
+                f"session {base.session_id!r}: its retention base was written under fold rules "
+                f"{base.fold_version}, and this eventctx (rules {FOLD_VERSION}) cannot convert "
+                "them; read it with the eventctx release that wrote it",
+                session_id=base.session_id,
+                version=base.version,
+            )
+        raw = convert(raw)
+    if base.fold_version > FOLD_VERSION:
         raise IntegrityError(
-            f"session {base.session_id!r}: its retention base was written under fold rules "
-            f"{base.fold_version}, not {FOLD_VERSION}; run `eventctx upgrade`",
+            f"session {base.session_id!r}: its retention base was written under newer fold "
+            f"rules ({base.fold_version}) than this eventctx's ({FOLD_VERSION}); upgrade eventctx",
             session_id=base.session_id,
             version=base.version,
         )
-    return decode_state(base.state)
+    return decode_state(orjson.dumps(raw))
 
 
 def check_snapshots(store: EventStore, session_id: str) -> int:
@@ -164,10 +185,10 @@ def check_snapshots(store: EventStore, session_id: str) -> int:
     matches its digest) raises IntegrityError naming the session and version."""
     base = store.base(session_id)
     start = 0 if base is None else base.version
+    state = State() if base is None else base_state(base)  # a base that cannot be read fails
     stored = [s for s in store.snapshots(session_id) if s[1] == FOLD_VERSION and s[0] > start]
     if not stored:
         return 0
-    state = State() if base is None else base_state(base)
     events = store.read(session_id, start + 1, stored[-1][0], verify=True)
     for version, _, head_hash, data in stored:
         advance(state, islice(events, version - state.version))

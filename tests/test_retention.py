@@ -26,6 +26,8 @@ from eventctx import (
     IntegrityError,
     InvalidInputError,
     PluginRunner,
+    snapshots,
+    state,
 )
 from eventctx.cli import main
 from eventctx.clock import now_us
@@ -560,3 +562,21 @@ def test_recorded_heads_and_corrupt_bases_after_trimming(
             with pytest.raises(IntegrityError, match="retention base"):
                 read()
         assert not insp.verify("s").ok
+
+
+def test_a_base_outlives_a_change_of_fold_rules_only_with_a_conversion(
+    manager: ContextManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ctx = manager.create_context("s")
+    ctx.update({"a": 1, "b": 2})
+    compact(manager.store, retain=_since(_mark()))
+    ctx.set("c", 3)
+    insp = Inspector(manager.store)
+    monkeypatch.setattr(snapshots, "FOLD_VERSION", state.FOLD_VERSION + 1)
+    assert not insp.verify("s").ok and "cannot convert" in str(insp.verify("s").error)
+    assert not next(r for r in insp.verify() if r.session_id == "s").ok
+    with pytest.raises(IntegrityError, match="cannot convert"):
+        insp.state_at("s", 3)
+    renamed: dict[int, Any] = {state.FOLD_VERSION: lambda raw: raw | {"data": {"A": 1, "B": 2}}}
+    monkeypatch.setattr(snapshots, "BASE_CONVERSIONS", renamed)
+    assert insp.verify("s").ok and insp.state_at("s", 3).data == {"A": 1, "B": 2}
