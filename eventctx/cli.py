@@ -93,8 +93,17 @@ def _parser() -> argparse.ArgumentParser:
     load.add_argument(
         "--as", dest="as_session", metavar="NEW", help="import under another id, re-chained"
     )
-    compact = commands.add_parser("compact", help="remove sessions past their ttl, once")
+    compact = commands.add_parser(
+        "compact", help="remove sessions past their ttl (and with --retain old history), once"
+    )
     compact.add_argument("--dry-run", action="store_true", help="only list what would go")
+    compact.add_argument(
+        "--retain",
+        metavar="AGE",
+        type=cli_inspect.parse_duration,
+        help="also fold events older than AGE (90s, 15m, 2h, 30d) of live sessions into their "
+        "base and remove them",
+    )
     compact.add_argument(
         "--archive", metavar="DIR", help="export each session to DIR (durably) before removing it"
     )
@@ -282,10 +291,15 @@ def _verify(store: EventStore, args: argparse.Namespace) -> tuple[Any, list[str]
             failed.append(sid)
         else:
             sessions[sid] = result.events
-            line = f"{sid}: {result.events} events verified" + (
-                f", {result.snapshots} snapshot{'s' * (result.snapshots > 1)} checked"
-                if result.snapshots
-                else ""
+            base = store.base(sid)
+            line = (
+                f"{sid}: {result.events} events verified"
+                + ("" if base is None else f" from the retention base at version {base.version}")
+                + (
+                    f", {result.snapshots} snapshot{'s' * (result.snapshots > 1)} checked"
+                    if result.snapshots
+                    else ""
+                )
             )
             head = store.session(sid)
             if head is not None:
@@ -359,6 +373,20 @@ def _head_problem(
     if expected is None:
         return None
     version, digest = expected
+    base = store.base(session_id)
+    if base is not None and version <= base.version:
+        if version < base.version:
+            return (
+                f"session {session_id!r}: the recorded head at version {version} cannot be "
+                f"checked: retention folded versions up to {base.version} into the base"
+            )
+        if base.head_hash.hex() != digest:
+            return (
+                f"session {session_id!r} version {version}: the base's hash "
+                f"{base.head_hash.hex()} is not the recorded head {digest}: the history up to "
+                "there was rewritten"
+            )
+        return None
     found = store.read_versions(session_id, [version])
     if not found:
         return f"session {session_id!r} has no version {version}, yet its head was recorded there"
@@ -388,7 +416,7 @@ def _import(store: EventStore, args: argparse.Namespace) -> tuple[Any, list[str]
 
 
 def _compact(store: EventStore, args: argparse.Namespace) -> tuple[Any, list[str]]:
-    report = compact(store, dry_run=args.dry_run, archive=args.archive)
+    report = compact(store, dry_run=args.dry_run, archive=args.archive, retain=args.retain)
     doc = {
         "dry_run": report.dry_run,
         "sessions": report.sessions,
@@ -398,6 +426,8 @@ def _compact(store: EventStore, args: argparse.Namespace) -> tuple[Any, list[str
         "kept": report.kept,
         "skipped": report.skipped,
         "archived": report.archived,
+        "trimmed": report.trimmed,
+        "events_trimmed": report.events_trimmed,
         "duration_s": round(report.duration_s, 6),
     }
     verb = "would remove" if report.dry_run else "removed"
@@ -409,6 +439,12 @@ def _compact(store: EventStore, args: argparse.Namespace) -> tuple[Any, list[str
         lines.append(f"kept {report.kept} sessions written while the job ran")
     if report.archived:
         lines.append(f"archived {len(report.archived)} sessions first, e.g. {report.archived[0]}")
+    if args.retain is not None:
+        verb = "would fold" if report.dry_run else "folded"
+        lines.append(
+            f"{verb} {report.events_trimmed} events of {len(report.trimmed)} live sessions "
+            "into their bases"
+        )
     if report.skipped:
         lines.append(printable(f"skipped: {report.skipped}"))
     return doc, lines

@@ -29,6 +29,17 @@ _AGO: Final = re.compile(r"(\d+)([smhd])")
 _UNITS: Final = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 
 
+def parse_duration(text: str) -> timedelta:
+    """A duration from the command line: ``90s``, ``15m``, ``2h`` or ``30d``."""
+    found = _AGO.fullmatch(text.strip())
+    if found is None or int(found[1]) == 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 90s, 15m, 2h or 30d")
+    try:
+        return timedelta(**{_UNITS[found[2]]: int(found[1])})
+    except OverflowError:
+        raise argparse.ArgumentTypeError(f"{text!r} is too long") from None
+
+
 def parse_time(text: str, now: datetime | None = None) -> datetime:
     """A time from the command line: ISO 8601 with a UTC offset (``2026-11-27T10:00:00Z``),
     or a time ago (``90s``, ``15m``, ``2h``, ``7d`` before ``now``). Anything else is a usage

@@ -8,7 +8,9 @@ marked gets SessionExpiredError, so no acknowledged write ever vanishes and no s
 left half-removed (a large one is marked first, then emptied chunk by chunk).
 
 After compaction nothing of a removed session remains: its history, snapshots, blame and
-replay are gone with it. Sessions without a ttl, and live ones, are never touched.
+replay are gone with it. Sessions without a ttl, and live ones, are never touched by TTL
+removal. With ``retain``, live sessions keep only the events of that window, the rest folded
+into their base (``eventctx.retention`` says what the read side can still answer).
 One compactor runs at a time across processes and hosts (a lease row, renewed per chunk).
 """
 
@@ -24,6 +26,7 @@ from eventctx import faults
 from eventctx.errors import EventCtxError
 from eventctx.exchange import archive_session
 from eventctx.owners import dead_here, new_owner
+from eventctx.retention import Plan, build_base, check_window, plan
 from eventctx.store import EventStore
 
 __all__ = ["CompactionReport", "compact", "finish_removal"]
@@ -47,6 +50,11 @@ class CompactionReport:
     """Sessions listed as expired but written before they could be removed."""
     archived: list[str] = field(default_factory=list)
     """The archive files written (with an archive directory)."""
+    trimmed: dict[str, int] = field(default_factory=dict)
+    """With ``retain``: each session whose oldest events were folded into its base (or would
+    be), with its new base version."""
+    events_trimmed: int = 0
+    """Events retention removed (or would remove) from live sessions."""
     skipped: str | None = None
     """Why the run did nothing or stopped early (another compactor holds the lease)."""
     duration_s: float = 0.0
@@ -64,16 +72,24 @@ def compact(
     chunk_events: int = CHUNK_EVENTS,
     lease: timedelta = timedelta(seconds=60),
     archive: str | os.PathLike[str] | None = None,
+    retain: timedelta | None = None,
 ) -> CompactionReport:
     """Remove every expired session from ``store``; with ``dry_run`` only list them. With an
     ``archive`` directory, each is first exported there, durably (``archive_session``): one
-    that cannot be archived stays, frozen, and is not removed."""
+    that cannot be archived stays, frozen, and is not removed. With ``retain``, then fold
+    every live session's events older than that window into its base and remove them."""
     started = time.perf_counter()
     report = CompactionReport(dry_run=dry_run)
+    if retain is not None:
+        check_window(retain)
     if dry_run:
         for session_id, version in store.removal.expired_sessions(store.clock(), 2**31 - 1):
             report.sessions.append(session_id)
             report.events_removed += version
+        if retain is not None:
+            for planned in _plans(store, retain):
+                report.trimmed[planned.session_id] = planned.cut
+                report.events_trimmed += planned.events
         report.duration_s = time.perf_counter() - started
         return report
     owner = new_owner()
@@ -85,7 +101,9 @@ def compact(
         report.duration_s = time.perf_counter() - started
         return report
     try:
-        _Compactor(store, report, owner, chunk_events, lease, archive).run()
+        compactor = _Compactor(store, report, owner, chunk_events, lease, archive)
+        if compactor.run() and retain is not None:
+            compactor.retain(retain)
     finally:
         store.release_named_lease(LEASE, owner)
         report.duration_s = time.perf_counter() - started
@@ -110,6 +128,13 @@ def finish_removal(
     return True
 
 
+def _plans(store: EventStore, window: timedelta) -> list[Plan]:
+    """What retention would do to each live session now."""
+    now = store.clock()
+    found = (plan(store, head, window, now) for head in store.sessions())
+    return [p for p in found if p is not None]
+
+
 @dataclass(slots=True)
 class _Compactor:
     store: EventStore
@@ -119,7 +144,8 @@ class _Compactor:
     lease: timedelta
     archive: str | os.PathLike[str] | None = None
 
-    def run(self) -> None:
+    def run(self) -> bool:
+        """Remove the expired sessions; False if the lease was lost."""
         seen: set[str] = set()
         while True:
             listed = [
@@ -128,23 +154,46 @@ class _Compactor:
                 if c[0] not in seen
             ]
             if not listed:
-                return
+                return True
             batch: list[str] = []
             size = 0
             for session_id, version in listed:
                 seen.add(session_id)
                 if self.archive is not None or version > self.chunk:
                     if not self._remove_large(session_id, version):
-                        return
+                        return False
                     continue
                 if size + version > self.chunk and batch:
                     if not self._remove_small(batch):
-                        return
+                        return False
                     batch, size = [], 0
                 batch.append(session_id)
                 size += version
             if batch and not self._remove_small(batch):
+                return False
+
+    def retain(self, window: timedelta) -> None:
+        """Move each live session's base up to ``window`` ago, then remove the events below
+        it a chunk at a time (each step re-checked under the session's head-row lock)."""
+        for planned in _plans(self.store, window):
+            if not self._renew():
                 return
+            if planned.cut > planned.start:
+                head = self.store.session(planned.session_id)
+                if head is None:
+                    continue
+                base = build_base(self.store, head, planned)
+                if not self.store.bases.move(base, self.store.clock(), planned.start):
+                    continue  # purged or re-created meanwhile: the next run looks again
+            faults.point("retention.base_moved")
+            while True:
+                if not self._renew():
+                    return  # the base is in place: the next run removes the rest
+                removed = self.store.bases.trim(planned.session_id, planned.cut, self.chunk)
+                if not removed:
+                    break
+                self.report.events_trimmed += removed
+            self.report.trimmed[planned.session_id] = planned.cut
 
     def _renew(self) -> bool:
         """Keep the lease for the next chunk; False (and the reason reported) if it was lost."""

@@ -9,6 +9,7 @@
     ├── PhaseError                raised by a phase to say whether retrying it can help
     ├── SchemaError               the database has another schema version
     ├── IntegrityError            a hash chain or a stored row does not verify
+    ├── HistoryRemovedError       (also LookupError) asked about events retention removed
     ├── StorageError              the database failed (connection, disk, lock timeout)
     │   └── OutcomeUnknownError   the connection failed during COMMIT and could not be checked
     ├── InvalidInputError         (also ValueError) a bad session id, key, or oversized value
@@ -76,6 +77,16 @@ class IntegrityError(EventCtxError):
         """The session whose log failed, when known."""
         self.version = version
         """The first version that failed, when known."""
+
+
+class HistoryRemovedError(EventCtxError, LookupError):
+    """The question is about the part of a session's history that retention folded into its
+    base and removed (``base_version``: the oldest version that can still be answered)."""
+
+    def __init__(self, message: str, *, session_id: str, base_version: int) -> None:
+        super().__init__(message)
+        self.session_id = session_id
+        self.base_version = base_version
 
 
 class StorageError(EventCtxError):

@@ -27,6 +27,7 @@ __all__ = [
     "Hasher",
     "NewEvent",
     "RecordedEvent",
+    "base_digest",
     "chain_hash",
     "check_value",
     "encode_payload",
@@ -402,6 +403,21 @@ def snapshot_digest(
 ) -> bytes:
     """The digest stored with a snapshot: a restore uses a snapshot only if it still matches."""
     return hasher(orjson.dumps([session_id, version, fold_version]) + head_hash + state)
+
+
+def base_digest(
+    session_id: str,
+    version: int,
+    fold_version: int,
+    head_hash: bytes,
+    state: bytes,
+    history: bytes,
+    hasher: Hasher = sha256,
+) -> bytes:
+    """The digest stored with a retention base: its state and the history kept of the removed
+    events, bound to the session and the chain hash it continues from."""
+    lengths = orjson.dumps(["base", session_id, version, fold_version, len(state)])
+    return hasher(lengths + head_hash + state + history)
 
 
 # --- event envelopes --------------------------------------------------------------------------

@@ -2,7 +2,9 @@
 
 The file is JSON Lines: a header, then one line per event with every stored column (the
 payload as base64 of the exact bytes that were hashed, the hashes in hex), so that an import
-rebuilds the log byte for byte on either backend and keeps its hashes. A path ending in
+rebuilds the log byte for byte on either backend and keeps its hashes. A session whose
+oldest events retention removed carries its base in the header (format version 2), with the
+base's digest, so an import checks it as well as the chain after it. A path ending in
 ``.gz`` is gzip-compressed. An import verifies the whole chain while it streams and commits
 nothing unless it verifies.
 """
@@ -26,14 +28,16 @@ import orjson
 
 from eventctx.errors import (
     ChainKeyError,
+    ConcurrencyError,
     IntegrityError,
     InvalidInputError,
     SessionExpiredError,
     SessionNotFoundError,
     StorageError,
 )
-from eventctx.events import GENESIS_HASH
+from eventctx.events import GENESIS_HASH, INT_MAX
 from eventctx.store import EventStore
+from eventctx.store.bases import Base
 from eventctx.store.core import ChainCheck
 from eventctx.store.heads import ACTIVE, EXPIRING, SessionHead, check_session_id
 from eventctx.store.schema import SCHEMA_VERSION
@@ -48,7 +52,10 @@ __all__ = [
 ]
 
 FORMAT: Final = "eventctx-session"
-FORMAT_VERSION: Final = 1
+TRIES: Final = 3
+"""How often an export to a path starts again when retention moves the base under it."""
+FORMAT_VERSION: Final = 2
+"""The newest format written: 2 for a session with a retention base, 1 (also read) without."""
 _CHAINS: Final = ("sha256", "hmac-sha256")
 
 Target = str | os.PathLike[str] | IO[bytes]
@@ -73,7 +80,22 @@ def export_session(
     the way (IntegrityError otherwise; a path written to is then removed), so a file always
     holds a whole, verified log. Works on a read-only store. ``marked``: also a session that
     compaction has marked for removal (frozen, not yet emptied), which ``archive_session`` does.
+    When retention moves the session's base during the export, a path is written again; a file
+    object cannot be, and ConcurrencyError says to export again.
     """
+    for _ in range(TRIES if isinstance(out, str | os.PathLike) else 1):
+        try:
+            return _export(store, session_id, out, marked=marked)
+        except _BaseMovedError:
+            continue
+    raise ConcurrencyError(
+        f"retention moved the base of session {session_id!r} while it was exported; what was "
+        "written is incomplete: export again"
+    )
+
+
+def _export(store: EventStore, session_id: str, out: Target, *, marked: bool) -> Exchanged:
+    """One try of ``export_session``; _BaseMovedError when retention took events meanwhile."""
     head = store.session(session_id)
     if head is None:
         raise SessionNotFoundError(f"session {session_id!r} does not exist")
@@ -81,9 +103,10 @@ def export_session(
         if not marked:
             raise SessionExpiredError(f"session {session_id!r} expired and is being removed")
         head = replace(head, status=ACTIVE)  # frozen by compaction, still whole: export it
-    header = {
+    base = store.base(session_id)
+    header: dict[str, Any] = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": 1 if base is None else FORMAT_VERSION,
         "schema_version": SCHEMA_VERSION,
         "session_id": session_id,
         "events": head.version,
@@ -91,10 +114,20 @@ def export_session(
         "chain": store.chain_mode,
         "ttl_ms": head.ttl_ms,
     }
-    check = store.chain_check(head)
+    if base is not None:
+        header["created_at_us"] = head.created_at_us
+        header["base"] = {
+            "version": base.version,
+            "fold_version": base.fold_version,
+            "head_hash": base.head_hash.hex(),
+            "state_b64": base64.b64encode(base.state).decode(),
+            "history_b64": base64.b64encode(base.history).decode(),
+            "digest": store.bases.digest(base).hex(),
+        }
+    check = store.chain_check(head, base)
     with _opened(out, "wb") as file:
         file.write(orjson.dumps(header) + b"\n")
-        for row in store.chain_rows(session_id, head.version):
+        for row in store.chain_rows(session_id, head.version, check.first):
             version, type_, key, phase, execution_id, payload, at, digest, prev = row
             check.feed(*row)
             line = {
@@ -109,8 +142,17 @@ def export_session(
                 "prev_hash": bytes(prev).hex(),
             }
             file.write(orjson.dumps(line) + b"\n")
-        check.finish()
+        try:
+            check.finish()
+        except IntegrityError:
+            if store.base(session_id) != base:
+                raise _BaseMovedError from None
+            raise
     return Exchanged(session_id, head.version, head.head_hash)
+
+
+class _BaseMovedError(Exception):
+    """Retention moved the session's base (and removed events) while it was exported."""
 
 
 def archive_session(store: EventStore, session_id: str, directory: str | os.PathLike[str]) -> Path:
@@ -167,12 +209,12 @@ def import_session(store: EventStore, source: Target, as_session: str | None = N
     with _opened(source, "rb") as file:
         name = _name(source)
         lines = _lines(file, name)
-        head, chain = _header(next(lines, None), name, store)
+        head, chain, base = _header(next(lines, None), name, store)
         target = head.session_id if as_session is None else as_session
         check_session_id(target)
-        check = store.chain_check(head)
+        check = store.chain_check(head, base)
         rows = _rows(lines, head, check, store, target, name, keyed=chain != "sha256")
-        count = store.load(target, rows)
+        count = store.load(target, rows, base, head.created_at_us)
     last = store.session(target)
     return Exchanged(target, count, GENESIS_HASH if last is None else last.head_hash)
 
@@ -189,7 +231,7 @@ def _rows(
 ) -> Iterator[dict[str, Any]]:
     """The event rows of the file's lines, each checked against the chain as it passes (the
     first failure raises at once); re-chained under ``target`` when it is another id."""
-    prev = GENESIS_HASH
+    prev = check.prev
     count = 0
     for number, line in lines:
         row = _event(line, number, name)
@@ -222,10 +264,11 @@ def _rows(
         row["session_id"] = target
         count += 1
         yield row
-    if count != head.version:
+    expected = head.version - check.first + 1
+    if count != expected:
         raise IntegrityError(
-            f"{name}: holds {count} events but its header says {head.version}: "
-            + ("it is truncated" if count < head.version else "it was edited")
+            f"{name}: holds {count} events but its header says {expected}: "
+            + ("it is truncated" if count < expected else "it was edited")
             + "; nothing was imported",
             session_id=head.session_id,
         )
@@ -245,8 +288,9 @@ def _refused(error: IntegrityError, name: str, *, keyed: bool) -> IntegrityError
 
 def _header(
     first: tuple[int, bytes] | None, name: str, store: EventStore
-) -> tuple[SessionHead, str]:
-    """The session the header describes, and how its chain was hashed."""
+) -> tuple[SessionHead, str, Base | None]:
+    """The session the header describes, how its chain was hashed, and its base (checked
+    against its digest)."""
     not_export = InvalidInputError(f"{name} is not an eventctx session export")
     if first is None:
         raise InvalidInputError(f"{name} is empty: it is not an eventctx session export")
@@ -256,7 +300,7 @@ def _header(
         raise not_export from None
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise not_export
-    if header.get("format_version") != FORMAT_VERSION:
+    if header.get("format_version") not in (1, FORMAT_VERSION):
         raise InvalidInputError(
             f"{name} is of format_version {header.get('format_version')!r}; this eventctx "
             f"reads version {FORMAT_VERSION}"
@@ -269,6 +313,7 @@ def _header(
     except (KeyError, TypeError, ValueError):
         raise InvalidInputError(f"{name}: its header is incomplete or malformed") from None
     check_session_id(session_id)
+    base = _base(header, session_id, name)
     if chain != store.chain_mode:
         raise ChainKeyError(
             f"{name} was exported from a keyed chain ({chain}): it verifies only with the "
@@ -277,7 +322,41 @@ def _header(
             else f"{name} was exported from an unkeyed chain, but the target's chains are "
             "keyed: import it into a database without a chain key"
         )
-    return SessionHead(session_id, events, head_hash, 0, 0, None, ACTIVE), chain
+    if base is not None and bytes.fromhex(header["base"]["digest"]) != store.bases.digest(base):
+        raise IntegrityError(
+            f"{name}: its retention base is not what was exported (its digest does not match)"
+            + ("; it verifies only with the same key" if chain != "sha256" else "")
+            + "; nothing was imported",
+            session_id=session_id,
+        )
+    created_at = header.get("created_at_us") if base is not None else 0
+    if type(created_at) is not int or not 0 <= created_at <= INT_MAX:
+        raise InvalidInputError(f"{name}: its header's created_at_us is missing or out of range")
+    if base is not None and header["format_version"] < FORMAT_VERSION:
+        raise InvalidInputError(f"{name}: a base in a format_version 1 file; it was edited")
+    return SessionHead(session_id, events, head_hash, created_at, 0, None, ACTIVE), chain, base
+
+
+def _base(header: dict[str, Any], session_id: str, name: str) -> Base | None:
+    """The retention base in a header (format version 2), or None."""
+    raw = header.get("base")
+    if raw is None:
+        return None
+    try:
+        base = Base(
+            session_id,
+            raw["version"],
+            raw["fold_version"],
+            bytes.fromhex(raw["head_hash"]),
+            base64.b64decode(raw["state_b64"], validate=True),
+            base64.b64decode(raw["history_b64"], validate=True),
+        )
+        bytes.fromhex(raw["digest"])
+        if type(base.version) is not int or type(base.fold_version) is not int:
+            raise TypeError
+    except (KeyError, TypeError, ValueError, binascii.Error):
+        raise InvalidInputError(f"{name}: its base is incomplete or malformed") from None
+    return base
 
 
 def _event(line: bytes, number: int, name: str) -> dict[str, Any]:

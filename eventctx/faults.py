@@ -16,6 +16,7 @@ POINTS: Final = (
     "append.after_commit",
     "snapshot.before_save",
     "compaction.mid_session",
+    "retention.base_moved",
     "run.after_phase_started",
     "run.before_phase_end",
 )

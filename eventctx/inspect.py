@@ -22,8 +22,10 @@ from heapq import merge
 from typing import Any, Final, overload
 
 from eventctx.errors import (
+    ConcurrencyError,
     ContextKeyError,
     EventCtxError,
+    HistoryRemovedError,
     IntegrityError,
     InvalidInputError,
     SessionExistsError,
@@ -55,17 +57,21 @@ from eventctx.findings import (
     SessionDiff,
     VerifyResult,
 )
-from eventctx.snapshots import check_snapshots, restore
+from eventctx.retention import ENDS, Kept, end_status, every_base, previous_values
+from eventctx.snapshots import base_state, check_snapshots, removed, restore
 from eventctx.state import State, advance, rolled_back
 from eventctx.store import EventStore, SessionHead
+from eventctx.store.bases import Base
 from eventctx.store.heads import check_session_id
 
 __all__ = ["Inspector"]
 
+TRIES: Final = 3
+"""How often a copy starts again when retention moves the base under it."""
+
 
 _KEY_TYPES: Final = frozenset({"KeySet", "KeyDeleted", "ContextCleared"})
 _RUN_TYPES: Final = RUN_EVENTS
-_ENDS: Final = frozenset({"PhaseCompleted", "PhaseFailed"})
 _RESETS: Final = frozenset({"ContextCleared", "ContextCreated"})
 
 
@@ -119,11 +125,13 @@ class Inspector:
         phase: str | None = None,
         execution_id: str | None = None,
     ) -> Iterator[RecordedEvent]:
-        """The session's events in version order, filtered (times inclusive), streamed.
-        Cost: one pass over the session's rows in the database; only matches are returned."""
+        """The session's events in version order, filtered (times inclusive), streamed; after
+        retention, those after its base. Cost: one pass over the session's rows in the
+        database; only matches are returned."""
         self._head(session_id)
         return self._store.find(
             session_id,
+            from_version=self._first(session_id),
             types=None if types is None else set(types),
             phase=phase,
             execution_id=execution_id,
@@ -145,14 +153,26 @@ class Inspector:
         version = self._version(head, version)
         return restore(self._store, session_id, version)[0]
 
+    def base_version(self, session_id: str) -> int:
+        """The oldest version the session's history can still answer for: 1, or after
+        retention its base's version (earlier ones raise HistoryRemovedError)."""
+        self._head(session_id)
+        return self._first(session_id) - 1 or 1
+
     def replay(
-        self, session_id: str, start: int = 1, stop: int | None = None
+        self, session_id: str, start: int | None = None, stop: int | None = None
     ) -> Iterator[ReplayStep]:
-        """Each event from ``start`` to ``stop`` with the state right after it and the keys it
-        changed. Cost: a restore at ``start - 1``, then one streamed pass; each step's state
-        is a copy (memory per step, never per replay)."""
+        """Each event from ``start`` (the first kept: 1, or after retention the one after the
+        base) to ``stop`` with the state right after it and the keys it changed. Cost: a
+        restore at ``start - 1``, then one streamed pass; each step's state is a copy (memory
+        per step, never per replay)."""
         head = self._head(session_id)
-        start = self._version(head, start)
+        first = self._first(session_id)
+        if start is not None and start < first:
+            removed(self._store, session_id, start - 1)
+        if start is None and first > head.version:
+            return  # retention folded every event into the base: nothing to replay
+        start = self._version(head, first if start is None else start)
         stop = self._version(head, stop)
         if stop < start:
             raise InvalidInputError(f"replay stop {stop} is before start {start}")
@@ -179,10 +199,15 @@ class Inspector:
                     f"up to version {state.version}"
                 )
             provenance = {key: provenance[key]}
-        priors = self._store.read_versions(
-            session_id, [p.prior for p in provenance.values() if p.prior is not None]
+        base = self._store.base(session_id)
+        replaced = previous_values(
+            self._store,
+            session_id,
+            0 if base is None else base.version,
+            State() if base is None else base_state(base),
+            Kept.of(base).replaced,
+            provenance,
         )
-        replaced = {e.version: _value_after(e) for e in priors}
         return {
             name: KeyWrite(
                 name,
@@ -193,7 +218,7 @@ class Inspector:
                 from_us(p.recorded_at_us),
                 state.data[name] if p.op == "set" else ABSENT,
                 p.op,
-                ABSENT if p.prior is None else replaced.get(p.prior, ABSENT),
+                replaced[name],
                 p.prior,
             )
             for name, p in provenance.items()
@@ -202,17 +227,24 @@ class Inspector:
     def key_history(self, session_id: str, key: str) -> list[KeyWrite]:
         """Every write of ``key``, oldest first (clears and re-creations that removed it
         included); the writes of a failed isolated attempt are marked ``rolled_back``, and the
-        next write replaces what the key held before that attempt. Cost: one pass over the
-        session's rows in the database."""
+        next write replaces what the key held before that attempt. After retention it starts
+        with the key's last write kept in the base. Cost: one pass over the session's rows in
+        the database."""
         self._head(session_id)
         store = self._store
-        writes = store.find(session_id, key=key, types=_KEY_TYPES)
-        context = store.find(session_id, types=_RESETS | _RUN_TYPES)
-        attempts: dict[tuple[str | None, str | None], int] = {}
-        isolated: dict[tuple[str | None, str | None], _Undo | None] = {}
+        base = store.base(session_id)
+        history: list[KeyWrite] = []
         value: Any = ABSENT
         last: int | None = None
-        history: list[KeyWrite] = []
+        if base is not None:
+            kept = base_state(base)
+            if key in kept.provenance:
+                history.append(_kept_write(key, kept, Kept.of(base).replaced))
+                value, last = history[0].value, history[0].version
+        writes = store.find(session_id, key=key, types=_KEY_TYPES, from_version=_after(base))
+        context = store.find(session_id, types=_RESETS | _RUN_TYPES, from_version=_after(base))
+        attempts: dict[tuple[str | None, str | None], int] = {}
+        isolated: dict[tuple[str | None, str | None], _Undo | None] = {}
         for event in merge(writes, context, key=_version_of):
             kind, run = event.type, (event.execution_id, event.phase)
             if kind == "RunStarted":
@@ -221,7 +253,7 @@ class Inspector:
                 attempts[run] = event.payload["attempt"]
                 if event.payload.get("isolated"):
                     isolated[run] = None
-            elif kind in _ENDS:
+            elif kind in ENDS:
                 undo = isolated.pop(run, None)
                 if kind == "PhaseFailed" and undo is not None and history[-1] is undo.last:
                     for i in undo.writes:  # the attempt's writes did not count
@@ -255,24 +287,38 @@ class Inspector:
                 if undo is not None:
                     undo.last = write
                 value, last = new, event.version
+        if not history and base is not None:
+            raise HistoryRemovedError(
+                f"key {key!r} has no write kept in session {session_id!r}: any before version "
+                f"{base.version} were removed by retention",
+                session_id=session_id,
+                base_version=base.version,
+            )
         if not history:
             raise ContextKeyError(f"key {key!r} was never written in session {session_id!r}")
         return history
 
     def readers(self, session_id: str, key: str) -> list[KeyRead]:
-        """The phase attempts that read ``key``, oldest first. Cost: one pass over the
-        session's rows in the database (only phase end events travel)."""
+        """The phase attempts that read ``key``, oldest first (those retention removed are kept
+        in the base). Cost: one pass over the session's rows in the database (only phase end
+        events travel)."""
         self._head(session_id)
+        base = self._store.base(session_id)
+        kept = Kept.of(base)
         return [
+            KeyRead(phase, execution_id, attempt, version, from_us(at), status)
+            for version, at, execution_id, phase, attempt, status, _, keys_read in kept.ends
+            if key in keys_read
+        ] + [
             KeyRead(
                 str(e.phase),
                 str(e.execution_id),
                 e.payload["attempt"],
                 e.version,
                 e.recorded_at,
-                _end_status(e),
+                end_status(e),
             )
-            for e in self._store.find(session_id, types=_ENDS)
+            for e in self._store.find(session_id, types=ENDS, from_version=_after(base))
             if key in e.payload["keys_read"]
         ]
 
@@ -290,7 +336,8 @@ class Inspector:
         over the session's rows in the database (only run and phase events travel)."""
         self._head(session_id)
         runs: dict[str, Run] = {}
-        for e in self._store.find(session_id, types=_RUN_TYPES):
+        first = self._first(session_id)
+        for e in self._store.find(session_id, types=_RUN_TYPES, from_version=first):
             run = runs.get(e.execution_id or "")
             if e.type == "RunStarted":
                 runs[e.execution_id or ""] = Run(
@@ -321,18 +368,31 @@ class Inspector:
         since: datetime | None = None,
         until: datetime | None = None,
     ) -> Iterator[PhaseTiming]:
-        """Every ended phase attempt (of one session, or all), streamed. Cost: one pass over
-        the rows in the database (only phase end events travel)."""
+        """Every ended phase attempt (of one session, or all), streamed; those retention removed
+        come first, from the bases. Cost: one pass over the rows in the database (only phase
+        end events travel)."""
         if session_id is not None:
             self._head(session_id)
+            found = self._store.base(session_id)
+            bases = {} if found is None else {session_id: found}
+        else:
+            bases = every_base(self._store)
+        low, high = _us(since, "since"), _us(until, "until")
+        for sid, base in bases.items():
+            for _, at, run_id, name, attempt, status, ms, _ in Kept.of(base).ends:
+                if (phase is None or name == phase) and (low or at) <= at <= (high or at):
+                    yield PhaseTiming(sid, run_id, name, attempt, status, ms, from_us(at))
         for e in self._store.find(
             session_id,
-            types=_ENDS,
+            types=ENDS,
             phase=phase,
-            since_us=_us(since, "since"),
-            until_us=_us(until, "until"),
+            since_us=low,
+            until_us=high,
+            from_version=_after(bases.get(session_id or "")),
         ):
-            status = _end_status(e)
+            if e.session_id in bases and e.version <= bases[e.session_id].version:
+                continue  # retention removes it: counted from the base
+            status = end_status(e)
             yield PhaseTiming(
                 e.session_id,
                 str(e.execution_id),
@@ -415,9 +475,38 @@ class Inspector:
         return version
 
     def _copy_into(self, store: EventStore, session_id: str, new: str, version: int) -> None:
-        """Append ``session_id``'s events up to ``version`` to ``new`` through ``store``."""
+        """Append ``session_id``'s events up to ``version`` to ``new`` through ``store`` (after
+        retention: load its base and the events after it, re-chained under ``new``). When
+        retention moves the base while the events are read, it starts again."""
+        for _ in range(TRIES):
+            base = self._store.base(session_id)
+            try:
+                if base is None:
+                    self._append_copies(store, session_id, new, version)
+                    return
+                removed(self._store, session_id, version)
+                head = self._head(session_id)
+                rows = self._rechained(store, session_id, new, base, version)
+                store.load(new, rows, base, head.created_at_us)
+                return
+            except _BaseMovedError:
+                continue
+        raise ConcurrencyError(
+            f"retention kept moving the base of session {session_id!r} while it was copied; "
+            "nothing was written: try again"
+        )
+
+    def _append_copies(self, store: EventStore, session_id: str, new: str, version: int) -> None:
+        """Copy a whole log by appending its events to ``new``; a log whose first events go
+        meanwhile (retention) leaves no ``new`` behind and raises _BaseMovedError."""
         batch: list[NewEvent] = []
+        expected = 1
         for event in self._store.read(session_id, 1, version):
+            if event.version != expected:
+                if store.session(new) is not None:
+                    store.purge(new)  # ours alone so far: nobody else knows the id
+                raise _BaseMovedError
+            expected += 1
             # The store reads a batch's first and last events as the lifecycle of the session:
             # a re-creation (with its ttl) must start a batch, and a delete must end one only
             # where the history does.
@@ -428,6 +517,35 @@ class Inspector:
             batch.append(_copy(event))
         if batch:
             store.append(new, batch)
+
+    def _rechained(
+        self, store: EventStore, session_id: str, new: str, base: Base, version: int
+    ) -> Iterator[dict[str, Any]]:
+        """``session_id``'s events after ``base`` up to ``version`` as rows of ``new``, each
+        hashed onto the one before it from the base's chain hash."""
+        prev = base.head_hash
+        expected = base.version + 1
+        for number, kind, key, phase, run_id, payload, at, _, _ in self._store.chain_rows(
+            session_id, version, base.version + 1
+        ):
+            if number != expected:  # the base moved on and took these events: not loaded
+                raise _BaseMovedError
+            expected += 1
+            data = bytes(payload)
+            digest = store.hash_event(prev, new, number, kind, key, phase, run_id, at, data)
+            yield {
+                "session_id": new,
+                "version": number,
+                "type": kind,
+                "key": key,
+                "phase": phase,
+                "execution_id": run_id,
+                "payload": data,
+                "recorded_at": at,
+                "hash": digest,
+                "prev_hash": prev,
+            }
+            prev = digest
 
     @contextmanager
     def _writable(self) -> Iterator[EventStore]:
@@ -474,7 +592,7 @@ class Inspector:
                 )
             except Exception as exc:
                 error = exc
-        ended = list(self._store.find(fork_id, types=_ENDS, from_version=started + 1))
+        ended = list(self._store.find(fork_id, types=ENDS, from_version=started + 1))
         duration = ended[-1].payload["duration_ms"] if ended else 0.0
         before = set(self.state_at(fork_id, at).data)
         mine = _writes(
@@ -526,6 +644,7 @@ class Inspector:
             self._head(session_id)
             return self._verify(session_id)
         snapshotted = self._store.snapshotted()
+        snapshotted |= {b.session_id for b in self._store.bases.all() if isinstance(b, Base)}
         return [
             self._snapshots_of(_verified(sid, found))
             if sid in snapshotted
@@ -560,14 +679,20 @@ class Inspector:
             )
         return head
 
-    @staticmethod
-    def _version(head: SessionHead, version: int | None) -> int:
+    def _first(self, session_id: str) -> int:
+        """The first version the session's log still holds: 1, or its base's version + 1."""
+        return _after(self._store.base(session_id))
+
+    def _version(self, head: SessionHead, version: int | None) -> int:
+        """``version`` (None: the head) if the session can answer for it."""
         if version is None:
             return head.version
         if type(version) is not int or not 1 <= version <= head.version:
             raise InvalidInputError(
-                f"session {head.session_id!r} has versions 1 to {head.version}, not {version!r}"
+                f"session {head.session_id!r} has versions {self._first(head.session_id)} to "
+                f"{head.version}, not {version!r}"
             )
+        removed(self._store, head.session_id, version)
         return version
 
     def _version_at(self, head: SessionHead, at: datetime) -> int:
@@ -575,15 +700,18 @@ class Inspector:
         session, so a binary search of point reads finds it)."""
         at_us = _us(at, "at")
         assert at_us is not None
-        low, high = 1, head.version
-        found = None
-        while low <= high:
-            middle = (low + high) // 2
-            event = self._store.read_versions(head.session_id, [middle])
-            if event and event[0].recorded_at_us <= at_us:
-                found, low = middle, middle + 1
-            else:
-                high = middle - 1
+        base = self._store.base(head.session_id)
+        found = self._store.version_at(head.session_id, at_us, _after(base), head.version)
+        if found is None and base is not None:
+            if base_state(base).recorded_at_us > at_us:
+                raise HistoryRemovedError(
+                    f"session {head.session_id!r}: its history before "
+                    f"{from_us(base_state(base).recorded_at_us).isoformat()} was removed by "
+                    "retention; ask about a later time",
+                    session_id=head.session_id,
+                    base_version=base.version,
+                )
+            found = base.version
         if found is None:
             raise InvalidInputError(
                 f"session {head.session_id!r} has no event at or before {at.isoformat()}"
@@ -653,9 +781,30 @@ def _version_of(event: RecordedEvent) -> int:
     return event.version
 
 
-def _value_after(event: RecordedEvent) -> Any:
-    """The value a key held after ``event`` wrote it (ABSENT after a delete)."""
-    return event.payload["value"] if event.type == "KeySet" else ABSENT
+def _kept_write(key: str, state: State, replaced: dict[str, Any]) -> KeyWrite:
+    """The last write of ``key`` that a retention base keeps (its event was removed)."""
+    p = state.provenance[key]
+    return KeyWrite(
+        key,
+        p.phase,
+        p.execution_id,
+        p.attempt,
+        p.version,
+        from_us(p.recorded_at_us),
+        state.data[key] if p.op == "set" else ABSENT,
+        p.op,
+        replaced.get(key, ABSENT),
+        p.prior,
+    )
+
+
+class _BaseMovedError(Exception):
+    """Retention moved a session's base while its events were being copied."""
+
+
+def _after(base: Base | None) -> int:
+    """The first version after ``base`` (1 without one)."""
+    return 1 if base is None else base.version + 1
 
 
 def _changed(state: State, event: RecordedEvent) -> frozenset[str]:
@@ -685,12 +834,6 @@ def _diff(before: dict[str, Any], after: dict[str, Any]) -> ContextDiff:
     )
 
 
-def _end_status(event: RecordedEvent) -> str:
-    if event.type == "PhaseCompleted":
-        return "completed"
-    return "interrupted" if event.payload["error_type"] == "interrupted" else "failed"
-
-
 def _phase_event(run: Run, event: RecordedEvent) -> None:
     """Fold a phase event into the run's phase attempts."""
     name = event.phase or ""
@@ -703,7 +846,7 @@ def _phase_event(run: Run, event: RecordedEvent) -> None:
     if not phase.attempts or phase.attempts[-1].ended_version is not None:
         return  # an end without a start: nothing to attach it to
     attempt = phase.attempts[-1]
-    attempt.status = _end_status(event)
+    attempt.status = end_status(event)
     attempt.ended_version = event.version
     attempt.keys_read = list(event.payload["keys_read"])
     attempt.duration_ms = event.payload["duration_ms"]

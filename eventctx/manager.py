@@ -24,6 +24,7 @@ from eventctx.errors import (
     SessionNotFoundError,
 )
 from eventctx.events import NewEvent
+from eventctx.retention import check_window
 from eventctx.snapshots import SnapshotPolicy, restore
 from eventctx.state import fold
 from eventctx.store import EventStore
@@ -58,7 +59,9 @@ class ContextManager:
 
     ``store`` is an EventStore, a database URL, or None for ``$EVENTCTX_URL`` (default
     ``sqlite:///eventctx.db``). With an ``archive`` directory, cleanup exports each expired
-    session there before removing it (docs/retention.md). ``ttl`` is the default lifetime of a
+    session there before removing it; with ``retain`` (a duration), cleanup also folds each live
+    session's events older than that into its base and removes them (docs/retention.md).
+    ``ttl`` is the default lifetime of a
     session without activity (None: for ever). While started, a background job runs
     ``cleanup_expired()`` every ``cleanup_interval`` (None: never). Use ``with manager:`` (or
     ``start()``/``stop()``); after ``stop()`` every method of the manager and its contexts
@@ -76,6 +79,7 @@ class ContextManager:
         max_value_bytes: int = 16 * 1024 * 1024,
         chain_key: bytes | str | None = None,
         archive: str | os.PathLike[str] | None = None,
+        retain: timedelta | None = None,
     ) -> None:
         """Open (or adopt) the store; a store opened here from a URL (with ``chain_key`` when
         its chains are keyed) is closed by ``stop()``."""
@@ -87,6 +91,8 @@ class ContextManager:
             check_duration(cleanup_interval, "cleanup_interval")
         self._cleanup_interval = cleanup_interval
         self._archive = archive
+        self._retain = None if retain is None else check_window(retain)
+        """How much history cleanup keeps of live sessions (None: all of it)."""
         """Where cleanup exports each expired session before removing it (None: nowhere)."""
         self._scheduler: BackgroundScheduler | None = None
         if store is not None and not isinstance(store, (EventStore, str)):
@@ -254,10 +260,13 @@ class ContextManager:
             self._evict(session_id, f"session {session_id!r} was deleted")
 
     def cleanup_expired(self, *, dry_run: bool = False) -> CompactionReport:
-        """Remove every session whose last activity is older than its ttl (what the
-        scheduled job runs); see ``eventctx.compaction``. Their contexts here are closed."""
+        """Remove every session whose last activity is older than its ttl, and with ``retain``
+        trim the history of the others (what the scheduled job runs); see
+        ``eventctx.compaction``. The contexts of removed sessions here are closed."""
         with self._runtime.gate:
-            report = compact(self._runtime.store, dry_run=dry_run, archive=self._archive)
+            report = compact(
+                self._runtime.store, dry_run=dry_run, archive=self._archive, retain=self._retain
+            )
         if not dry_run:
             self._runtime.counters.add("cleanups")
             self._runtime.counters.add("expired", report.sessions_removed)

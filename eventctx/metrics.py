@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Final
 from eventctx.counters import Bins, Histogram, LiveMetrics
 from eventctx.errors import InvalidInputError
 from eventctx.events import to_us
+from eventctx.retention import ENDS, Kept, end_status, every_base
 from eventctx.runlog import INTERRUPTED
 from eventctx.store import EventStore
 
@@ -66,7 +67,6 @@ DURATION_BUCKETS: Final = (
 """Upper bounds (seconds) of the phase duration buckets: a millisecond to four hours, about
 three buckets per tenfold (longer attempts land in the +Inf bucket)."""
 
-_ENDS: Final = frozenset({"PhaseCompleted", "PhaseFailed"})
 _RUN_ENDS: Final = {"RunCompleted": "completed", "RunFailed": "failed"}
 
 
@@ -114,7 +114,8 @@ def log_metrics(
     ``phase`` only, recorded at or after ``since``, both filtered in the database).
 
     Cost: every matching event travels once; memory per phase attempt (for the percentiles).
-    Compaction removes expired sessions' events, so the counts drop when it does.
+    Compaction removes expired sessions' events, so the counts drop when it does; the phase
+    attempts retention folded into live sessions' bases still count.
     """
     if since is not None and not isinstance(since, datetime):
         raise InvalidInputError(f"since must be a datetime, not {type(since).__name__}")
@@ -126,19 +127,31 @@ def log_metrics(
     durations: dict[str, list[float]] = {}
     runs = {"completed": 0, "failed": 0}
     events: dict[str, int] = {}
+
+    def attempt(name: str, number: int, status: str, duration_ms: float | None) -> None:
+        count = counts.setdefault(name, [0, 0, 0])
+        count[0] += 1
+        count[1] += status != "completed"
+        count[2] += number > 1
+        if status != INTERRUPTED and duration_ms is not None:
+            durations.setdefault(name, []).append(duration_ms / 1000)
+
+    bases = every_base(store)
+    for kept in bases.values():  # the attempts retention folded into a base
+        for _, at, _, name, number, status, ms, _ in Kept.of(kept).ends:
+            if (phase is None or name == phase) and (since_us is None or at >= since_us):
+                attempt(name, number, status, ms)
     for event in store.find(phase=phase, since_us=since_us):
+        base = bases.get(event.session_id)
+        if base is not None and event.version <= base.version:
+            continue  # being removed by retention: counted from its base
         kind = event.type
         events[kind] = events.get(kind, 0) + 1
         if kind in _RUN_ENDS:
             runs[_RUN_ENDS[kind]] += 1
-        elif kind in _ENDS:
-            name, payload = str(event.phase), event.payload
-            count = counts.setdefault(name, [0, 0, 0])
-            count[0] += 1
-            count[1] += kind == "PhaseFailed"
-            count[2] += payload["attempt"] > 1
-            if payload.get("error_type") != INTERRUPTED:
-                durations.setdefault(name, []).append(payload["duration_ms"] / 1000)
+        elif kind in ENDS:
+            payload = event.payload
+            attempt(str(event.phase), payload["attempt"], end_status(event), payload["duration_ms"])
     return LogMetrics(
         {
             name: _phase_metrics(count, durations.get(name, []))

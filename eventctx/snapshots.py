@@ -9,16 +9,20 @@ they summarise) and either ``MIN_BYTES`` or ``snapshot_every`` events have gone 
 from __future__ import annotations
 
 import logging
-from itertools import islice
-from typing import Final
+from collections.abc import Callable
+from itertools import chain, islice
+from typing import Any, Final
+
+import orjson
 
 from eventctx import faults
-from eventctx.errors import IntegrityError
+from eventctx.errors import HistoryRemovedError, IntegrityError
 from eventctx.state import FOLD_VERSION, State, advance, decode_state
 from eventctx.store import EventStore
+from eventctx.store.bases import Base
 from eventctx.store.log import EventLog
 
-__all__ = ["MIN_BYTES", "SnapshotPolicy", "check_snapshots", "restore"]
+__all__ = ["MIN_BYTES", "SnapshotPolicy", "base_state", "check_snapshots", "removed", "restore"]
 
 MIN_BYTES: Final = 64 * 1024
 """Appended bytes after which a small state is snapshotted even before ``snapshot_every``."""
@@ -88,33 +92,104 @@ def restore(
             session_id,
             state.version - max(tail, 0),
         )
-    state = State()
     try:
-        tail = _tail(source, session_id, state, version)
-    except IntegrityError as exc:
-        if exc.session_id is not None:
+        state, size, tail = _fold_log(source, session_id, version)
+    except IntegrityError:
+        if source.base(session_id) is None:
             raise
-        raise IntegrityError(
-            f"session {session_id!r}: {exc}; run verify", session_id=session_id, version=exc.version
-        ) from exc
+        # Retention removed the start of the log while it was read: fold from its base.
+        state, size, tail = _fold_log(source, session_id, version)
     if not _matches(state, version, head_hash):
         raise IntegrityError(
             f"session {session_id!r}: folding the log gives version {state.version}, expected "
             f"{version} with the head row's chain hash; run verify",
             session_id=session_id,
         )
-    return state, 0, tail
+    return state, size, tail
+
+
+def _fold_log(source: EventLog, session_id: str, version: int) -> tuple[State, int, int]:
+    """The state at ``version`` folded from the start of the log, or from the session's
+    retention base once its first events are gone: (state, base size, events folded). The
+    base is looked up only then, so a whole log costs no extra read."""
+    try:
+        events = source.read(session_id, 1, version, verify=True)
+        first = next(events, None)
+        state = State()
+        if first is not None and first.version == 1:
+            advance(state, chain((first,), events))
+            return state, 0, state.version
+        base = removed(source, session_id, version)
+        if base is None:
+            if first is None and version == 0:
+                return state, 0, 0
+            raise IntegrityError("the log has no version 1 and no retention base", version=1)
+        state = base_state(base)
+        return state, len(base.state), _tail(source, session_id, state, version)
+    except IntegrityError as exc:
+        if exc.session_id is not None:
+            raise
+        raise IntegrityError(
+            f"session {session_id!r}: {exc}; run verify", session_id=session_id, version=exc.version
+        ) from exc
+
+
+def removed(source: EventLog, session_id: str, version: int) -> Base | None:
+    """The session's retention base; HistoryRemovedError when ``version`` is below it (that
+    part of the history was folded into the base and removed)."""
+    base = source.base(session_id)
+    if base is not None and version < base.version:
+        raise HistoryRemovedError(
+            f"session {session_id!r}: versions before {base.version} were removed by retention "
+            f"(their effect is kept in the base at version {base.version}); ask about version "
+            f"{base.version} or later",
+            session_id=session_id,
+            base_version=base.version,
+        )
+    return base
+
+
+BASE_CONVERSIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {}
+"""How a retention base's state (decoded JSON) written under fold rules N becomes one under
+N + 1. A snapshot under old rules is simply ignored, but a base cannot be folded again (its
+events are gone): a change of ``FOLD_VERSION`` must add its conversion here."""
+
+
+def base_state(base: Base) -> State:
+    """The state a retention base holds, converted to the current fold rules."""
+    raw = orjson.loads(base.state)
+    for rules in range(base.fold_version, FOLD_VERSION):
+        convert = BASE_CONVERSIONS.get(rules)
+        if convert is None:
+            raise IntegrityError(
+                f"session {base.session_id!r}: its retention base was written under fold rules "
+                f"{base.fold_version}, and this eventctx (rules {FOLD_VERSION}) cannot convert "
+                "them; read it with the eventctx release that wrote it",
+                session_id=base.session_id,
+                version=base.version,
+            )
+        raw = convert(raw)
+    if base.fold_version > FOLD_VERSION:
+        raise IntegrityError(
+            f"session {base.session_id!r}: its retention base was written under newer fold "
+            f"rules ({base.fold_version}) than this eventctx's ({FOLD_VERSION}); upgrade eventctx",
+            session_id=base.session_id,
+            version=base.version,
+        )
+    return decode_state(orjson.dumps(raw))
 
 
 def check_snapshots(store: EventStore, session_id: str) -> int:
     """Check every snapshot of a session a restore may use against the fold of its log (one
     pass): the number checked. The first that is not the fold at its version (or no longer
     matches its digest) raises IntegrityError naming the session and version."""
-    stored = [s for s in store.snapshots(session_id) if s[1] == FOLD_VERSION]
+    base = store.base(session_id)
+    start = 0 if base is None else base.version
+    state = State() if base is None else base_state(base)  # a base that cannot be read fails
+    stored = [s for s in store.snapshots(session_id) if s[1] == FOLD_VERSION and s[0] > start]
     if not stored:
         return 0
-    state = State()
-    events = store.read(session_id, 1, stored[-1][0], verify=True)
+    events = store.read(session_id, start + 1, stored[-1][0], verify=True)
     for version, _, head_hash, data in stored:
         advance(state, islice(events, version - state.version))
         try:

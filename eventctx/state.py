@@ -31,7 +31,8 @@ __all__ = [
 ]
 
 FOLD_VERSION: Final = 7
-"""Version of the fold rules; bump it when ``advance`` changes meaning."""
+"""Version of the fold rules; bump it when ``advance`` changes meaning, and add the conversion
+of retention bases to the new rules (``eventctx.snapshots.BASE_CONVERSIONS``)."""
 
 
 class Provenance(NamedTuple):

@@ -154,3 +154,8 @@ class EventLogConformance:
         event_log.save_snapshot(sid, 5, FOLD_VERSION, elsewhere.head_hash, elsewhere.encode())
         newest = event_log.latest_snapshot(sid, FOLD_VERSION)
         assert newest is not None and newest[0] == 4
+
+    def test_a_whole_log_has_no_retention_base(self, event_log: AppendableLog) -> None:
+        sid = _session()
+        event_log.append(sid, [_created(), _set("a", 1)])
+        assert event_log.base(sid) is None

@@ -91,17 +91,21 @@ def timeline_data(
     stats = inspector.phase_stats(session_id)
     verified = inspector.verify(session_id)
     store = inspector.store
-    events = list(store.read(session_id))
+    first = inspector.base_version(session_id)
+    base = State() if first == 1 else inspector.state_at(session_id, first)
+    events = list(store.read(session_id, base.version + 1))
     times = {e.version: e.recorded_at_us for e in events}
+    last_us = events[-1].recorded_at_us if events else base.recorded_at_us
     writes = sum(e.type in _WRITES for e in events)
-    folded, states = _fold(events, embed_states=writes <= embed_states_up_to)
+    folded, states = _fold(events, base, embed_states=writes <= embed_states_up_to)
     return {
         "session_id": session_id,
-        "version": events[-1].version,
-        "start_us": events[0].recorded_at_us,
-        "end_us": events[-1].recorded_at_us,
+        "version": events[-1].version if events else base.version,
+        "start_us": events[0].recorded_at_us if events else last_us,
+        "end_us": last_us,
+        "base": None if first == 1 else _base(base),
         "verify": {"ok": verified.ok, "events": verified.events, "error": verified.error},
-        "runs": [_run(run, times, events[-1].recorded_at_us) for run in runs],
+        "runs": [_run(run, times, last_us) for run in runs],
         "stats": plain(stats),
         "events": folded,
         "states": states,
@@ -151,14 +155,26 @@ def _writer(p: Provenance) -> list[Any]:
     return [p.phase, p.execution_id, p.attempt, p.version, p.op]
 
 
+def _base(state: State) -> dict[str, Any]:
+    """Where the page starts folding after retention: the base's data, writers and run."""
+    run = state.run
+    return {
+        "version": state.version,
+        "data": state.data,
+        "writers": {k: _writer(p) for k, p in state.provenance.items()},
+        "run": None if run is None else run.execution_id,
+        "attempts": {} if run is None else run.attempts,
+    }
+
+
 def _fold(
-    events: list[RecordedEvent], *, embed_states: bool
+    events: list[RecordedEvent], base: State, *, embed_states: bool
 ) -> tuple[list[list[Any]], dict[int, dict[str, Any]] | None]:
     """The events the page folds, as ``[version, µs, type, key, phase, execution, extra,
     before]`` (``extra``: a KeySet's value, a PhaseStarted's attempt and isolation;
     ``before``: what a write replaced, ``[value]`` or ``[]``, or the keys a clear removed),
-    and the state after each write when ``embed_states``."""
-    state = State()
+    and the state after each write when ``embed_states``, folded on ``base``."""
+    state = base.copy()
     folded: list[list[Any]] = []
     states: dict[int, dict[str, Any]] | None = {} if embed_states else None
     for e in events:

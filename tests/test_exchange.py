@@ -181,9 +181,9 @@ DAMAGE: dict[str, tuple[Callable[[bytes], bytes], type[EventCtxError], str]] = {
     "payload edited": (_payload, IntegrityError, "does not match"),
     "hash edited": (lambda d: _edit(d, 3, _hash), IntegrityError, "does not match"),
     "unknown format_version": (
-        lambda d: _edit(d, 0, lambda h: h.update(format_version=2)),
+        lambda d: _edit(d, 0, lambda h: h.update(format_version=3)),
         InvalidInputError,
-        "format_version 2",
+        "format_version 3",
     ),
     "not JSON": (lambda d: b"session,version\ns,1\n", InvalidInputError, "not an eventctx"),
     "gzip cut short": (lambda d: gzip.compress(d)[:-30], IntegrityError, "compressed stream"),

@@ -28,6 +28,7 @@ EXPECTED = {
     "ContextTypeError",
     "EventCtxError",
     "EventStore",
+    "HistoryRemovedError",
     "IntegrityError",
     "InvalidInputError",
     "NewEvent",

@@ -79,13 +79,20 @@ def test_the_application_appends_and_the_maintenance_role_compacts(
             "UPDATE eventctx_events SET payload = payload",
             "DELETE FROM eventctx_sessions",
             "DELETE FROM eventctx_snapshots",
+            "DELETE FROM eventctx_bases",
         ):
             with engine.connect() as conn, pytest.raises(sa.exc.DBAPIError, match="denied"):
                 conn.exec_driver_sql(sql)
         time.sleep(0.2)
         with pytest.raises(StorageError, match="denied"):
             compact(manager.store)  # the application cannot remove anything
+        with pytest.raises(StorageError, match="denied"):
+            compact(manager.store, retain=timedelta(microseconds=1))  # nor trim history
+        kept = manager.get_context("kept").to_dict()
     with EventStore.open(maintenance_url) as store:
-        report = compact(store)
+        report = compact(store, retain=timedelta(microseconds=1))
         assert report.sessions == ["short"] and store.session("short") is None
+        assert report.trimmed["kept"] > 1  # up to the latest run, which stays whole
         assert store.verify("kept") > 0
+    with ContextManager(app_url, cleanup_interval=None) as manager:
+        assert manager.get_context("kept").to_dict() == kept

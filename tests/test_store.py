@@ -31,6 +31,7 @@ from eventctx.events import RecordedEvent as RecordedEventT
 from eventctx.store import Fence, Head
 from eventctx.store.commit import AppendRequest, _units
 from eventctx.store.core import READ_CHUNK
+from eventctx.store.schema import SCHEMA_VERSION
 
 WORKERS = str(Path(__file__).with_name("workers.py"))
 
@@ -333,10 +334,11 @@ def test_upgrade_of_a_committed_version_1_sqlite_file(tmp_path: Path) -> None:
     path = tmp_path / "old.sqlite"
     path.write_bytes((DATA / "eventctx-v1.sqlite").read_bytes())
     url = f"sqlite:///{path}"
-    with pytest.raises(SchemaError, match="version 1 is older than 4"):
+    with pytest.raises(SchemaError, match=f"version 1 is older than {SCHEMA_VERSION}"):
         EventStore.open(url)
     with EventStore.upgrade(url) as store:
         assert store.verify("legacy") == 9  # the history survives, chain intact
+        assert store.base("legacy") is None  # the retention table is there, empty
         assert store.take_named_lease("compaction", "me", timedelta(seconds=1)) is None
         assert store.take_lease("legacy", "me", timedelta(seconds=1)) == Fence("me", 1)
     with EventStore.open(url) as store, ContextManager(store) as manager:
@@ -357,13 +359,14 @@ def test_upgrade_of_a_version_1_postgresql_schema(pg_url: str) -> None:
             conn.exec_driver_sql(statement)
         conn.exec_driver_sql("INSERT INTO eventctx_schema (version) VALUES (1)")
     engine.dispose()
-    with pytest.raises(SchemaError, match="version 1 is older than 4"):
+    with pytest.raises(SchemaError, match=f"version 1 is older than {SCHEMA_VERSION}"):
         EventStore.open(pg_url)
     with EventStore.upgrade(pg_url) as store:
         store.append("s", [created(), key_set("a", 1)])
         assert store.take_named_lease("compaction", "me", timedelta(seconds=1)) is None
         assert store.take_lease("s", "me", timedelta(seconds=1)) == Fence("me", 1)
         assert store.verify("s") == 2
+        assert store.base("s") is None
 
 
 def test_group_commit_keeps_each_callers_result_and_refusals_apart(store: EventStore) -> None:

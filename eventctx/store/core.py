@@ -54,6 +54,7 @@ from eventctx.events import (
 from eventctx.store import append as append_protocol
 from eventctx.store import schema
 from eventctx.store.backends import for_url
+from eventctx.store.bases import Base, Bases
 from eventctx.store.commit import AppendRequest, GroupCommitter, Inbox
 from eventctx.store.dialect import (
     TRIES_AFTER_DROP,
@@ -124,6 +125,8 @@ class EventStore:
         )
         self.removal = Removal(self._transaction, self._sql, dialect.sql_dialect)
         """The steps compaction is made of (``eventctx.compaction`` runs them)."""
+        self.bases = Bases(self._run, dialect, lambda: self._hasher)
+        """Retention bases (``eventctx.retention`` moves them)."""
         # A forked child must not share the parent's connections: it gets its own.
         ref = weakref.ref(self)
         os.register_at_fork(after_in_child=lambda: _after_fork(ref))
@@ -602,22 +605,26 @@ class EventStore:
         with self._transaction(write=True) as cur:
             cur.execute(self._sql.delete_head, params)
             cur.execute(self._sql.delete_snapshots, params)
+            cur.execute(self._sql.delete_base, params)
             cur.execute(self._sql.delete_events, params)
             return int(cur.rowcount)
 
     # --- export and import --------------------------------------------------------------------
 
-    def chain_rows(self, session_id: str, to_version: int) -> Iterator[Sequence[Any]]:
-        """A session's events up to ``to_version`` as stored, in version order: every column
-        but the session id and position (``ChainCheck.feed``'s arguments), a chunk per short
-        transaction. What an export writes."""
+    def chain_rows(
+        self, session_id: str, to_version: int, from_version: int = 1
+    ) -> Iterator[Sequence[Any]]:
+        """A session's events ``from_version`` to ``to_version`` as stored, in version order:
+        every column but the session id and position (``ChainCheck.feed``'s arguments), a
+        chunk per short transaction. What an export writes."""
         check_session_id(session_id)
-        for rows in self._pages(self._sql.read_chain, session_id, 1, to_version, 0):
+        for rows in self._pages(self._sql.read_chain, session_id, from_version, to_version, 0):
             yield from rows
 
-    def chain_check(self, head: SessionHead) -> ChainCheck:
-        """A check of the chain that ends at ``head``, hashed as this store hashes."""
-        return ChainCheck(head, self._hasher)
+    def chain_check(self, head: SessionHead, base: Base | None = None) -> ChainCheck:
+        """A check of the chain that ends at ``head`` (and starts after ``base``, if any),
+        hashed as this store hashes."""
+        return ChainCheck(head, self._hasher, base)
 
     def hash_event(
         self,
@@ -645,27 +652,40 @@ class EventStore:
             self._hasher,
         )
 
-    def load(self, session_id: str, rows: Iterable[dict[str, Any]]) -> int:
-        """Insert a new session's whole log, then its head row, in one write transaction;
-        return the events inserted.
+    def load(
+        self,
+        session_id: str,
+        rows: Iterable[dict[str, Any]],
+        base: Base | None = None,
+        created_at: int | None = None,
+    ) -> int:
+        """Insert a new session's whole log (after ``base``, its retention base, if it has
+        one), then its head row, in one write transaction; return the events inserted.
 
         ``rows`` are event rows as appends make them (``EVENT_COLUMNS``), in version order;
         they are inserted a batch at a time as they come, so a log of any length streams. The
-        head row is what appends would have left: the last creation's time and ttl, the last
-        event's version and hash, deleted if the log ends with a delete; the ttl counts from
-        now. A session that exists raises SessionExistsError; whatever ``rows`` raises rolls
-        everything back.
+        head row is what appends would have left: the last creation's time (``created_at``
+        when the creation is in the base) and ttl, the last event's version and hash, deleted
+        if the log ends with a delete; the ttl counts from now. A session that exists raises
+        SessionExistsError; whatever ``rows`` raises rolls everything back.
         """
         check_session_id(session_id)
         exists = SessionExistsError(f"session {session_id!r} exists already: nothing was loaded")
         params: dict[str, Any] = {"session_id": session_id}
+        last: dict[str, Any] | None = None
+        if base is not None:
+            state = orjson.loads(base.state)
+            params.update(created_at=created_at, ttl_ms=state["ttl_ms"])
+            deleted = "ContextDeleted" if state["deleted"] else ""
+            last = {"version": base.version, "hash": base.head_hash, "type": deleted}
         count = 0
         with self._transaction(write=True) as cur:
             cur.execute(self._sql.session, params)
             if cur.fetchone() is not None:
                 raise exists
+            if base is not None:
+                self.bases.insert(cur, base._replace(session_id=session_id), self.clock())
             batch: list[dict[str, Any]] = []
-            last: dict[str, Any] | None = None
             for last in rows:
                 if last["type"] == "ContextCreated":
                     params["created_at"] = last["recorded_at"]
@@ -675,7 +695,7 @@ class EventStore:
                     count += self._load_batch(cur, batch, exists)
                     batch = []
             count += self._load_batch(cur, batch, exists)
-            if last is None or "created_at" not in params:
+            if last is None or params.get("created_at") is None:
                 raise IntegrityError(
                     f"session {session_id!r}: a log without a ContextCreated cannot be loaded",
                     session_id=session_id,
@@ -713,6 +733,12 @@ class EventStore:
     def sessions(self) -> list[SessionHead]:
         """Every session's head row (deleted ones included), ordered by id."""
         return [SessionHead.from_row(row) for row in self._fetch(self._sql.sessions)]
+
+    def base(self, session_id: str) -> Base | None:
+        """The session's retention base (its events up to the base's version were folded
+        into it and removed), or None when its history is whole."""
+        check_session_id(session_id)
+        return self.bases.get(session_id)
 
     def read(
         self,
@@ -787,6 +813,19 @@ class EventStore:
             )
             events.extend(self._select(stmt))
         return events
+
+    def version_at(self, session_id: str, at_us: int, low: int, high: int) -> int | None:
+        """The highest version from ``low`` to ``high`` recorded at or before ``at_us``, or
+        None: a binary search of point reads (times never go backwards within a session)."""
+        found = None
+        while low <= high:
+            middle = (low + high) // 2
+            event = self.read_versions(session_id, [middle])
+            if event and event[0].recorded_at_us <= at_us:
+                found, low = middle, middle + 1
+            else:
+                high = middle - 1
+        return found
 
     def find(
         self,
@@ -893,13 +932,15 @@ class EventStore:
         """Recompute a session's hash chain; return the events checked or raise IntegrityError.
 
         Catches a changed row, a missing or reordered event, and a truncated tail (the head row
-        holds the chain head). A session being removed raises SessionExpiredError.
+        holds the chain head). After retention the chain is checked from the session's base
+        (whose own digest is checked first). A session being removed raises
+        SessionExpiredError.
         """
         found = self.session(session_id)
         if found is None:
             raise SessionNotFoundError(f"session {session_id!r} does not exist")
-        check = ChainCheck(found, self._hasher)
-        for rows in self._pages(self._sql.read_chain, session_id, 1, _NO_UPPER, 0):
+        check = ChainCheck(found, self._hasher, self.bases.get(session_id))
+        for rows in self._pages(self._sql.read_chain, session_id, check.expected, _NO_UPPER, 0):
             for row in rows:
                 check.feed(*row)
         return check.finish()
@@ -909,6 +950,9 @@ class EventStore:
         per thousands of events, not several per session): for each session, in id order, the
         events verified or the error ``verify`` would raise."""
         heads = {h.session_id: h for h in self.sessions()}
+        bases: dict[str, Base | IntegrityError] = {}
+        for found in self.bases.all():
+            bases[found.session_id if isinstance(found, Base) else str(found.session_id)] = found
         ev = schema.events
         stmt = (
             sa.select(ev.c.session_id, *(ev.c[n] for n in _CHAIN_COLUMNS))
@@ -923,6 +967,13 @@ class EventStore:
         sql, params = str(compiled), dict(compiled.params)
         seen: set[str] = set()
         current: tuple[str, ChainCheck] | None = None
+
+        def check_of(session_id: str) -> ChainCheck:
+            base = bases.get(session_id)
+            if isinstance(base, IntegrityError):
+                return ChainCheck(heads.get(session_id), self._hasher, error=base)
+            return ChainCheck(heads.get(session_id), self._hasher, base)
+
         while True:
             rows = self._fetch(sql, params)
             for session_id, *row in rows:  # grouped by session, in the database's order
@@ -930,7 +981,7 @@ class EventStore:
                     if current is not None:
                         yield current[0], current[1].result()
                     seen.add(session_id)  # None: events without a head row (removed meanwhile)
-                    current = (session_id, ChainCheck(heads.get(session_id), self._hasher))
+                    current = (session_id, check_of(session_id))
                 current[1].feed(*row)
             if len(rows) < READ_CHUNK:
                 break
@@ -938,19 +989,31 @@ class EventStore:
         if current is not None:
             yield current[0], current[1].result()
         for session_id in sorted(heads.keys() - seen):  # head rows without any event
-            yield session_id, ChainCheck(heads[session_id], self._hasher).result()
+            yield session_id, check_of(session_id).result()
 
 
 class ChainCheck:
     """The hash-chain check of one session, fed its events in version order (after the first
     failure it only waits for ``finish`` to report it)."""
 
-    __slots__ = ("error", "expected", "hasher", "head", "prev")
+    __slots__ = ("error", "expected", "first", "hasher", "head", "prev")
 
-    def __init__(self, head: SessionHead | None, hasher: Hasher) -> None:
+    def __init__(
+        self,
+        head: SessionHead | None,
+        hasher: Hasher,
+        base: Base | None = None,
+        *,
+        error: IntegrityError | None = None,
+    ) -> None:
+        """Check from the start of the log, or from ``base`` after retention (its events,
+        if some are still being removed, are skipped); ``error``: already failed."""
         self.head, self.hasher = head, hasher
-        self.expected, self.prev = 1, GENESIS_HASH
-        self.error: IntegrityError | None = None
+        self.first, self.prev = (
+            (1, GENESIS_HASH) if base is None else (base.version + 1, base.head_hash)
+        )
+        self.expected = self.first
+        self.error = error
 
     def feed(
         self,
@@ -964,7 +1027,7 @@ class ChainCheck:
         hash_: bytes,
         prev_hash: bytes,
     ) -> None:
-        if self.error is not None or self.head is None:
+        if self.error is not None or self.head is None or version < self.first:
             return
         session_id = self.head.session_id
         where: dict[str, Any] = {"session_id": session_id, "version": version}
@@ -1013,15 +1076,15 @@ class ChainCheck:
             )
         if self.error is not None:
             raise self.error
-        checked = self.expected - 1
-        if checked != head.version or self.prev != head.head_hash:
+        last = self.expected - 1
+        if last != head.version or self.prev != head.head_hash:
             raise IntegrityError(
-                f"session {head.session_id!r}: log ends at version {checked} but the head row "
+                f"session {head.session_id!r}: log ends at version {last} but the head row "
                 f"says {head.version}; events are missing or the head row was altered",
                 session_id=head.session_id,
-                version=checked + 1,
+                version=last + 1,
             )
-        return checked
+        return self.expected - self.first
 
     def result(self) -> int | EventCtxError:
         """What ``finish`` returns or raises, as a value."""

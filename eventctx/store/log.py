@@ -9,6 +9,7 @@ from collections.abc import Collection, Iterator
 from typing import Protocol
 
 from eventctx.events import RecordedEvent
+from eventctx.store.bases import Base
 from eventctx.store.heads import SessionHead
 
 __all__ = ["EventLog"]
@@ -23,6 +24,10 @@ class EventLog(Protocol):
 
     def sessions(self) -> list[SessionHead]:
         """Every session's head row (deleted ones included), ordered by id."""
+        ...
+
+    def base(self, session_id: str) -> Base | None:
+        """The session's retention base, or None when its history is whole."""
         ...
 
     def read(

@@ -67,6 +67,7 @@ class Removal:
                 return [], 0, 0
             events = self._run(cur, sa.delete(ev).where(ev.c.session_id.in_(marked))).rowcount
             snapshots = self._run(cur, sa.delete(sn).where(sn.c.session_id.in_(marked))).rowcount
+            self._run(cur, sa.delete(schema.bases).where(schema.bases.c.session_id.in_(marked)))
             self._run(
                 cur, sa.delete(se).where(se.c.session_id.in_(marked), se.c.status == EXPIRING)
             )
@@ -109,6 +110,7 @@ class Removal:
             events = int(cur.rowcount)
             cur.execute(self._sql.delete_snapshots, params)
             snapshots = int(cur.rowcount)
+            cur.execute(self._sql.delete_base, params)
             cur.execute(self._sql.delete_expiring_head, params)
         return events, snapshots
 

@@ -25,7 +25,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Dialect
 from sqlalchemy.schema import CreateColumn, CreateIndex, CreateTable
 
-SCHEMA_VERSION: Final = 4
+SCHEMA_VERSION: Final = 5
 """The schema version this code writes; stamped in ``eventctx_schema``."""
 
 MAX_SESSION_ID: Final = 512
@@ -92,6 +92,24 @@ snapshots = Table(
     PrimaryKeyConstraint("session_id", "version", name="eventctx_snapshots_pk"),
 )
 
+bases = Table(
+    "eventctx_bases",
+    metadata,
+    Column("session_id", String(MAX_SESSION_ID), primary_key=True),
+    # The session's base after retention: its events up to ``version`` were folded into
+    # ``state`` and removed; the chain goes on from ``head_hash``, the hash at ``version``.
+    Column("version", BigInteger, nullable=False),
+    Column("fold_version", Integer, nullable=False),
+    Column("head_hash", LargeBinary, nullable=False),
+    Column("state", LargeBinary, nullable=False),
+    # What the read side keeps of the removed events (phase ends, replaced values), JSON.
+    Column("history", LargeBinary, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    # The hash (keyed like the chain) of the fields above but ``created_at``.
+    Column("digest", LargeBinary, nullable=False),
+)
+"""One row per session whose oldest events retention has folded away; never a cache."""
+
 leases = Table(
     "eventctx_leases",
     metadata,
@@ -132,6 +150,7 @@ _ADDED: Final[dict[int, tuple[Table | Column[Any], ...]]] = {
     1: (leases,),
     2: (sessions.c.lease_token,),
     3: (schema_version.c.chain, schema_version.c.key_check, snapshots.c.digest),
+    4: (bases,),
 }
 """The tables and columns each upgrade from version N to N + 1 adds."""
 

@@ -287,11 +287,7 @@ class Statements:
             .limit(bindparam("limit", type_=sa.Integer))
             .offset(_ZERO)
         )
-        self.delete_events = c(sa.delete(ev).where(ev.c.session_id == sid))
-        self.delete_snapshots = c(
-            sa.delete(schema.snapshots).where(schema.snapshots.c.session_id == sid)
-        )
-        self.delete_head = c(sa.delete(se).where(se.c.session_id == sid))
+        self._delete_statements(c, sid)
         self.snapshots_of = c(
             sa.select(sn.c.version, sn.c.fold_version, sn.c.head_hash, sn.c.state, sn.c.digest)
             .where(sn.c.session_id == sid, sn.c.digest.is_not(None))
@@ -315,6 +311,14 @@ class Statements:
                 status=bindparam("status"),
             )
         )
+
+    def _delete_statements(self, c: Callable[[Any], str], sid: sa.BindParameter[str]) -> None:
+        """Removing each of a session's rows (purge and TTL removal)."""
+        ev, se, sn, ba = schema.events, schema.sessions, schema.snapshots, schema.bases
+        self.delete_events = c(sa.delete(ev).where(ev.c.session_id == sid))
+        self.delete_snapshots = c(sa.delete(sn).where(sn.c.session_id == sid))
+        self.delete_head = c(sa.delete(se).where(se.c.session_id == sid))
+        self.delete_base = c(sa.delete(ba).where(ba.c.session_id == sid))
 
     def _schema_statements(self, c: Callable[[Any], str], sv: sa.Table) -> None:
         """The schema stamp, and how the hash chains are computed."""

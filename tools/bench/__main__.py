@@ -27,6 +27,7 @@ from tools.bench import (
     maintenance,
     readside,
     restore,
+    retention,
     throughput,
     writers,
 )
@@ -290,6 +291,7 @@ def main() -> int:
     print("measuring the store's append and compaction…", file=sys.stderr)
     sections.append(append.run())
     sections.append(compaction.run())
+    sections.append(retention.run())
     print("measuring the read side and maintenance at scale…", file=sys.stderr)
     sections.append(readside.run())
     sections.append(maintenance.run())
