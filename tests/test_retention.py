@@ -31,7 +31,7 @@ from eventctx import (
 )
 from eventctx.cli import main
 from eventctx.clock import now_us
-from eventctx.compaction import compact
+from eventctx.compaction import CompactionReport, compact
 from eventctx.exchange import export_session, import_session
 from eventctx.findings import ABSENT
 from eventctx.metrics import log_metrics
@@ -49,10 +49,16 @@ def _mark() -> int:
     return mark
 
 
-def _since(mark: int) -> timedelta:
-    """The retention window that keeps exactly what was written after ``mark``, however long
-    the test took since."""
-    return timedelta(microseconds=now_us() - mark)
+def _trim(store: EventStore, mark: int, **options: Any) -> CompactionReport:
+    """``compact(retain=…)`` with the window starting exactly at ``mark``: the store's clock is
+    held still while the job runs, so the window does not drift while it works."""
+    now = store.clock()
+    clock = store.clock
+    store.clock = lambda: now
+    try:
+        return compact(store, retain=timedelta(microseconds=now - mark), **options)
+    finally:
+        store.clock = clock
 
 
 @pytest.fixture
@@ -132,11 +138,11 @@ def test_retention_keeps_state_provenance_readers_and_timings(manager: ContextMa
     head = manager.store.session("s")
     assert head is not None
 
-    planned = compact(manager.store, retain=_since(mark), dry_run=True)
+    planned = _trim(manager.store, mark, dry_run=True)
     assert planned.trimmed == {"s": old_version} and planned.events_trimmed == old_version
     assert manager.store.base("s") is None  # a dry run changes nothing
 
-    report = compact(manager.store, retain=_since(mark))
+    report = _trim(manager.store, mark)
     assert report.trimmed == {"s": old_version} and report.events_trimmed == old_version
     assert not list(manager.store.read("s", 1, old_version))  # the events are gone
     assert manager.store.base("s") is not None
@@ -167,7 +173,7 @@ def test_retention_keeps_state_provenance_readers_and_timings(manager: ContextMa
     assert insp.key_history("s", "late")[0].previous is ABSENT
 
     # Nothing further to do until more of the history ages; a second run is a no-op.
-    assert compact(manager.store, retain=_since(mark)).trimmed == {}
+    assert _trim(manager.store, mark).trimmed == {}
     ctx.set("after", 2)  # writes go on from the head
     assert ctx.version == head.version + 1
     assert manager.store.verify("s") == ctx.version - old_version
@@ -182,10 +188,10 @@ def test_the_base_moves_on_and_keeps_accumulating(manager: ContextManager) -> No
         _run(manager, "s", n, flaky=n == 4)
     insp = Inspector(manager.store)
     before = _view_without_other(insp)
-    first = compact(manager.store, retain=_since(mark)).trimmed["s"]
+    first = _trim(manager.store, mark).trimmed["s"]
     mark = _mark()
     _run(manager, "s", 6)
-    second = compact(manager.store, retain=_since(mark)).trimmed["s"]
+    second = _trim(manager.store, mark).trimmed["s"]
     assert second > first
     after = _view_without_other(insp)
     assert after["stats"] == {
@@ -283,7 +289,8 @@ def test_an_interrupted_removal_is_finished_by_the_next_run(manager: ContextMana
     # A compactor that moved the base and then died: the events below it are still there.
     head = store.session("s")
     assert head is not None
-    planned = plan(store, head, _since(mark), store.clock())
+    now = store.clock()
+    planned = plan(store, head, timedelta(microseconds=now - mark), now)
     assert planned is not None and planned.cut == 31
     assert store.bases.move(build_base(store, head, planned), store.clock(), 0)
     assert store.read_versions("s", [1])  # still there, but no longer part of the history
@@ -291,7 +298,7 @@ def test_an_interrupted_removal_is_finished_by_the_next_run(manager: ContextMana
     with pytest.raises(HistoryRemovedError):
         insp.state_at("s", 5)
     assert insp.verify("s").ok and insp.verify("s").events == 1
-    report = compact(store, retain=_since(mark))
+    report = _trim(store, mark)
     assert report.trimmed == {"s": 31} and report.events_trimmed == 31
     assert not store.read_versions("s", [1, 31])
     assert insp.state_at("s").data == {"k": "new"} and insp.verify("s").ok
@@ -302,7 +309,7 @@ def test_a_tampered_base_is_caught(manager: ContextManager) -> None:
     ctx.set("k", 1)
     mark = _mark()
     ctx.set("k", 2)
-    compact(manager.store, retain=_since(mark))
+    _trim(manager.store, mark)
     with manager.store.engine.begin() as conn:
         conn.execute(
             schema.bases.update().values(state=b'{"forged": true}')  # not the fold it was
@@ -319,7 +326,7 @@ def test_purge_and_ttl_removal_take_the_base_with_them(manager: ContextManager) 
     ctx.set("k", 1)
     mark = _mark()
     ctx.set("k", 2)
-    assert compact(manager.store, retain=_since(mark)).trimmed == {"s": 2}
+    assert _trim(manager.store, mark).trimmed == {"s": 2}
     manager.delete_context("s", purge=True)
     assert manager.store.base("s") is None
     again = manager.create_context("s", ttl=timedelta(milliseconds=200))
@@ -363,7 +370,7 @@ def test_a_trimmed_session_exports_imports_forks_and_archives(
         _run(manager, "s", n, flaky=n == 1)
     mark = _mark()
     _run(manager, "s", 2)
-    base = compact(manager.store, retain=_since(mark)).trimmed["s"]
+    base = _trim(manager.store, mark).trimmed["s"]
     insp = Inspector(manager.store)
     want = {
         "data": insp.state_at("s").data,
@@ -458,7 +465,8 @@ def test_a_full_fold_racing_the_removal_starts_again_from_the_base(
     store = manager.store
     head = store.session("s")
     assert head is not None
-    planned = plan(store, head, _since(mark), store.clock())
+    now = store.clock()
+    planned = plan(store, head, timedelta(microseconds=now - mark), now)
     assert planned is not None
     assert store.bases.move(build_base(store, head, planned), store.clock(), 0)
     racing = _TrimmedWhileRead(store, planned.cut)
@@ -470,7 +478,7 @@ def test_the_timeline_starts_from_the_base(manager: ContextManager) -> None:
     ctx = manager.create_context("s")
     ctx.update({"old": 1, "keep": 2})
     mark = _mark()
-    compact(manager.store, retain=_since(mark))  # every event folded: nothing after the base
+    _trim(manager.store, mark)  # every event folded: nothing after the base
     insp = Inspector(manager.store)
     data = timeline_data(insp, "s")
     assert data["base"]["data"] == {"old": 1, "keep": 2} and data["events"] == []
@@ -482,7 +490,7 @@ def test_the_timeline_starts_from_the_base(manager: ContextManager) -> None:
     assert next(iter(insp.replay("s"))).event.version == 4
     ctx.refresh()
     mark = _mark()
-    compact(manager.store, retain=_since(mark))
+    _trim(manager.store, mark)
     assert list(insp.replay("s")) == []  # a fully folded session replays nothing
 
 
@@ -492,7 +500,7 @@ def test_a_fork_or_export_racing_a_base_move_starts_again(
     ctx = manager.create_context("s")
     for i in range(5):
         ctx.set("k", i)
-    compact(manager.store, retain=_since(_mark()))  # a base at 6
+    _trim(manager.store, _mark())  # a base at 6
     for i in range(5, 10):
         ctx.set("k", i)
     mark = _mark()
@@ -505,7 +513,7 @@ def test_a_fork_or_export_racing_a_base_move_starts_again(
 
         def racing(self: EventStore, *args: Any, **kwargs: Any) -> Any:
             if not calls:
-                calls.append(compact(store, retain=_since(mark)).trimmed)  # moves it to 11
+                calls.append(_trim(store, mark).trimmed)  # moves it to 11
             return original(self, *args, **kwargs)
 
         monkeypatch.setattr(EventStore, name, racing)
@@ -542,7 +550,7 @@ def test_recorded_heads_and_corrupt_bases_after_trimming(
         ctx.set("k", 2)
         at_base = manager.store.session("s")
         mark = _mark()
-        compact(manager.store, retain=_since(mark))
+        _trim(manager.store, mark)
         assert early is not None and at_base is not None
         for head, code, said in (
             (at_base, 0, "0 events verified from the retention base at version 3"),
@@ -569,7 +577,7 @@ def test_a_base_outlives_a_change_of_fold_rules_only_with_a_conversion(
 ) -> None:
     ctx = manager.create_context("s")
     ctx.update({"a": 1, "b": 2})
-    compact(manager.store, retain=_since(_mark()))
+    _trim(manager.store, _mark())
     ctx.set("c", 3)
     insp = Inspector(manager.store)
     monkeypatch.setattr(snapshots, "FOLD_VERSION", state.FOLD_VERSION + 1)
