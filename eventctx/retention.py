@@ -39,6 +39,7 @@ from eventctx.store.heads import ACTIVE
 
 __all__ = [
     "ENDS",
+    "WHOLE",
     "Kept",
     "Plan",
     "build_base",
@@ -51,6 +52,9 @@ __all__ = [
 
 ENDS: Final = frozenset({"PhaseCompleted", "PhaseFailed"})
 _RUN_BOUNDS: Final = frozenset({"RunStarted", "RunCompleted", "RunFailed"})
+WHOLE: Final = frozenset({"CheckpointSaved"})
+"""Event types whose sessions retention leaves whole: a LangGraph thread's checkpoints are
+deltas on their parents that its saver reads from the start (it prunes them itself)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,9 +146,12 @@ def plan(store: EventStore, head: SessionHead, window: timedelta, now_us: int) -
 
 def _whole_runs(store: EventStore, session_id: str, start: int, cut: int) -> int:
     """``cut`` moved back so that no run is split and the latest run stays: a run lasts from
-    its RunStarted to its close, or to the next RunStarted (one never closed was abandoned)."""
+    its RunStarted to its close, or to the next RunStarted (one never closed was abandoned).
+    ``start`` (nothing to trim) for a session that must stay whole (``WHOLE``)."""
     runs: list[list[int]] = []  # [started, ended]
-    for event in store.find(session_id, types=_RUN_BOUNDS, from_version=start + 1):
+    for event in store.find(session_id, types=_RUN_BOUNDS | WHOLE, from_version=start + 1):
+        if event.type in WHOLE:
+            return start
         if event.type == "RunStarted":
             if runs and runs[-1][1] == 0:
                 runs[-1][1] = event.version - 1

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from langgraph.checkpoint.conformance.test_utils import (
 )
 
 from eventctx import EventStore, Inspector, InvalidInputError
+from eventctx.compaction import compact
 from eventctx.integrations.langgraph import EventCtxSaver
 
 VALUES: dict[str, Any] = {
@@ -122,3 +123,14 @@ def test_refusals(saver: EventCtxSaver) -> None:
     with pytest.raises(InvalidInputError):
         saver.delete_thread(None)  # type: ignore[arg-type]
     assert isinstance(store, EventStore)
+
+
+def test_retention_leaves_threads_whole(saver: EventCtxSaver) -> None:
+    config = generate_config("t")
+    for step in range(3):
+        checkpoint = generate_checkpoint(channel_values={"n": step}, channel_versions={"n": step})
+        config = saver.put(config, checkpoint, generate_metadata(step=step), {"n": step})
+    time.sleep(0.01)
+    report = compact(saver.store, retain=timedelta(microseconds=1))
+    assert report.trimmed == {} and saver.store.base("t") is None
+    assert len(list(saver.list(generate_config("t")))) == 3
