@@ -13,12 +13,20 @@ from itertools import islice
 from typing import Final
 
 from eventctx import faults
-from eventctx.errors import IntegrityError
-from eventctx.state import FOLD_VERSION, State, advance, decode_state
+from eventctx.errors import IntegrityError, SessionNotFoundError
+from eventctx.events import GENESIS_HASH
+from eventctx.state import (
+    FOLD_VERSION,
+    State,
+    advance,
+    advance_chain,
+    advance_rows,
+    decode_state,
+)
 from eventctx.store import EventStore
-from eventctx.store.log import EventLog
+from eventctx.store.sessionread import SessionRead
 
-__all__ = ["MIN_BYTES", "SnapshotPolicy", "check_snapshots", "restore"]
+__all__ = ["MIN_BYTES", "SnapshotPolicy", "check_snapshots", "fold_log", "restore", "restore_from"]
 
 MIN_BYTES: Final = 64 * 1024
 """Appended bytes after which a small state is snapshotted even before ``snapshot_every``."""
@@ -64,21 +72,30 @@ class SnapshotPolicy:
 
 
 def restore(
-    source: EventLog, session_id: str, version: int, head_hash: bytes | None = None
+    store: EventStore, session_id: str, version: int, head_hash: bytes | None = None
 ) -> tuple[State, int, int]:
     """The state at ``version``: the newest usable snapshot at or below it plus the tail, each
-    event of which is checked against its hash as it is folded.
+    event of which is checked against its hash as it is folded; one read transaction.
 
     Returns (state, snapshot size, tail length). ``head_hash``, when given, must be the chain
     hash at ``version``. A snapshot that is not what was written (its digest), cannot be
     decoded, or leads elsewhere is skipped with a warning for a full fold; a log that fails its
     own checks raises IntegrityError naming the session and version.
     """
-    found = _snapshot(source, session_id, version)
+    with store.reading(session_id) as read:
+        return restore_from(read, version, head_hash)
+
+
+def restore_from(
+    read: SessionRead, version: int, head_hash: bytes | None = None
+) -> tuple[State, int, int]:
+    """``restore`` inside a read transaction the caller holds (one that read the head row)."""
+    session_id = read.session_id
+    found = _snapshot(read, version)
     if found is not None:
         state, size = found
         try:
-            tail = _tail(source, session_id, state, version)
+            tail = _tail(read, state, version)
         except IntegrityError:  # not the snapshot's history (purged since), or a bad event
             tail = -1
         if tail >= 0 and _matches(state, version, head_hash):
@@ -90,13 +107,15 @@ def restore(
         )
     state = State()
     try:
-        tail = _tail(source, session_id, state, version)
+        tail = _tail(read, state, version)
     except IntegrityError as exc:
         if exc.session_id is not None:
             raise
         raise IntegrityError(
             f"session {session_id!r}: {exc}; run verify", session_id=session_id, version=exc.version
         ) from exc
+    if tail == 0 and read.head() is None:
+        raise SessionNotFoundError(f"session {session_id!r} does not exist")
     if not _matches(state, version, head_hash):
         raise IntegrityError(
             f"session {session_id!r}: folding the log gives version {state.version}, expected "
@@ -104,6 +123,39 @@ def restore(
             session_id=session_id,
         )
     return state, 0, tail
+
+
+def fold_log(store: EventStore, session_id: str, to_version: int | None = None) -> State:
+    """The state at ``to_version`` (None: the head) folded from the whole log, without a
+    snapshot: what a replay and ``verify`` compare against.
+
+    One consistent read streams only the columns the fold needs and folds rows as they come
+    (memory follows the state, not the history). Versions are checked to follow on; the
+    chain hash is taken from the last event (``EventStore.verify`` checks every hash).
+    """
+    with store.reading(session_id, consistent=True) as read:
+        head = read.head()
+        if head is None:
+            raise SessionNotFoundError(f"session {session_id!r} does not exist")
+        high = head.version if to_version is None else min(to_version, head.version)
+        state = State()
+        last = read.hash_at(high)
+        try:
+            advance_rows(state, read.fold_rows(1, high), last or GENESIS_HASH)
+        except IntegrityError as exc:
+            raise IntegrityError(
+                f"session {session_id!r}: {exc}; run verify",
+                session_id=session_id,
+                version=exc.version,
+            ) from exc
+    if state.version != high:
+        raise IntegrityError(
+            f"session {session_id!r}: the log ends at version {state.version}, not {high}; "
+            "run verify",
+            session_id=session_id,
+            version=state.version + 1,
+        )
+    return state
 
 
 def check_snapshots(store: EventStore, session_id: str) -> int:
@@ -131,11 +183,11 @@ def check_snapshots(store: EventStore, session_id: str) -> int:
     return len(stored)
 
 
-def _snapshot(source: EventLog, session_id: str, version: int) -> tuple[State, int] | None:
+def _snapshot(read: SessionRead, version: int) -> tuple[State, int] | None:
     """The newest snapshot at or below ``version`` and its size, or None when there is none
     or it cannot be trusted (logged: a snapshot is a cache, the log is the truth)."""
     try:
-        found = source.latest_snapshot(session_id, FOLD_VERSION, version)
+        found = read.snapshot(FOLD_VERSION, version)
         if found is None:
             return None
         return decode_state(found[2]), len(found[2])
@@ -144,16 +196,16 @@ def _snapshot(source: EventLog, session_id: str, version: int) -> tuple[State, i
     except Exception as exc:
         log.warning(
             "snapshot of %r cannot be decoded (%s: %s); restoring from the log",
-            session_id,
+            read.session_id,
             type(exc).__name__,
             exc,
         )
     return None
 
 
-def _tail(source: EventLog, session_id: str, state: State, version: int) -> int:
+def _tail(read: SessionRead, state: State, version: int) -> int:
     start = state.version
-    advance(state, source.read(session_id, start + 1, version, verify=True))
+    advance_chain(state, read.session_id, read.chain_rows(start + 1, version), read.hasher)
     return state.version - start
 
 

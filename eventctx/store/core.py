@@ -74,6 +74,7 @@ from eventctx.store.heads import (
 )
 from eventctx.store.migrations import check_schema, ensure_schema
 from eventctx.store.removal import Removal
+from eventctx.store.sessionread import SessionRead
 from eventctx.store.statements import EVENT_COLUMNS, Statements
 
 __all__ = ["EventStore"]
@@ -297,8 +298,9 @@ class EventStore:
     # --- transactions -------------------------------------------------------------------------
 
     @contextmanager
-    def _transaction(self, *, write: bool) -> Iterator[Cursor]:
-        """A pooled connection in one transaction; committed only if the block succeeds."""
+    def _transaction(self, *, write: bool, consistent: bool = False) -> Iterator[Cursor]:
+        """A pooled connection in one transaction; committed only if the block succeeds.
+        ``consistent``: a read whose statements all see the same committed log."""
         if self._closed:
             raise EventCtxError("the store is closed: open it again to go on")
         if write and self.read_only:
@@ -309,6 +311,8 @@ class EventStore:
                 cur = raw.cursor()
                 if write:
                     self._dialect.begin_write(cur)
+                elif consistent:
+                    self._dialect.begin_snapshot(cur)
                 else:
                     self._dialect.begin_read(cur)
                 yield cur
@@ -703,6 +707,17 @@ class EventStore:
         return len(batch)
 
     # --- reading ------------------------------------------------------------------------------
+
+    @contextmanager
+    def reading(self, session_id: str, *, consistent: bool = False) -> Iterator[SessionRead]:
+        """One read transaction on one pooled connection for reading ``session_id`` (its head
+        row, newest snapshot and rows: see SessionRead); what a restore and a full fold use.
+        ``consistent``: every statement sees the same committed log."""
+        check_session_id(session_id)
+        with self._transaction(write=False, consistent=consistent) as cur:
+            read = SessionRead(cur, self._sql, session_id, self._hasher, self._check_snapshot)
+            yield read
+        self.rows_read += read.rows_read
 
     def session(self, session_id: str) -> SessionHead | None:
         """The session's head row, or None if it never existed (or was purged)."""

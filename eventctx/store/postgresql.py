@@ -56,6 +56,10 @@ class PostgreSQLDialect(Dialect):
         event.listen(engine, "connect", on_connect)
         engine.dispose()  # connections made before the listener must not be reused
 
+    def begin_snapshot(self, cur: Cursor) -> None:
+        # Read committed gives each statement its own view; this gives the transaction one.
+        cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+
     def lock_setup(self, cur: Cursor) -> None:
         cur.execute(_SETUP_LOCK)
 

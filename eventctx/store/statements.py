@@ -262,23 +262,7 @@ class Statements:
             .limit(bindparam("limit", type_=sa.Integer))
             .offset(_ZERO)
         )
-        self.read_chain = c(
-            sa.select(
-                ev.c.version,
-                ev.c.type,
-                ev.c.key,
-                ev.c.phase,
-                ev.c.execution_id,
-                ev.c.payload,
-                ev.c.recorded_at,
-                ev.c.hash,
-                ev.c.prev_hash,
-            )
-            .where(*in_range)
-            .order_by(ev.c.version)
-            .limit(bindparam("limit", type_=sa.Integer))
-            .offset(_ZERO)
-        )
+        self._fold_statements(c, in_range)
         # The global log, by position (commit-ordered on every backend).
         self.read_after = c(
             sa.select(ev.c.position, *(ev.c[name] for name in EVENT_COLUMNS))
@@ -313,6 +297,37 @@ class Statements:
                 last_activity=bindparam("now"),
                 ttl_ms=bindparam("ttl_ms"),
                 status=bindparam("status"),
+            )
+        )
+
+    def _fold_statements(
+        self, c: Callable[[Any], str], in_range: tuple[sa.ColumnElement[bool], ...]
+    ) -> None:
+        """What a restore and a full fold read: each event's chained columns, only its fold
+        columns, and one event's hash."""
+        ev = schema.events
+        fold_columns = (
+            ev.c.version,
+            ev.c.type,
+            ev.c.key,
+            ev.c.phase,
+            ev.c.execution_id,
+            ev.c.payload,
+            ev.c.recorded_at,
+        )
+        self.read_chain, self.read_fold = (
+            c(
+                sa.select(*columns)
+                .where(*in_range)
+                .order_by(ev.c.version)
+                .limit(bindparam("limit", type_=sa.Integer))
+                .offset(_ZERO)
+            )
+            for columns in ((*fold_columns, ev.c.hash, ev.c.prev_hash), fold_columns)
+        )
+        self.hash_at = c(
+            sa.select(ev.c.hash).where(
+                ev.c.session_id == bindparam("session_id"), ev.c.version == bindparam("version")
             )
         )
 
