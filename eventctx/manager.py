@@ -24,10 +24,11 @@ from eventctx.errors import (
     SessionNotFoundError,
 )
 from eventctx.events import NewEvent
-from eventctx.snapshots import SnapshotPolicy, restore, restore_from
-from eventctx.state import fold
+from eventctx.snapshots import Restored, SnapshotPolicy, restore, restore_from
+from eventctx.state import FOLD_VERSION, fold
 from eventctx.store import EventStore
 from eventctx.store.heads import SessionHead
+from eventctx.store.sessionread import SessionRead
 
 __all__ = ["ACTIVITY_SLACK", "DEFAULT_URL", "ContextManager", "SessionInfo"]
 
@@ -207,16 +208,7 @@ class ContextManager:
         with runtime.gate:
             with self._lock:
                 ctx = self._contexts.get(session_id)
-            restored = None
-            with store.reading(session_id) as read:  # one connection, one read transaction
-                head = read.head()
-                if (
-                    ctx is None
-                    and head is not None
-                    and head.live
-                    and not head.expired(store.clock())
-                ):
-                    restored = restore_from(read, head.version, head.head_hash)
+            head, restored = self._open(session_id, restoring=ctx is None)
             head = self._record_activity(session_id, head)
             if ctx is not None:
                 ctx.writer.follow(head)
@@ -232,6 +224,19 @@ class ContextManager:
             if ctx is fresh:
                 runtime.counters.add("restored")
             return ctx
+
+    def _open(self, session_id: str, restoring: bool) -> tuple[SessionHead | None, Restored | None]:
+        """The session's head row and, ``restoring`` a live and unexpired session, its state at
+        the head: one read transaction, no write lock."""
+        store = self._runtime.store
+
+        def read(session: SessionRead) -> tuple[SessionHead | None, Restored | None]:
+            head = session.head(FOLD_VERSION if restoring else None)
+            if not restoring or head is None or not head.live or head.expired(store.clock()):
+                return head, None
+            return head, restore_from(session, head.version, head.head_hash)
+
+        return store.reading(session_id, read)
 
     def _record_activity(self, session_id: str, head: SessionHead | None) -> SessionHead:
         """``head`` if the session is live and unexpired, recording activity on it when the

@@ -26,10 +26,21 @@ from eventctx.state import (
 from eventctx.store import EventStore
 from eventctx.store.sessionread import SessionRead
 
-__all__ = ["MIN_BYTES", "SnapshotPolicy", "check_snapshots", "fold_log", "restore", "restore_from"]
+__all__ = [
+    "MIN_BYTES",
+    "Restored",
+    "SnapshotPolicy",
+    "check_snapshots",
+    "fold_log",
+    "restore",
+    "restore_from",
+]
 
-MIN_BYTES: Final = 64 * 1024
+MIN_BYTES: Final = 16 * 1024
 """Appended bytes after which a small state is snapshotted even before ``snapshot_every``."""
+
+Restored = tuple[State, int, int]
+"""A restored state, the size of the snapshot it started from (0: none) and its tail length."""
 
 log = logging.getLogger("eventctx")
 
@@ -73,7 +84,7 @@ class SnapshotPolicy:
 
 def restore(
     store: EventStore, session_id: str, version: int, head_hash: bytes | None = None
-) -> tuple[State, int, int]:
+) -> Restored:
     """The state at ``version``: the newest usable snapshot at or below it plus the tail, each
     event of which is checked against its hash as it is folded; one read transaction.
 
@@ -82,13 +93,10 @@ def restore(
     decoded, or leads elsewhere is skipped with a warning for a full fold; a log that fails its
     own checks raises IntegrityError naming the session and version.
     """
-    with store.reading(session_id) as read:
-        return restore_from(read, version, head_hash)
+    return store.reading(session_id, lambda read: restore_from(read, version, head_hash))
 
 
-def restore_from(
-    read: SessionRead, version: int, head_hash: bytes | None = None
-) -> tuple[State, int, int]:
+def restore_from(read: SessionRead, version: int, head_hash: bytes | None = None) -> Restored:
     """``restore`` inside a read transaction the caller holds (one that read the head row)."""
     session_id = read.session_id
     found = _snapshot(read, version)
@@ -133,7 +141,8 @@ def fold_log(store: EventStore, session_id: str, to_version: int | None = None) 
     (memory follows the state, not the history). Versions are checked to follow on; the
     chain hash is taken from the last event (``EventStore.verify`` checks every hash).
     """
-    with store.reading(session_id, consistent=True) as read:
+
+    def fold(read: SessionRead) -> tuple[State, int]:
         head = read.head()
         if head is None:
             raise SessionNotFoundError(f"session {session_id!r} does not exist")
@@ -148,6 +157,9 @@ def fold_log(store: EventStore, session_id: str, to_version: int | None = None) 
                 session_id=session_id,
                 version=exc.version,
             ) from exc
+        return state, high
+
+    state, high = store.reading(session_id, fold, consistent=True)
     if state.version != high:
         raise IntegrityError(
             f"session {session_id!r}: the log ends at version {state.version}, not {high}; "

@@ -155,6 +155,7 @@ class State:
 def decode_state(data: bytes) -> State:
     """A state from its snapshot bytes."""
     raw = orjson.loads(data)
+    make = tuple.__new__  # NamedTuple's own __new__ is Python code: this is every restore's path
     return State(
         raw["version"],
         bytes.fromhex(raw["head_hash"]),
@@ -162,7 +163,7 @@ def decode_state(data: bytes) -> State:
         raw["deleted"],
         raw["ttl_ms"],
         raw["data"],
-        {key: Provenance(*p) for key, p in raw["provenance"].items()},
+        {key: make(Provenance, p) for key, p in raw["provenance"].items()},
         raw["outputs"],
         raw["metadata"],
         None if raw["run"] is None else RunState(**raw["run"]),

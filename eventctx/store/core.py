@@ -326,14 +326,14 @@ class EventStore:
             finally:
                 raw.close()
 
-    def _run(self, work: Callable[[Cursor], T], *, write: bool) -> T:
+    def _run(self, work: Callable[[Cursor], T], *, write: bool, consistent: bool = False) -> T:
         """``work`` in one short transaction. When the server dropped the connection, it is
         made again on a fresh connection instead of failing its caller (a restart or a
         terminated backend costs no error once the server answers): ``work`` must be safe to
         repeat even when the dropped try did commit."""
         for tries in range(1, TRIES_AFTER_DROP + 1):
             try:
-                with self._transaction(write=write) as cur:
+                with self._transaction(write=write, consistent=consistent) as cur:
                     return work(cur)
             except StorageError as exc:
                 if tries == TRIES_AFTER_DROP or not self._dialect.dropped(exc):
@@ -708,16 +708,24 @@ class EventStore:
 
     # --- reading ------------------------------------------------------------------------------
 
-    @contextmanager
-    def reading(self, session_id: str, *, consistent: bool = False) -> Iterator[SessionRead]:
-        """One read transaction on one pooled connection for reading ``session_id`` (its head
-        row, newest snapshot and rows: see SessionRead); what a restore and a full fold use.
-        ``consistent``: every statement sees the same committed log."""
+    def reading(
+        self, session_id: str, work: Callable[[SessionRead], T], *, consistent: bool = False
+    ) -> T:
+        """``work`` on one read transaction of ``session_id`` on one pooled connection (its
+        head row, newest snapshot and rows: see SessionRead); what a restore and a full fold
+        use. ``consistent``: every statement sees the same committed log. Made again on a
+        fresh connection when the server dropped it, so ``work`` must only read."""
         check_session_id(session_id)
-        with self._transaction(write=False, consistent=consistent) as cur:
+
+        def run(cur: Cursor) -> T:
+            self._dialect.binary_rows(cur)
             read = SessionRead(cur, self._sql, session_id, self._hasher, self._check_snapshot)
-            yield read
-        self.rows_read += read.rows_read
+            try:
+                return work(read)
+            finally:
+                self.rows_read += read.rows_read
+
+        return self._run(run, write=False, consistent=consistent)
 
     def session(self, session_id: str) -> SessionHead | None:
         """The session's head row, or None if it never existed (or was purged)."""

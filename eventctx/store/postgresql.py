@@ -56,6 +56,10 @@ class PostgreSQLDialect(Dialect):
         event.listen(engine, "connect", on_connect)
         engine.dispose()  # connections made before the listener must not be reused
 
+    def binary_rows(self, cur: Cursor) -> None:
+        # bytea as text is hex: twice the bytes on the wire, then parsed back in Python.
+        cur.format = psycopg.pq.Format.BINARY  # type: ignore[attr-defined]
+
     def begin_snapshot(self, cur: Cursor) -> None:
         # Read committed gives each statement its own view; this gives the transaction one.
         cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")

@@ -25,7 +25,7 @@ from tools.bench.common import PAYLOAD, ROUNDS, Figure, pg_available, pg_schema,
 from tools.bench.peer import PeerContext, peer_app
 
 SQLITE_SIZES = (1_000, 10_000, 100_000, 1_000_000)
-PG_SIZES = (1_000, 10_000, 100_000)
+PG_SIZES = (1_000, 10_000, 100_000, 1_000_000)
 PEER_FULL_MAX = 100_000
 """eventsourcing replays without snapshots only up to here (1M takes it most of a minute)."""
 KEYS = 200
