@@ -330,9 +330,9 @@ def _fold_rows(state: State, rows: Iterable[Row], *, encoded: bool) -> None:
             f"version {version + 1}: the stored payload is not JSON ({exc})", version=version + 1
         ) from exc
     finally:  # the state reflects exactly the events applied, even when one is refused
-        state.version, state.recorded_at_us = version, at
-        if encoded:
+        if encoded and version != state.version:
             _settle(state)
+        state.version, state.recorded_at_us = version, at
 
 
 def _settle(state: State) -> None:
