@@ -13,6 +13,7 @@ from itertools import islice
 from typing import Final
 
 from eventctx import faults
+from eventctx.clock import check_count
 from eventctx.errors import IntegrityError, SessionNotFoundError
 from eventctx.events import GENESIS_HASH
 from eventctx.state import (
@@ -141,6 +142,9 @@ def fold_log(store: EventStore, session_id: str, to_version: int | None = None) 
     (memory follows the state, not the history). Versions are checked to follow on; the
     chain hash is taken from the last event (``EventStore.verify`` checks every hash).
     """
+
+    if to_version is not None:
+        check_count(to_version, "to_version")
 
     def fold(read: SessionRead) -> tuple[State, int]:
         head = read.head()
