@@ -3,7 +3,9 @@
 A snapshot is a cache of the fold, written after the append it describes has committed, in
 its own transaction: losing one never loses data. One is taken once the bytes appended since
 the last one reach the state's own size (so snapshots never cost more storage than the events
-they summarise) and either ``MIN_BYTES`` or ``snapshot_every`` events have gone by.
+they summarise) and either ``MIN_BYTES`` or ``snapshot_every`` events have gone by; and, to
+keep restores short, once ``TAIL_EVENTS`` events have gone by whose rows (payloads, hashes and
+the other columns) take as much storage as the state.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from eventctx.store.sessionread import SessionRead
 
 __all__ = [
     "MIN_BYTES",
+    "ROW_BYTES",
+    "TAIL_EVENTS",
     "Restored",
     "SnapshotPolicy",
     "check_snapshots",
@@ -39,6 +43,11 @@ __all__ = [
 
 MIN_BYTES: Final = 16 * 1024
 """Appended bytes after which a small state is snapshotted even before ``snapshot_every``."""
+TAIL_EVENTS: Final = 128
+"""A tail this long is snapshotted as soon as its rows take as much storage as the state."""
+ROW_BYTES: Final = 96
+"""What an event row stores besides its payload and session id, at least: two 32-byte hashes,
+its version, time, position and type."""
 
 Restored = tuple[State, int, int]
 """A restored state, the size of the snapshot it started from (0: none) and its tail length."""
@@ -49,13 +58,16 @@ log = logging.getLogger("eventctx")
 class SnapshotPolicy:
     """Counts what was appended since the last snapshot of one session and takes the next."""
 
-    __slots__ = ("bytes_since", "events_since", "every", "state_size")
+    __slots__ = ("bytes_since", "events_since", "every", "rows_since", "state_size")
 
     def __init__(self, every: int, state_size: int = 0, events_since: int = 0) -> None:
         self.every = every
         self.state_size = state_size
         self.events_since = events_since
         self.bytes_since = 0
+        """Payload bytes appended since the last snapshot."""
+        self.rows_since = 0
+        """What those events' rows store (payloads, hashes and the other columns), at least."""
 
     def after_append(
         self, store: EventStore, session_id: str, state: State, events: int, size: int
@@ -65,9 +77,8 @@ class SnapshotPolicy:
         snapshot tries again."""
         self.events_since += events
         self.bytes_since += size
-        if self.bytes_since < self.state_size:
-            return False
-        if self.bytes_since < MIN_BYTES and self.events_since < self.every:
+        self.rows_since += size + events * (ROW_BYTES + len(session_id))
+        if not self._due():
             return False
         try:
             encoded = state.encode()
@@ -79,8 +90,18 @@ class SnapshotPolicy:
             )
             return False
         self.state_size = len(encoded)
-        self.events_since = self.bytes_since = 0
+        self.events_since = self.bytes_since = self.rows_since = 0
         return True
+
+    def _due(self) -> bool:
+        """The payloads since the last snapshot outweigh the state (and ``MIN_BYTES`` or
+        ``snapshot_every`` events have gone by), or a tail of ``TAIL_EVENTS`` events takes as
+        much storage as the state: either way, no more snapshot bytes than event bytes."""
+        if self.bytes_since >= self.state_size and (
+            self.bytes_since >= MIN_BYTES or self.events_since >= self.every
+        ):
+            return True
+        return self.events_since >= TAIL_EVENTS and self.rows_since >= self.state_size
 
 
 def restore(
