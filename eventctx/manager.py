@@ -25,14 +25,28 @@ from eventctx.errors import (
 )
 from eventctx.events import NewEvent
 from eventctx.retention import check_window
-from eventctx.snapshots import SnapshotPolicy, restore
-from eventctx.state import fold
+from eventctx.snapshots import Restored, SnapshotPolicy, restore, restore_from
+from eventctx.state import FOLD_VERSION, fold
 from eventctx.store import EventStore
+from eventctx.store.heads import SessionHead
+from eventctx.store.sessionread import SessionRead
 
-__all__ = ["DEFAULT_URL", "ContextManager", "SessionInfo"]
+__all__ = ["ACTIVITY_SLACK", "DEFAULT_URL", "ContextManager", "SessionInfo"]
 
 DEFAULT_URL: Final = "sqlite:///eventctx.db"
+ACTIVITY_SLACK: Final = 1 / 16
+"""``get_context`` records activity only when the stored last activity is older than this
+fraction of the session's ttl: a session opened again within it is read, not written, and may
+expire up to this fraction of its ttl earlier than its last ``get_context`` would say."""
 log = logging.getLogger("eventctx")
+
+
+def _activity_due(head: SessionHead, now_us: int) -> bool:
+    """Whether ``get_context`` must record activity: the stored one is older than the slack."""
+    return (
+        head.ttl_ms is not None
+        and now_us - head.last_activity_us > head.ttl_ms * 1000 * ACTIVITY_SLACK
+    )
 
 
 class _Default:
@@ -190,28 +204,24 @@ class ContextManager:
     def get_context(self, session_id: str) -> PluginContext:
         """The session's context, restored from the store if this manager hasn't got it yet.
 
-        Counts as activity (the ttl starts again). SessionNotFoundError for an unknown or
+        Counts as activity (the ttl starts again), recorded lazily: only once the stored last
+        activity is older than ``ACTIVITY_SLACK`` of the ttl, so opening a recently active
+        session is a read and takes no write lock. SessionNotFoundError for an unknown or
         deleted session, SessionExpiredError for one past its ttl.
         """
         runtime = self._runtime
+        store = runtime.store
         with runtime.gate:
-            head = runtime.store.touch(session_id)
-            if head is None or not head.live:
-                self._evict(session_id)
-                raise SessionNotFoundError(
-                    f"session {session_id!r} does not exist; create it with create_context"
-                )
-            if head.expired(runtime.store.clock()):
-                self._evict(session_id, f"session {session_id!r} expired", expired=True)
-                raise SessionExpiredError(
-                    f"session {session_id!r} expired at {head.expires_at}; create it again"
-                )
             with self._lock:
                 ctx = self._contexts.get(session_id)
+            head, restored = self._open(session_id, restoring=ctx is None)
+            head = self._record_activity(session_id, head)
             if ctx is not None:
                 ctx.writer.follow(head)
                 return ctx
-            state, size, tail = restore(runtime.store, session_id, head.version, head.head_hash)
+            if restored is None:  # expired when read, yet a run's lease took it meanwhile
+                restored = restore(store, session_id, head.version, head.head_hash)
+            state, size, tail = restored
             fresh = PluginContext(
                 runtime, session_id, state, SnapshotPolicy(runtime.snapshot_every, size, tail)
             )
@@ -220,6 +230,38 @@ class ContextManager:
             if ctx is fresh:
                 runtime.counters.add("restored")
             return ctx
+
+    def _open(self, session_id: str, restoring: bool) -> tuple[SessionHead | None, Restored | None]:
+        """The session's head row and, ``restoring`` a live and unexpired session, its state at
+        the head: one read transaction, no write lock."""
+        store = self._runtime.store
+
+        def read(session: SessionRead) -> tuple[SessionHead | None, Restored | None]:
+            head = session.head(FOLD_VERSION if restoring else None)
+            if not restoring or head is None or not head.live or head.expired(store.clock()):
+                return head, None
+            return head, restore_from(session, head.version, head.head_hash)
+
+        return store.reading(session_id, read)
+
+    def _record_activity(self, session_id: str, head: SessionHead | None) -> SessionHead:
+        """``head`` if the session is live and unexpired, recording activity on it when the
+        stored activity is older than the slack allows (a write, then the head it left);
+        otherwise evict it and raise SessionNotFoundError or SessionExpiredError."""
+        store = self._runtime.store
+        if head is not None and head.live and _activity_due(head, store.clock()):
+            head = store.touch(session_id)
+        if head is None or not head.live:
+            self._evict(session_id)
+            raise SessionNotFoundError(
+                f"session {session_id!r} does not exist; create it with create_context"
+            )
+        if head.expired(store.clock()):
+            self._evict(session_id, f"session {session_id!r} expired", expired=True)
+            raise SessionExpiredError(
+                f"session {session_id!r} expired at {head.expires_at}; create it again"
+            )
+        return head
 
     def get_or_create_context(
         self, session_id: str, ttl: timedelta | _Default | None = _DEFAULT

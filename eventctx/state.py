@@ -8,21 +8,25 @@ under other rules is ignored.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final, NamedTuple
 
 import orjson
 
 from eventctx.errors import IntegrityError
-from eventctx.events import GENESIS_HASH, RUN_EVENTS, RecordedEvent
+from eventctx.events import GENESIS_HASH, RUN_EVENTS, Hasher, RecordedEvent, chain_hash, sha256
 
 __all__ = [
     "FOLD_VERSION",
+    "ChainRow",
     "Provenance",
+    "Row",
     "RunState",
     "State",
     "advance",
+    "advance_chain",
+    "advance_rows",
     "apply",
     "attempt_id",
     "decode_state",
@@ -152,6 +156,7 @@ class State:
 def decode_state(data: bytes) -> State:
     """A state from its snapshot bytes."""
     raw = orjson.loads(data)
+    make = tuple.__new__  # NamedTuple's own __new__ is Python code: this is every restore's path
     return State(
         raw["version"],
         bytes.fromhex(raw["head_hash"]),
@@ -159,7 +164,7 @@ def decode_state(data: bytes) -> State:
         raw["deleted"],
         raw["ttl_ms"],
         raw["data"],
-        {key: Provenance(*p) for key, p in raw["provenance"].items()},
+        {key: make(Provenance, p) for key, p in raw["provenance"].items()},
         raw["outputs"],
         raw["metadata"],
         None if raw["run"] is None else RunState(**raw["run"]),
@@ -187,82 +192,220 @@ def advance(state: State, events: Iterable[RecordedEvent]) -> None:
     history of the session, such as one created again after a purge) it raises
     IntegrityError, and the state reflects the events before that one.
     """
+    _fold_rows(state, _linked(state, events), encoded=False)
+
+
+def advance_rows(state: State, rows: Iterable[Row], head_hash: bytes) -> None:
+    """Apply stored rows (``Row``: payloads as encoded) to ``state`` in place, for a reader
+    that read them in one consistent view and knows the chain hash of the last one.
+
+    Versions must follow on from the state's (IntegrityError otherwise); the rows are folded
+    as they come, no object is made per row.
+    """
+    start = state.version
+    _fold_rows(state, rows, encoded=True)
+    if state.version != start:
+        state.head_hash = head_hash
+
+
+def advance_chain(
+    state: State, session_id: str, rows: Iterable[ChainRow], hasher: Hasher = sha256
+) -> None:
+    """Apply stored rows with their chain columns to ``state`` in place, checking each one's
+    link and recomputing its hash first (IntegrityError naming the version on a mismatch)."""
+    _fold_rows(state, _checked(state, session_id, rows, hasher), encoded=True)
+
+
+Row = tuple[int, str, str | None, str | None, str | None, Any, int]
+"""What the fold reads of an event: version, type, key, phase, execution id, payload (its
+stored bytes, or decoded) and recorded_at (µs)."""
+ChainRow = tuple[int, str, str | None, str | None, str | None, bytes, int, bytes, bytes]
+"""A ``Row`` followed by the event's hash and prev_hash, as stored."""
+
+
+def _linked(state: State, events: Iterable[RecordedEvent]) -> Iterator[Row]:
+    """The fold's rows of ``events``, each checked to chain onto the one before; the state's
+    chain head follows every event the fold has applied."""
+    version, digest = state.version, state.head_hash
+    for _, _, number, kind, key, phase, run_id, payload, when, chain, link in events:
+        if (number != version + 1 or link != digest) and (version or number == 1):
+            raise IntegrityError(
+                f"event version {number} does not chain onto version {version}: "
+                + ("the log has a gap" if number != version + 1 else "another history"),
+                version=number,
+            )
+        state.head_hash = digest  # the fold asks for this row once the last one is applied
+        yield number, kind, key, phase, run_id, payload, when
+        version, digest = number, chain
+    state.head_hash = digest
+
+
+def _checked(
+    state: State, session_id: str, rows: Iterable[ChainRow], hasher: Hasher
+) -> Iterator[Row]:
+    """``rows`` whose link and hash are right, as the fold reads them (see ``_linked``)."""
+    version, digest = state.version, state.head_hash
+    at_v = f"session {session_id!r} version"
+    for number, kind, key, phase, run_id, payload, when, stored, prior in rows:
+        try:
+            chain, link = bytes(stored), bytes(prior)
+            computed = chain_hash(
+                link, session_id, number, kind, key, phase, run_id, when, payload, hasher
+            )
+        except TypeError as exc:  # a column of another type than eventctx writes
+            raise IntegrityError(
+                f"{at_v} {number}: a stored column ({exc}); run verify",
+                session_id=session_id,
+                version=number,
+            ) from exc
+        if chain != computed:
+            raise IntegrityError(
+                f"{at_v} {number}: stored hash does not match its contents; run verify",
+                session_id=session_id,
+                version=number,
+            )
+        if link != digest and (version or number == 1):
+            raise IntegrityError(
+                f"event version {number} does not chain onto version {version}: another history",
+                version=number,
+            )
+        state.head_hash = digest
+        yield number, kind, key, phase, run_id, payload, when
+        version, digest = number, chain
+    state.head_hash = digest
+
+
+def _fold_rows(state: State, rows: Iterable[Row], *, encoded: bool) -> None:
+    """The fold itself: apply ``rows`` in place (payloads decoded here when ``encoded``).
+
+    A fold of stored rows keeps each key's provenance as a plain tuple while it runs (one
+    allocation per write, not two) and makes them Provenance once at the end.
+    """
     data, provenance = state.data, state.provenance
     make = tuple.__new__  # Provenance without NamedTuple's Python-level __new__: the hot path
-    version = state.version
-    digest, at = state.head_hash, state.recorded_at_us
+    loads = orjson.loads
+    version, at = state.version, state.recorded_at_us
     prior = provenance.get
     undo = state.undo
     attempts = _attempts(state)
     try:
-        for event in events:
-            _, _, number, kind, key, phase, run_id, payload, when, chain, link = event
-            if (number != version + 1 or link != digest) and (version or number == 1):
+        for number, kind, key, phase, run_id, stored, when in rows:
+            if number != version + 1 and (version or number == 1):
                 raise IntegrityError(
                     f"event version {number} does not chain onto version {version}: "
-                    + ("the log has a gap" if number != version + 1 else "another history"),
+                    "the log has a gap",
                     version=number,
                 )
-            if kind in {"KeySet", "KeyDeleted"}:
+            if kind == "KeySet":
                 if undo and phase:
                     _remember(state, run_id, phase, (key,))  # type: ignore[arg-type]
-                if kind == "KeySet":
-                    data[key] = payload["value"]  # type: ignore[index]
-                    op = "set"
-                else:
-                    data.pop(key, None)  # type: ignore[arg-type]
-                    op = "delete"
-                last = prior(key)  # type: ignore[arg-type]
-                provenance[key] = make(  # type: ignore[index]
-                    Provenance,
-                    (
-                        phase,
-                        run_id,
-                        number,
-                        when,
-                        op,
-                        attempts.get((run_id, phase)) if phase else None,
-                        None if last is None else last[2],
-                        last[7] if last is not None and last[4] == "set" else when,
-                    ),
-                )
-            elif kind == "ContextCleared":
+                data[key] = stored if encoded else stored["value"]  # type: ignore[index]
+                op = "set"
+            elif kind == "KeyDeleted":
                 if undo and phase:
-                    _remember(state, run_id, phase, list(data))
-                attempt = attempts.get((run_id, phase)) if phase else None
-                for cleared in data:
-                    last = prior(cleared)
-                    provenance[cleared] = make(
-                        Provenance,
-                        (
-                            phase,
-                            run_id,
-                            number,
-                            when,
-                            "delete",
-                            attempt,
-                            None if last is None else last[2],
-                            when,
-                        ),
-                    )
-                data.clear()
-            elif kind in _RUN_EVENTS:
-                _run_event(state, event)
-                attempts = _attempts(state)
-            elif kind == "ContextCreated":
-                data.clear()
-                provenance.clear()
-                state.outputs.clear()
-                state.metadata.clear()
-                state.run = None
-                undo.clear()
-                state.deleted = False
-                state.ttl_ms = payload.get("ttl_ms")
-            elif kind == "ContextDeleted":
-                state.deleted = True
-            version, digest, at = number, chain, when
+                    _remember(state, run_id, phase, (key,))  # type: ignore[arg-type]
+                data.pop(key, None)  # type: ignore[arg-type]
+                op = "delete"
+            else:
+                payload = loads(stored) if encoded else stored
+                _fold_other(state, kind, number, key, phase, run_id, payload, when, attempts)
+                if kind in _RUN_EVENTS:
+                    attempts = _attempts(state)
+                version, at = number, when
+                continue
+            last = prior(key)  # type: ignore[arg-type]
+            written = (
+                phase,
+                run_id,
+                number,
+                when,
+                op,
+                attempts.get((run_id, phase)) if phase else None,
+                None if last is None else last[2],
+                last[7] if last is not None and last[4] == "set" else when,
+            )
+            provenance[key] = written if encoded else make(Provenance, written)  # type: ignore[index, assignment]
+            version, at = number, when
+    except orjson.JSONDecodeError as exc:  # decoding the row after the last one applied
+        raise IntegrityError(
+            f"version {version + 1}: the stored payload is not JSON ({exc})", version=version + 1
+        ) from exc
     finally:  # the state reflects exactly the events applied, even when one is refused
-        state.version, state.head_hash, state.recorded_at_us = version, digest, at
+        if encoded and version != state.version:
+            _settle(state)
+        state.version, state.recorded_at_us = version, at
+
+
+def _settle(state: State) -> None:
+    """After a fold of stored rows: decode the values still held as their stored payloads
+    (only the writes that survive are decoded) and make each provenance a Provenance."""
+    make, loads = tuple.__new__, orjson.loads
+    provenance = state.provenance
+    for key, last in provenance.items():
+        if type(last) is tuple:
+            provenance[key] = make(Provenance, last)
+    data = state.data
+    try:
+        for key, value in data.items():
+            if type(value) is bytes:
+                data[key] = loads(value)["value"]
+        for saved in state.undo.values():
+            for key in saved:
+                entry = saved[key]
+                if type(entry[1]) is bytes:
+                    entry[1] = loads(entry[1])["value"]
+    except orjson.JSONDecodeError as exc:
+        raise IntegrityError(f"the stored payload of key {key!r} is not JSON ({exc})") from exc
+
+
+def _fold_other(
+    state: State,
+    kind: str,
+    version: int,
+    key: str | None,
+    phase: str | None,
+    run_id: str | None,
+    payload: dict[str, Any],
+    at: int,
+    attempts: dict[tuple[str | None, str | None], int],
+) -> None:
+    """Fold an event that is not a key write."""
+    if kind == "ContextCleared":
+        _clear(state, version, phase, run_id, at, attempts)
+    elif kind in _RUN_EVENTS:
+        _run_event(state, kind, version, key, phase, run_id, payload, at)
+    elif kind == "ContextCreated":
+        state.data.clear()
+        state.provenance.clear()
+        state.outputs.clear()
+        state.metadata.clear()
+        state.run = None
+        state.undo.clear()
+        state.deleted = False
+        state.ttl_ms = payload.get("ttl_ms")
+    elif kind == "ContextDeleted":
+        state.deleted = True
+
+
+def _clear(
+    state: State,
+    version: int,
+    phase: str | None,
+    run_id: str | None,
+    at: int,
+    attempts: dict[tuple[str | None, str | None], int],
+) -> None:
+    """Fold a ContextCleared: every key deleted, each with its provenance."""
+    data, provenance = state.data, state.provenance
+    if state.undo and phase:
+        _remember(state, run_id, phase, list(data))
+    attempt = attempts.get((run_id, phase)) if phase else None
+    for cleared in data:
+        last = provenance.get(cleared)
+        provenance[cleared] = Provenance(
+            phase, run_id, version, at, "delete", attempt, None if last is None else last[2], at
+        )
+    data.clear()
 
 
 def attempt_id(execution_id: str | None, phase: str) -> str:
@@ -290,26 +433,26 @@ def rolled_back(state: State, event: RecordedEvent) -> frozenset[str]:
     isolated attempt (empty unless ``event`` ends such an attempt with a failure)."""
     if event.type != "PhaseFailed":
         return frozenset()
-    saved = state.undo.get(attempt_id(event.execution_id, event.phase or ""), {})
-    return frozenset(key for key in saved if _written_by(state, key, event))
+    run_id, phase = event.execution_id, event.phase
+    saved = state.undo.get(attempt_id(run_id, phase or ""), {})
+    return frozenset(key for key in saved if _written_by(state, key, run_id, phase))
 
 
-def _written_by(state: State, key: str, event: RecordedEvent) -> bool:
-    """Whether ``key`` was last written by the attempt ``event`` ends (not by anyone since)."""
-    last = state.provenance.get(key)
-    return (
-        last is not None and last.execution_id == event.execution_id and last.phase == event.phase
-    )
+def _written_by(state: State, key: str, execution_id: str | None, phase: str | None) -> bool:
+    """Whether ``key`` was last written by the attempt of ``phase`` in ``execution_id`` (not
+    by anyone since)."""
+    last = state.provenance.get(key)  # a plain tuple while a fold of stored rows runs
+    return last is not None and last[1] == execution_id and last[0] == phase
 
 
-def _roll_back(state: State, event: RecordedEvent) -> None:
+def _roll_back(state: State, execution_id: str | None, phase: str | None) -> None:
     """A failed isolated attempt: its keys hold again what they held before it."""
-    saved = state.undo.pop(attempt_id(event.execution_id, event.phase or ""), None)
+    saved = state.undo.pop(attempt_id(execution_id, phase or ""), None)
     if not saved:
         return
     data, provenance = state.data, state.provenance
     for key, (present, value, last) in saved.items():
-        if not _written_by(state, key, event):
+        if not _written_by(state, key, execution_id, phase):
             continue  # written since, outside the attempt: that write stands
         if present:
             data[key] = value
@@ -332,31 +475,38 @@ def _attempts(state: State) -> dict[tuple[str | None, str | None], int]:
 _RUN_EVENTS: Final = RUN_EVENTS | {"MetadataSet"}
 
 
-def _run_event(state: State, event: RecordedEvent) -> None:
+def _run_event(
+    state: State,
+    kind: str,
+    version: int,
+    key: str | None,
+    event_phase: str | None,
+    run_id: str | None,
+    payload: dict[str, Any],
+    at: int,
+) -> None:
     """Fold an event of the run/phase lifecycle (MetadataSet included)."""
-    kind, execution_id, payload = event.type, event.execution_id or "", event.payload
+    execution_id = run_id or ""
     if kind == "MetadataSet":
-        state.metadata.setdefault(execution_id, {})[event.key or ""] = payload["value"]
+        state.metadata.setdefault(execution_id, {})[key or ""] = payload["value"]
         return
     if kind == "RunStarted":
-        at = event.recorded_at_us
         state.run = RunState(execution_id, payload["input"], list(payload["phases"]), started_us=at)
-        state.run.segments.append([at, None, event.version])
+        state.run.segments.append([at, None, version])
         return
     run = state.run if state.run is not None and state.run.execution_id == execution_id else None
-    phase = event.phase or ""
+    phase = event_phase or ""
     if kind == "PhaseStarted" and payload.get("isolated"):
         state.undo[attempt_id(execution_id, phase)] = {}
     elif kind == "PhaseCompleted":
         state.outputs.setdefault(execution_id, {})[phase] = payload["output"]
         state.undo.pop(attempt_id(execution_id, phase), None)
     elif kind == "PhaseFailed":
-        _roll_back(state, event)
+        _roll_back(state, run_id, event_phase)
     if run is None:
         return
-    at = event.recorded_at_us
     if kind == "PhaseStarted":
-        run.open_phase, run.open_version = phase, event.version
+        run.open_phase, run.open_version = phase, version
         run.attempts[phase] = payload["attempt"]
         run.tries.setdefault(phase, []).append(
             {"attempt": payload["attempt"], "status": "running", "started_us": at}
@@ -365,26 +515,25 @@ def _run_event(state: State, event: RecordedEvent) -> None:
         run.open_phase = None
         tries = run.tries.get(phase)
         if tries:
-            _ended(tries[-1], event)
+            _ended(tries[-1], kind, payload, at)
         if kind == "PhaseCompleted":
             run.completed[phase] = payload["duration_ms"]
     elif kind == "RunResumed":
         run.input = payload["input"]
         if run.segments:
             run.segments[-1][1] = payload["previous_ended_at_us"]
-        run.segments.append([at, None, event.version])
+        run.segments.append([at, None, version])
     else:
         run.status = "completed" if kind == "RunCompleted" else "failed"
         if run.segments:
             run.segments[-1][1] = at
 
 
-def _ended(attempt: dict[str, Any], event: RecordedEvent) -> None:
+def _ended(attempt: dict[str, Any], kind: str, payload: dict[str, Any], at: int) -> None:
     """Record how an attempt ended (its PhaseCompleted or PhaseFailed)."""
-    payload = event.payload
-    attempt["ended_us"] = event.recorded_at_us
+    attempt["ended_us"] = at
     attempt["duration_ms"] = payload["duration_ms"]
-    if event.type == "PhaseCompleted":
+    if kind == "PhaseCompleted":
         attempt["status"] = "completed"
         return
     interrupted = payload["error_type"] == "interrupted"

@@ -8,13 +8,15 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
 import orjson
 import pydantic
 import pytest
+import sqlalchemy as sa
 
 import eventctx
 from eventctx import (
@@ -30,6 +32,7 @@ from eventctx import (
     SessionExpiredError,
     SessionNotFoundError,
 )
+from eventctx.manager import ACTIVITY_SLACK
 from eventctx.state import FOLD_VERSION
 
 WORKERS = str(Path(__file__).with_name("workers.py"))
@@ -477,3 +480,62 @@ def test_a_snapshot_of_an_earlier_history_is_never_used(db_url: str) -> None:
         again.set("newest", 3)  # a tail after it, whose last hash is the head's
     with ContextManager(db_url, cleanup_interval=None) as manager:
         assert manager.get_context("s").to_dict() == {"new": 1, "newer": 2, "newest": 3}
+
+
+@contextmanager
+def _write_lock_held(db_url: str, session_id: str) -> Iterator[None]:
+    """Another connection holding what a write needs: SQLite's database write lock
+    (BEGIN IMMEDIATE), PostgreSQL's lock on the session's head row."""
+    engine = sa.create_engine(db_url, poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            raw = conn.connection.dbapi_connection
+            assert raw is not None
+            cur = raw.cursor()
+            if engine.dialect.name == "sqlite":
+                raw.isolation_level = None
+                cur.execute("BEGIN IMMEDIATE")
+            else:
+                cur.execute(
+                    "SELECT 1 FROM eventctx_sessions WHERE session_id = %s FOR UPDATE",
+                    (session_id,),
+                )
+            try:
+                yield
+            finally:
+                raw.rollback()
+    finally:
+        engine.dispose()
+
+
+def test_reads_never_take_the_write_lock(db_url: str) -> None:
+    with ContextManager(db_url, ttl=timedelta(hours=1), cleanup_interval=None) as writer:
+        writer.create_context("s").update({"a": 1, "b": 2})
+    store = EventStore.open(db_url, busy_timeout=timedelta(seconds=3))
+    with _write_lock_held(db_url, "s"), ContextManager(store, cleanup_interval=None) as manager:
+        started = time.monotonic()
+        ctx = manager.get_context("s")  # a cold restore of a recently active session
+        assert ctx.to_dict() == {"a": 1, "b": 2}
+        assert manager.get_context("s") is ctx  # and again, from memory
+        insp = eventctx.Inspector(store)
+        assert insp.state_at("s").data == {"a": 1, "b": 2}
+        assert [e.version for e in insp.history("s")] == [1, 2, 3]
+        assert set(insp.blame("s")) == {"a", "b"}
+        assert time.monotonic() - started < 1.5  # never waited for the lock
+    store.close()
+
+
+def test_get_context_records_activity_only_past_the_slack(db_url: str) -> None:
+    ttl = timedelta(seconds=4)  # slack: 250 ms
+    with ContextManager(db_url, ttl=ttl, cleanup_interval=None) as manager:
+        manager.create_context("s")
+        created = manager.store.session("s")
+        assert created is not None
+        with ContextManager(db_url, cleanup_interval=None) as other:
+            other.get_context("s")  # within the slack: read only
+            head = manager.store.session("s")
+            assert head is not None and head.last_activity_us == created.last_activity_us
+            time.sleep(ttl.total_seconds() * ACTIVITY_SLACK + 0.05)
+            other.get_context("s")  # past it: recorded
+            head = manager.store.session("s")
+            assert head is not None and head.last_activity_us > created.last_activity_us

@@ -7,12 +7,14 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from eventctx import ContextManager, EventStore, PluginContext, RecordedEvent, runlog
 from eventctx.context import PhaseScope, phase_scope
-from eventctx.snapshots import restore
+from eventctx.errors import IntegrityError
+from eventctx.snapshots import fold_log, restore
 from eventctx.state import FOLD_VERSION, State, apply, decode_state, fold
 
 KEYS = st.sampled_from(["a", "b", "c", "plan", "ключ"])
@@ -128,6 +130,42 @@ def test_snapshot_plus_tail_equals_full_fold(
         assert decode_state(expected.encode()) == expected
     with ContextManager(store) as fresh:
         assert fresh.get_context(session_id).to_dict() == model
+
+
+@settings(
+    max_examples=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(ops=OPS)
+def test_the_fold_only_read_equals_the_fold_of_events(store: EventStore, ops: list[Any]) -> None:
+    session_id = f"prop-{uuid.uuid4().hex}"
+    model = _run(ContextManager(store), session_id, ops)
+    events = list(store.read(session_id))
+    assert fold_log(store, session_id).data == model
+    for version in range(1, len(events) + 1):
+        assert fold_log(store, session_id, version) == fold(events[:version])
+
+
+def test_the_fold_only_read_refuses_a_payload_that_is_not_json(db_url: str) -> None:
+    with ContextManager(db_url, cleanup_interval=None) as manager:
+        manager.create_context("s").update({"a": 1, "b": 2})
+        store = manager.store
+        ev = sa.table("eventctx_events", sa.column("session_id"), sa.column("version"))
+        with store.engine.begin() as conn:  # bypass the no-update trigger: replace the row
+            row = (
+                conn.execute(
+                    sa.text("SELECT * FROM eventctx_events WHERE session_id = 's' AND version = 3")
+                )
+                .mappings()
+                .one()
+            )
+            conn.execute(sa.delete(ev).where(ev.c.session_id == "s", ev.c.version == 3))
+            broken = dict(row) | {"payload": b"{not json"}
+            broken.pop("position")
+            conn.execute(sa.insert(sa.table("eventctx_events", *map(sa.column, broken))), broken)
+        with pytest.raises(IntegrityError, match=r"'s': the stored payload of key 'b'"):
+            fold_log(store, "s")
 
 
 def _event(version: int, type_: str, key: str | None, payload: dict[str, Any]) -> RecordedEvent:

@@ -38,6 +38,7 @@ from eventctx.metrics import log_metrics
 from eventctx.retention import build_base, plan
 from eventctx.snapshots import restore
 from eventctx.store import schema
+from eventctx.store.sessionread import SessionRead
 from eventctx.timeline import timeline_data
 
 
@@ -434,29 +435,12 @@ def test_a_trimmed_session_exports_imports_forks_and_archives(
     same(manager.store, "s")
 
 
-class _TrimmedWhileRead:
-    """A store whose first read from version 1 sees retention remove the events under it
-    once the first page has been read (a reader racing the job)."""
-
-    def __init__(self, store: EventStore, base: int) -> None:
-        self.store, self.cut, self.raced = store, base, False
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.store, name)
-
-    def read(self, session_id: str, *args: Any, **kwargs: Any) -> Iterator[Any]:
-        events = self.store.read(session_id, *args, **kwargs)
-        for i, event in enumerate(events):
-            if i == 1 and event.version == 2 and not self.raced:
-                self.raced = True
-                while self.store.bases.trim(session_id, self.cut, 10_000):
-                    pass
-            yield event
-
-
 def test_a_full_fold_racing_the_removal_starts_again_from_the_base(
-    manager: ContextManager,
+    manager: ContextManager, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A restore folding the log from version 1 while retention removes the events under it
+    (after its first row): a snapshot read (SQLite) never sees the removal; a reader that sees
+    each statement's latest rows (PostgreSQL) starts again from the base."""
     ctx = manager.create_context("s")
     for i in range(7):
         ctx.update({f"k{j}": i for j in range(1000)})  # more than one page of events
@@ -469,9 +453,19 @@ def test_a_full_fold_racing_the_removal_starts_again_from_the_base(
     planned = plan(store, head, timedelta(microseconds=now - mark), now)
     assert planned is not None
     assert store.bases.move(build_base(store, head, planned), store.clock(), 0)
-    racing = _TrimmedWhileRead(store, planned.cut)
-    state, _, _ = restore(racing, "s", head.version)  # type: ignore[arg-type]
-    assert racing.raced and state.data == ctx.to_dict()
+    chain_rows = SessionRead.chain_rows
+    raced: list[int] = []
+
+    def racing(read: SessionRead, low: int, high: int) -> Iterator[Any]:
+        for i, row in enumerate(chain_rows(read, low, high)):
+            if i == 1 and low == 1 and not raced:
+                while removed := store.bases.trim("s", planned.cut, 10_000):
+                    raced.append(removed)
+            yield row
+
+    monkeypatch.setattr(SessionRead, "chain_rows", racing)
+    state, _, _ = restore(store, "s", head.version)
+    assert sum(raced) == planned.cut and state.data == ctx.to_dict()
 
 
 def test_the_timeline_starts_from_the_base(manager: ContextManager) -> None:

@@ -85,12 +85,14 @@ class Bases:
         """The session's base, or None (its history is whole). One that no longer matches its
         digest raises IntegrityError: its events are gone, so nothing can stand in for it."""
 
-        def read(cur: Cursor) -> list[Any]:
-            cur.execute(self._get, {"session_id": session_id})
-            return list(cur.fetchall())
+        found: Base | None = self._run(lambda cur: self.read(cur, session_id), write=False)
+        return found
 
-        rows = self._run(read, write=False)
-        return self._checked(session_id, *rows[0]) if rows else None
+    def read(self, cur: Cursor, session_id: str) -> Base | None:
+        """``get`` inside the caller's transaction."""
+        cur.execute(self._get, {"session_id": session_id})
+        row = cur.fetchone()
+        return None if row is None else self._checked(session_id, *row)
 
     def all(self) -> Iterator[Base | IntegrityError]:
         """Every base in session order (one query), or the IntegrityError of one that no

@@ -75,6 +75,7 @@ from eventctx.store.heads import (
 )
 from eventctx.store.migrations import check_schema, ensure_schema
 from eventctx.store.removal import Removal
+from eventctx.store.sessionread import SessionRead
 from eventctx.store.statements import EVENT_COLUMNS, Statements
 
 __all__ = ["EventStore"]
@@ -300,8 +301,9 @@ class EventStore:
     # --- transactions -------------------------------------------------------------------------
 
     @contextmanager
-    def _transaction(self, *, write: bool) -> Iterator[Cursor]:
-        """A pooled connection in one transaction; committed only if the block succeeds."""
+    def _transaction(self, *, write: bool, consistent: bool = False) -> Iterator[Cursor]:
+        """A pooled connection in one transaction; committed only if the block succeeds.
+        ``consistent``: a read whose statements all see the same committed log."""
         if self._closed:
             raise EventCtxError("the store is closed: open it again to go on")
         if write and self.read_only:
@@ -312,6 +314,8 @@ class EventStore:
                 cur = raw.cursor()
                 if write:
                     self._dialect.begin_write(cur)
+                elif consistent:
+                    self._dialect.begin_snapshot(cur)
                 else:
                     self._dialect.begin_read(cur)
                 yield cur
@@ -325,14 +329,14 @@ class EventStore:
             finally:
                 raw.close()
 
-    def _run(self, work: Callable[[Cursor], T], *, write: bool) -> T:
+    def _run(self, work: Callable[[Cursor], T], *, write: bool, consistent: bool = False) -> T:
         """``work`` in one short transaction. When the server dropped the connection, it is
         made again on a fresh connection instead of failing its caller (a restart or a
         terminated backend costs no error once the server answers): ``work`` must be safe to
         repeat even when the dropped try did commit."""
         for tries in range(1, TRIES_AFTER_DROP + 1):
             try:
-                with self._transaction(write=write) as cur:
+                with self._transaction(write=write, consistent=consistent) as cur:
                     return work(cur)
             except StorageError as exc:
                 if tries == TRIES_AFTER_DROP or not self._dialect.dropped(exc):
@@ -723,6 +727,27 @@ class EventStore:
         return len(batch)
 
     # --- reading ------------------------------------------------------------------------------
+
+    def reading(
+        self, session_id: str, work: Callable[[SessionRead], T], *, consistent: bool = False
+    ) -> T:
+        """``work`` on one read transaction of ``session_id`` on one pooled connection (its
+        head row, newest snapshot and rows: see SessionRead); what a restore and a full fold
+        use. ``consistent``: every statement sees the same committed log. Made again on a
+        fresh connection when the server dropped it, so ``work`` must only read."""
+        check_session_id(session_id)
+
+        def run(cur: Cursor) -> T:
+            self._dialect.binary_rows(cur)
+            read = SessionRead(
+                cur, self._sql, session_id, self._hasher, self._check_snapshot, self.bases.read
+            )
+            try:
+                return work(read)
+            finally:
+                self.rows_read += read.rows_read
+
+        return self._run(run, write=False, consistent=consistent)
 
     def session(self, session_id: str) -> SessionHead | None:
         """The session's head row, or None if it never existed (or was purged)."""

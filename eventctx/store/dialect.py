@@ -74,6 +74,14 @@ class Dialect:
     def begin_read(self, cur: Cursor) -> None:
         """Start a read transaction (one consistent view for several statements)."""
 
+    def binary_rows(self, cur: Cursor) -> None:
+        """Have ``cur`` return rows in the driver's binary format where it has one (bytes
+        columns are then not sent as text to be decoded)."""
+
+    def begin_snapshot(self, cur: Cursor) -> None:
+        """Start a read transaction whose statements all see the same committed data."""
+        self.begin_read(cur)
+
     def lock_setup(self, cur: Cursor) -> None:
         """Serialize schema creation across processes, inside the write transaction."""
 

@@ -53,8 +53,32 @@ class PostgreSQLDialect(Dialect):
                     cur.execute("SET default_transaction_read_only = on")
             dbapi_conn.commit()
 
+        def on_checkin(dbapi_conn: psycopg.Connection[Any] | None, _record: object) -> None:
+            # A read leaves its connection in autocommit (see begin_read): give it back to
+            # the pool as SQLAlchemy and every writer expect it, one transaction at a time.
+            if dbapi_conn is not None and not dbapi_conn.closed:
+                dbapi_conn.autocommit = False
+
         event.listen(engine, "connect", on_connect)
+        event.listen(engine, "checkin", on_checkin)
         engine.dispose()  # connections made before the listener must not be reused
+
+    def binary_rows(self, cur: Cursor) -> None:
+        # bytea as text is hex: twice the bytes on the wire, then parsed back in Python.
+        cur.format = psycopg.pq.Format.BINARY  # type: ignore[attr-defined]
+
+    def begin_write(self, cur: Cursor) -> None:
+        cur.connection.autocommit = False
+
+    def begin_read(self, cur: Cursor) -> None:
+        # Under read committed each statement sees what was committed when it started, inside
+        # a transaction or not; without one a read saves the BEGIN and COMMIT round trips.
+        cur.connection.autocommit = True
+
+    def begin_snapshot(self, cur: Cursor) -> None:
+        # Read committed gives each statement its own view; this gives the transaction one.
+        cur.connection.autocommit = False
+        cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
 
     def lock_setup(self, cur: Cursor) -> None:
         cur.execute(_SETUP_LOCK)

@@ -37,6 +37,47 @@ _SESSION_COLUMNS: Final = (
 )
 
 
+def _head_snapshot() -> sa.Select[Any]:
+    """A session's head row and, in the same row, the newest snapshot at or below its version
+    under ``fold_version`` whose event still has its chain hash (NULLs when there is none):
+    a cold restore's first two reads in one statement."""
+    ev, se, sn = schema.events, schema.sessions, schema.snapshots
+    fold_version: sa.BindParameter[int] = bindparam("fold_version")
+    sn2 = sn.alias("newest")
+    newest = (
+        sa.select(sn2.c.version)
+        .join(
+            ev,
+            sa.and_(
+                ev.c.session_id == sn2.c.session_id,
+                ev.c.version == sn2.c.version,
+                ev.c.hash == sn2.c.head_hash,
+            ),
+        )
+        .where(
+            sn2.c.session_id == se.c.session_id,
+            sn2.c.fold_version == fold_version,
+            sn2.c.version <= se.c.version,
+            sn2.c.digest.is_not(None),
+        )
+        .order_by(sn2.c.version.desc())
+        .limit(sa.literal_column("1", sa.Integer))
+        .offset(_ZERO)
+        .correlate(se)
+        .scalar_subquery()
+    )
+    on = sa.and_(
+        sn.c.session_id == se.c.session_id,
+        sn.c.fold_version == fold_version,
+        sn.c.version == newest,
+    )
+    return (
+        sa.select(*_SESSION_COLUMNS, sn.c.version, sn.c.head_hash, sn.c.state, sn.c.digest)
+        .select_from(se.outerjoin(sn, on))
+        .where(se.c.session_id == bindparam("session_id"))
+    )
+
+
 class Statements:
     """The store's SQL, compiled once for one dialect."""
 
@@ -262,23 +303,7 @@ class Statements:
             .limit(bindparam("limit", type_=sa.Integer))
             .offset(_ZERO)
         )
-        self.read_chain = c(
-            sa.select(
-                ev.c.version,
-                ev.c.type,
-                ev.c.key,
-                ev.c.phase,
-                ev.c.execution_id,
-                ev.c.payload,
-                ev.c.recorded_at,
-                ev.c.hash,
-                ev.c.prev_hash,
-            )
-            .where(*in_range)
-            .order_by(ev.c.version)
-            .limit(bindparam("limit", type_=sa.Integer))
-            .offset(_ZERO)
-        )
+        self._fold_statements(c, in_range)
         # The global log, by position (commit-ordered on every backend).
         self.read_after = c(
             sa.select(ev.c.position, *(ev.c[name] for name in EVENT_COLUMNS))
@@ -319,6 +344,38 @@ class Statements:
         self.delete_snapshots = c(sa.delete(sn).where(sn.c.session_id == sid))
         self.delete_head = c(sa.delete(se).where(se.c.session_id == sid))
         self.delete_base = c(sa.delete(ba).where(ba.c.session_id == sid))
+
+    def _fold_statements(
+        self, c: Callable[[Any], str], in_range: tuple[sa.ColumnElement[bool], ...]
+    ) -> None:
+        """What a restore and a full fold read: the head row with the newest snapshot, each
+        event's chained columns, only its fold columns, and one event's hash."""
+        self.head_snapshot = c(_head_snapshot())
+        ev = schema.events
+        fold_columns = (
+            ev.c.version,
+            ev.c.type,
+            ev.c.key,
+            ev.c.phase,
+            ev.c.execution_id,
+            ev.c.payload,
+            ev.c.recorded_at,
+        )
+        self.read_chain, self.read_fold = (
+            c(
+                sa.select(*columns)
+                .where(*in_range)
+                .order_by(ev.c.version)
+                .limit(bindparam("limit", type_=sa.Integer))
+                .offset(_ZERO)
+            )
+            for columns in ((*fold_columns, ev.c.hash, ev.c.prev_hash), fold_columns)
+        )
+        self.hash_at = c(
+            sa.select(ev.c.hash).where(
+                ev.c.session_id == bindparam("session_id"), ev.c.version == bindparam("version")
+            )
+        )
 
     def _schema_statements(self, c: Callable[[Any], str], sv: sa.Table) -> None:
         """The schema stamp, and how the hash chains are computed."""

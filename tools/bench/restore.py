@@ -19,12 +19,13 @@ from typing import Any
 import orjson
 
 from eventctx import ContextManager, EventStore
+from eventctx.snapshots import fold_log
 from eventctx.state import fold
 from tools.bench.common import PAYLOAD, ROUNDS, Figure, pg_available, pg_schema, sqlite_file
 from tools.bench.peer import PeerContext, peer_app
 
 SQLITE_SIZES = (1_000, 10_000, 100_000, 1_000_000)
-PG_SIZES = (1_000, 10_000, 100_000)
+PG_SIZES = (1_000, 10_000, 100_000, 1_000_000)
 PEER_FULL_MAX = 100_000
 """eventsourcing replays without snapshots only up to here (1M takes it most of a minute)."""
 KEYS = 200
@@ -89,7 +90,7 @@ def _raw_fold(store: EventStore, session_id: str) -> Callable[[], dict[str, Any]
 
 
 def _full_fold(store: EventStore, session_id: str) -> None:
-    fold(store.read(session_id))
+    fold_log(store, session_id)
 
 
 def _cold(store: EventStore, session_id: str) -> Callable[[], None]:
@@ -114,7 +115,8 @@ def _measure(
     ):
         for n in sizes:
             sid = f"h{n}"
-            assert fold(store.read(sid)).data == _raw_fold(store, sid)()
+            assert fold_log(store, sid) == fold(store.read(sid))
+            assert fold_log(store, sid).data == _raw_fold(store, sid)()
             peer_id = _peer_populate(snap_app, n)
             rows[f"{label} {n}"] = {
                 "events": n,
@@ -135,14 +137,14 @@ def _memory(url: str) -> dict[str, float]:
     script = (
         "import sys\n"
         "from eventctx import EventStore\n"
-        "from eventctx.state import fold\n"
+        "from eventctx.snapshots import fold_log\n"
         "def status(field):  # kB; VmHWM is this process's peak (ru_maxrss survives exec)\n"
         "    for line in open('/proc/self/status'):\n"
         "        if line.startswith(field):\n"
         "            return int(line.split()[1]) / 1024\n"
         "store = EventStore.open(sys.argv[1])\n"
         "before = status('VmRSS')\n"
-        "state = fold(store.read('h1000000'))\n"
+        "state = fold_log(store, 'h1000000')\n"
         "print(before, status('VmHWM'), len(state.encode()) / 2**20, state.version)\n"
     )
     out = subprocess.run(

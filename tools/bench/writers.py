@@ -12,7 +12,8 @@ from typing import Any
 
 import orjson
 
-from eventctx import ContextManager
+from eventctx import ContextManager, EventStore
+from eventctx.store.dialect import Synchronous
 from tools.bench.common import PAYLOAD, pg_available, pg_schema, sqlite_file
 
 WRITERS = (1, 2, 4)
@@ -29,8 +30,11 @@ def _write(ctx: Any, count: int, tag: str) -> list[float]:
     return latencies
 
 
-def _threads(url: str, writers: int, shared: bool, count: int) -> tuple[float, list[float]]:
-    with ContextManager(url, cleanup_interval=None) as manager:
+def _threads(
+    url: str, writers: int, shared: bool, count: int, synchronous: Synchronous = "NORMAL"
+) -> tuple[float, list[float]]:
+    store = EventStore.open(url, synchronous=synchronous)
+    with store, ContextManager(store, cleanup_interval=None) as manager:
         contexts = [
             manager.get_or_create_context("shared" if shared else f"own-{n}", ttl=None)
             for n in range(writers)
@@ -53,7 +57,8 @@ def _threads(url: str, writers: int, shared: bool, count: int) -> tuple[float, l
 
 _CHILD = """
 import sys, time, orjson
-from eventctx import ContextManager
+from eventctx import ContextManager, EventStore
+from eventctx.store.dialect import Synchronous
 from tools.bench.writers import _write
 url, session, count, tag, start_at = sys.argv[1:6]
 with ContextManager(url, cleanup_interval=None) as manager:
@@ -119,6 +124,17 @@ def run() -> dict[str, Any]:
     results: dict[str, Any] = {}
     with sqlite_file() as path:
         results |= _measure("sqlite", f"sqlite:///{path}")
+    with sqlite_file() as path:  # durable commits: what sharing one buys is the fsync
+        for writers in WRITERS:
+            rate, latencies = _threads(
+                f"sqlite:///{path}", writers, True, PER_WRITER["sqlite"], "FULL"
+            )
+            rows = {"backend": "sqlite FULL", "kind": "threads", "shared": True}
+            results[f"sqlite FULL threads one session {writers}"] = rows | {
+                "writers": writers,
+                "rate": rate,
+                "p99_ms": _p99_ms(latencies),
+            }
     if pg_available():
         with pg_schema() as (_, url):
             results |= _measure("postgresql", url)
