@@ -216,6 +216,8 @@ events are gone): a change of ``FOLD_VERSION`` must add its conversion here."""
 
 def base_state(base: Base) -> State:
     """The state a retention base holds, converted to the current fold rules."""
+    if base.fold_version == FOLD_VERSION:
+        return decode_state(base.state)
     raw = orjson.loads(base.state)
     for rules in range(base.fold_version, FOLD_VERSION):
         convert = BASE_CONVERSIONS.get(rules)
