@@ -96,7 +96,14 @@ def run(events: int = EVENTS) -> str:
     return table(
         f"Retention: one session's {events:,} oldest events folded into its base and removed, "
         "a ctx.set writer on the same session running alongside",
-        ["backend", "trimmed", "rate", "writer's longest stall", "writer alone", "cold restore"],
+        [
+            "backend",
+            "trimmed",
+            "rate",
+            "writer's longest stall",
+            "writer alone",
+            "cold restore before → after (with the writer's tail)",
+        ],
         rows,
     )
 
