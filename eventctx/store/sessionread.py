@@ -1,8 +1,8 @@
 """SessionRead: one read transaction on one session, what a restore or a full fold reads.
 
-A cold restore is three short reads on one connection (the head row, the newest snapshot,
-the tail after it) and a full fold streams only the columns the fold needs; neither takes a
-write lock or records anything.
+A cold restore is a few short reads on one connection (the head row, the newest snapshot and
+its event's hash, the tail after it) and a full fold streams only the columns the fold needs;
+neither takes a write lock or records anything.
 """
 
 from __future__ import annotations
