@@ -127,7 +127,7 @@ def restore(
 
 
 def restore_from(read: SessionRead, version: int, head_hash: bytes | None = None) -> Restored:
-    """``restore`` inside a read transaction the caller holds (one that read the head row)."""
+    """``restore`` inside a read transaction the caller holds."""
     session_id = read.session_id
     found = _snapshot(read, version)
     if found is not None:

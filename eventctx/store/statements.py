@@ -37,47 +37,6 @@ _SESSION_COLUMNS: Final = (
 )
 
 
-def _head_snapshot() -> sa.Select[Any]:
-    """A session's head row and, in the same row, the newest snapshot at or below its version
-    under ``fold_version`` whose event still has its chain hash (NULLs when there is none):
-    a cold restore's first two reads in one statement."""
-    ev, se, sn = schema.events, schema.sessions, schema.snapshots
-    fold_version: sa.BindParameter[int] = bindparam("fold_version")
-    sn2 = sn.alias("newest")
-    newest = (
-        sa.select(sn2.c.version)
-        .join(
-            ev,
-            sa.and_(
-                ev.c.session_id == sn2.c.session_id,
-                ev.c.version == sn2.c.version,
-                ev.c.hash == sn2.c.head_hash,
-            ),
-        )
-        .where(
-            sn2.c.session_id == se.c.session_id,
-            sn2.c.fold_version == fold_version,
-            sn2.c.version <= se.c.version,
-            sn2.c.digest.is_not(None),
-        )
-        .order_by(sn2.c.version.desc())
-        .limit(sa.literal_column("1", sa.Integer))
-        .offset(_ZERO)
-        .correlate(se)
-        .scalar_subquery()
-    )
-    on = sa.and_(
-        sn.c.session_id == se.c.session_id,
-        sn.c.fold_version == fold_version,
-        sn.c.version == newest,
-    )
-    return (
-        sa.select(*_SESSION_COLUMNS, sn.c.version, sn.c.head_hash, sn.c.state, sn.c.digest)
-        .select_from(se.outerjoin(sn, on))
-        .where(se.c.session_id == bindparam("session_id"))
-    )
-
-
 class Statements:
     """The store's SQL, compiled once for one dialect."""
 
@@ -348,9 +307,8 @@ class Statements:
     def _fold_statements(
         self, c: Callable[[Any], str], in_range: tuple[sa.ColumnElement[bool], ...]
     ) -> None:
-        """What a restore and a full fold read: the head row with the newest snapshot, each
-        event's chained columns, only its fold columns, and one event's hash."""
-        self.head_snapshot = c(_head_snapshot())
+        """What a restore and a full fold read: the newest snapshot, each event's chained
+        columns, only its fold columns, and one event's hash."""
         ev = schema.events
         fold_columns = (
             ev.c.version,
@@ -370,6 +328,19 @@ class Statements:
                 .offset(_ZERO)
             )
             for columns in ((*fold_columns, ev.c.hash, ev.c.prev_hash), fold_columns)
+        )
+        sn = schema.snapshots
+        self.newest_snapshot = c(
+            sa.select(sn.c.version, sn.c.head_hash, sn.c.state, sn.c.digest)
+            .where(
+                sn.c.session_id == bindparam("session_id"),
+                sn.c.fold_version == bindparam("fold_version"),
+                sn.c.version <= bindparam("high"),
+                sn.c.digest.is_not(None),
+            )
+            .order_by(sn.c.version.desc())
+            .limit(sa.literal_column("1", sa.Integer))
+            .offset(_ZERO)
         )
         self.hash_at = c(
             sa.select(ev.c.hash).where(

@@ -17,6 +17,7 @@ from functools import partial
 from typing import Any
 
 import orjson
+import sqlalchemy as sa
 
 from eventctx import ContextManager, EventStore
 from eventctx.snapshots import fold_log
@@ -101,6 +102,23 @@ def _cold(store: EventStore, session_id: str) -> Callable[[], None]:
     return run
 
 
+def _analyze(store: EventStore, peer_schema: str | None) -> None:
+    """On PostgreSQL, refresh the planner's statistics of both libraries' tables, as autovacuum
+    does once it catches up with tables filled in seconds: until then a plan may read every
+    snapshot of a session to find its newest (a bitmap scan: 1.8 ms for 5,000, where the index
+    scan takes 0.05 ms). SQLite plans by its indexes alone."""
+    if store.dialect_name != "postgresql":
+        return
+    with store.engine.begin() as conn:
+        for schema in (conn.exec_driver_sql("SELECT current_schema()").scalar_one(), peer_schema):
+            found = conn.execute(
+                sa.text("SELECT tablename FROM pg_tables WHERE schemaname = :schema"),
+                {"schema": schema},
+            )
+            for table in found.scalars().all():
+                conn.exec_driver_sql(f'ANALYZE "{schema}"."{table}"')
+
+
 def _measure(
     label: str, url: str, sizes: tuple[int, ...], peer_env: dict[str, Any]
 ) -> dict[str, Any]:
@@ -118,6 +136,7 @@ def _measure(
             assert fold_log(store, sid) == fold(store.read(sid))
             assert fold_log(store, sid).data == _raw_fold(store, sid)()
             peer_id = _peer_populate(snap_app, n)
+            _analyze(store, peer_env.get("pg_schema"))
             rows[f"{label} {n}"] = {
                 "events": n,
                 "snapshots": timed(_cold(store, sid)),
