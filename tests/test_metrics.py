@@ -3,6 +3,7 @@ Prometheus collector, and ``eventctx metrics``."""
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import subprocess
@@ -258,9 +259,14 @@ def test_the_collector_exposes_the_log_and_the_manager(manager: ContextManager) 
     record_runs(manager)
     registry = CollectorRegistry()  # auto_describe: it asks describe() when registered
     registry.register(PrometheusCollector(manager))
-    found = samples(generate_latest(registry).decode())
+    gc.collect()  # contexts are held weakly: none may be collected between the two reads
+    gc.disable()
+    try:
+        found = samples(generate_latest(registry).decode())
+        live = manager.metrics()
+    finally:
+        gc.enable()
     check_log_samples(found, manager.store)
-    live = manager.metrics()
     none: frozenset[tuple[str, str]] = frozenset()
     assert found["eventctx_contexts_created_total", none] == live.contexts_created == 3
     assert found["eventctx_append_duration_seconds_count", none] == live.appends
