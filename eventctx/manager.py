@@ -18,6 +18,7 @@ from eventctx.compaction import CompactionReport, compact, finish_removal
 from eventctx.context import Gate, Limits, PluginContext, Runtime, _ttl_ms
 from eventctx.counters import LiveMetrics
 from eventctx.errors import (
+    HistoryRemovedError,
     InvalidInputError,
     SessionExistsError,
     SessionExpiredError,
@@ -242,6 +243,11 @@ class ContextManager:
                 return head, None
             return head, restore_from(session, head.version, head.head_hash)
 
+        for _ in range(2):
+            try:
+                return store.reading(session_id, read)
+            except HistoryRemovedError:
+                continue  # retention moved the base past the head just read: read again
         return store.reading(session_id, read)
 
     def _record_activity(self, session_id: str, head: SessionHead | None) -> SessionHead:
