@@ -729,13 +729,26 @@ class Inspector:
         if execution_id is not None:
             runs = [r for r in runs if r.execution_id == execution_id]
             if not runs:
-                raise InvalidInputError(
-                    f"session {session_id!r} has no run with execution id {execution_id!r}"
+                raise self._perhaps_removed(
+                    session_id, f"has no run with execution id {execution_id!r}"
                 )
         for run in reversed(runs):
             if phase in run.phase_runs:
                 return run
-        raise InvalidInputError(f"phase {phase!r} never ran in session {session_id!r}")
+        raise self._perhaps_removed(session_id, f"has no run in which phase {phase!r} ran")
+
+    def _perhaps_removed(self, session_id: str, what: str) -> EventCtxError:
+        """The error for a run not found: HistoryRemovedError when retention removed runs of
+        the session (it may have been one of them), else InvalidInputError."""
+        base = self._store.base(session_id)
+        if base is None:
+            return InvalidInputError(f"session {session_id!r} {what}")
+        return HistoryRemovedError(
+            f"session {session_id!r} {what} after version {base.version}; earlier runs were "
+            "removed by retention",
+            session_id=session_id,
+            base_version=base.version,
+        )
 
     def _phase_writes(self, session_id: str, run: Run) -> dict[str, dict[str, Any]]:
         """Per phase, what its last attempt in ``run`` left in each key it wrote."""

@@ -394,7 +394,7 @@ def test_bad_input_gets_precise_errors(insp: Inspector, story: Story) -> None:
         insp.state_at("s", at=datetime(2026, 1, 1))
     with pytest.raises(InvalidInputError, match="no event at or before"):
         insp.state_at("s", at=datetime(2000, 1, 1, tzinfo=eventctx.events.UTC))
-    with pytest.raises(InvalidInputError, match="never ran"):
+    with pytest.raises(InvalidInputError, match="has no run in which phase"):
         insp.rerun("s", "deploy", lambda _: None)
     with pytest.raises(InvalidInputError, match="no run with execution id"):
         insp.rerun("s", "planning", lambda _: None, execution_id="nope")

@@ -135,6 +135,7 @@ def test_retention_keeps_state_provenance_readers_and_timings(manager: ContextMa
     insp = Inspector(manager.store)
     before = _view(insp, "s")
     at_base = insp.state_at("s", old_version)
+    first_run = insp.runs("s")[0].execution_id
     metrics_before = log_metrics(manager.store)
     head = manager.store.session("s")
     assert head is not None
@@ -160,6 +161,8 @@ def test_retention_keeps_state_provenance_readers_and_timings(manager: ContextMa
     assert removed.value.base_version == old_version
     with pytest.raises(HistoryRemovedError):
         list(insp.replay("s", 1))
+    with pytest.raises(HistoryRemovedError, match="earlier runs were removed"):
+        insp.rerun("s", "analysis", lambda _: None, execution_id=first_run)
     with pytest.raises(HistoryRemovedError):
         insp.state_at("s", at=head.created_at - timedelta(seconds=1))
     assert insp.state_at("s", old_version) == at_base  # the base itself still answers
