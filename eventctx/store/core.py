@@ -551,18 +551,8 @@ class EventStore:
         """(version, head hash, state bytes) of the newest snapshot written under
         ``fold_version`` at or below ``max_version``, or None. A snapshot that no longer
         matches the digest stored with it raises IntegrityError (restore then folds the log)."""
-        params = {
-            "session_id": session_id,
-            "fold_version": fold_version,
-            "high": _NO_UPPER if max_version is None else max_version,
-        }
-        rows = self._fetch(self._sql.latest_snapshot, params)
-        if not rows:
-            return None
-        version, head_hash, state, digest = rows[0]
-        found = (int(version), bytes(head_hash), bytes(state))
-        self._check_snapshot(session_id, fold_version, *found, bytes(digest))
-        return found
+        high = _NO_UPPER if max_version is None else max_version
+        return self.reading(session_id, lambda read: read.snapshot(fold_version, high))
 
     def snapshots(self, session_id: str) -> list[tuple[int, int, bytes, bytes]]:
         """Every snapshot of a session a restore may use, in version order: (version, fold

@@ -218,28 +218,6 @@ class Statements:
                 | {"created_at": bindparam("now")}
             )
         )
-        # A snapshot counts only while the event at its version still has the chain hash it
-        # was taken at: one of a purged (or otherwise rewritten) history is never used.
-        self.latest_snapshot = c(
-            sa.select(sn.c.version, sn.c.head_hash, sn.c.state, sn.c.digest)
-            .join(
-                ev,
-                sa.and_(
-                    ev.c.session_id == sn.c.session_id,
-                    ev.c.version == sn.c.version,
-                    ev.c.hash == sn.c.head_hash,
-                ),
-            )
-            .where(
-                sn.c.session_id == sid,
-                sn.c.fold_version == bindparam("fold_version"),
-                sn.c.version <= bindparam("high"),
-                sn.c.digest.is_not(None),
-            )
-            .order_by(sn.c.version.desc())
-            .limit(sa.literal_column("1", sa.Integer))
-            .offset(_ZERO)
-        )
         self.session = c(sa.select(*_SESSION_COLUMNS).where(se.c.session_id == sid))
         self.sessions = c(sa.select(*_SESSION_COLUMNS).order_by(se.c.session_id))
         read_cols = (ev.c.position, ev.c.version, ev.c.type, ev.c.key, ev.c.phase)

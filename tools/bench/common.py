@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import statistics
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -98,3 +100,25 @@ def table(title: str, header: list[str], rows: list[list[str]]) -> str:
     lines.append("|" + "|".join("---" for _ in header) + "|")
     lines.extend("| " + " | ".join(row) + " |" for row in rows)
     return "\n".join(lines) + "\n"
+
+
+def write_until(ctx: Any, stop: threading.Event, latencies: list[float]) -> None:
+    """Call ``ctx.set`` until ``stop`` is set, noting each call's latency in ms."""
+    i = 0
+    while not stop.is_set():
+        start = time.perf_counter()
+        ctx.set(f"live-{i % 50}", i)
+        latencies.append((time.perf_counter() - start) * 1000)
+        i += 1
+
+
+def stalls(during: list[float], alone: list[float]) -> list[str]:
+    """A writer's longest and p99 latency while something ran, and alone (table cells)."""
+    return [
+        f"{max(during):.1f} ms (p99 {_p99(during):.1f} ms, {len(during):,} writes)",
+        f"{max(alone):.1f} ms (p99 {_p99(alone):.1f} ms)",
+    ]
+
+
+def _p99(values: list[float]) -> float:
+    return statistics.quantiles(values, n=100)[98] if len(values) > 1 else values[0]

@@ -9,7 +9,6 @@ to its latency with no compaction running.
 from __future__ import annotations
 
 import hashlib
-import statistics
 import threading
 import time
 from typing import Any
@@ -19,7 +18,15 @@ import orjson
 from eventctx import ContextManager, EventStore
 from eventctx.clock import now_us
 from eventctx.compaction import compact
-from tools.bench.common import PAYLOAD, pg_available, pg_schema, sqlite_file, table
+from tools.bench.common import (
+    PAYLOAD,
+    pg_available,
+    pg_schema,
+    sqlite_file,
+    stalls,
+    table,
+    write_until,
+)
 
 SESSIONS = 10_000
 PER_SESSION = 100
@@ -72,15 +79,6 @@ def _populate(store: EventStore) -> None:
         raw.close()
 
 
-def _write_until(ctx: Any, stop: threading.Event, latencies: list[float]) -> None:
-    i = 0
-    while not stop.is_set():
-        start = time.perf_counter()
-        ctx.set(f"live-{i % 50}", i)
-        latencies.append((time.perf_counter() - start) * 1000)
-        i += 1
-
-
 def _measure(label: str, url: str) -> list[str]:
     with ContextManager(url, cleanup_interval=None) as manager:
         store = manager.store
@@ -92,10 +90,10 @@ def _measure(label: str, url: str) -> list[str]:
         stop = threading.Event()
         timer = threading.Timer(BASELINE_S, stop.set)
         timer.start()
-        _write_until(ctx, stop, baseline)
+        write_until(ctx, stop, baseline)
         during: list[float] = []
         stop = threading.Event()
-        writer = threading.Thread(target=_write_until, args=(ctx, stop, during))
+        writer = threading.Thread(target=write_until, args=(ctx, stop, during))
         writer.start()
         report = compact(store)
         stop.set()
@@ -109,13 +107,8 @@ def _measure(label: str, url: str) -> list[str]:
         f"{report.events_removed:,} events / {report.sessions_removed:,} sessions in "
         f"{report.duration_s:.1f} s (filled in {fill_s:.0f} s)",
         f"{rate:,.0f} ev/s",
-        f"{max(during):.1f} ms (p99 {_p99(during):.1f} ms, {len(during):,} writes)",
-        f"{max(baseline):.1f} ms (p99 {_p99(baseline):.1f} ms)",
+        *stalls(during, baseline),
     ]
-
-
-def _p99(values: list[float]) -> float:
-    return statistics.quantiles(values, n=100)[98] if len(values) > 1 else values[0]
 
 
 def run() -> str:

@@ -14,24 +14,22 @@ import sys
 import threading
 import time
 from datetime import timedelta
-from typing import Any
 
 from eventctx import ContextManager
 from eventctx.compaction import compact
-from tools.bench.common import PAYLOAD, pg_available, pg_schema, sqlite_file, table
+from tools.bench.common import (
+    PAYLOAD,
+    pg_available,
+    pg_schema,
+    sqlite_file,
+    stalls,
+    table,
+    write_until,
+)
 
 EVENTS = 200_000
 WINDOW = timedelta(seconds=1)
 ALONE_S = 1.0
-
-
-def _write_until(ctx: Any, stop: threading.Event, latencies: list[float]) -> None:
-    i = 0
-    while not stop.is_set():
-        start = time.perf_counter()
-        ctx.set(f"live-{i % 50}", i)
-        latencies.append((time.perf_counter() - start) * 1000)
-        i += 1
 
 
 def _cold_restore_ms(url: str) -> float:
@@ -51,7 +49,7 @@ def _measure(label: str, url: str, events: int) -> list[str]:
         stop = threading.Event()
         timer = threading.Timer(ALONE_S, stop.set)
         timer.start()
-        _write_until(ctx, stop, alone)
+        write_until(ctx, stop, alone)
         for start in range(0, events - 1, 1000):
             ctx.update(
                 {f"k{i % 5000}": PAYLOAD for i in range(start, min(start + 1000, events - 1))}
@@ -60,7 +58,7 @@ def _measure(label: str, url: str, events: int) -> list[str]:
         before_ms = _cold_restore_ms(url)
         during: list[float] = []
         stop = threading.Event()
-        writer = threading.Thread(target=_write_until, args=(ctx, stop, during))
+        writer = threading.Thread(target=write_until, args=(ctx, stop, during))
         writer.start()
         report = compact(manager.store, retain=WINDOW)
         stop.set()
@@ -75,14 +73,9 @@ def _measure(label: str, url: str, events: int) -> list[str]:
         label,
         f"{report.events_trimmed:,} events in {report.duration_s:.1f} s",
         f"{rate:,.0f} ev/s",
-        f"{max(during):.1f} ms (p99 {_p99(during):.1f} ms, {len(during):,} writes)",
-        f"{max(alone):.1f} ms (p99 {_p99(alone):.1f} ms)",
+        *stalls(during, alone),
         f"{before_ms:.2f} ms → {after_ms:.2f} ms",
     ]
-
-
-def _p99(values: list[float]) -> float:
-    return statistics.quantiles(values, n=100)[98] if len(values) > 1 else values[0]
 
 
 def run(events: int = EVENTS) -> str:
