@@ -96,7 +96,8 @@ class GroupCommitter:
         self._transaction = transaction
         self._stored_hash = stored_hash
         """The chain hash stored at (session_id, version): how a failed COMMIT is checked."""
-        self._cv = threading.Condition()
+        self._mutex = threading.Lock()
+        self._cv = threading.Condition(self._mutex)
         self._queue: list[AppendRequest] = []
         self._leading = False
         self._conn: Any = None
@@ -106,7 +107,7 @@ class GroupCommitter:
 
     def submit(self, request: AppendRequest) -> list[RecordedEvent]:
         """Append ``request`` (in the next group to commit) and return its recorded events."""
-        with self._cv:
+        with self._mutex:
             if not self._leading and not self._queue:  # nothing else in flight: lead alone
                 self._leading = True
                 batch = [request]
@@ -124,7 +125,7 @@ class GroupCommitter:
                 else:
                     self._commit(batch)
             finally:
-                with self._cv:
+                with self._mutex:
                     for queued in batch:
                         queued.done = True
                     self._leading = False
@@ -139,7 +140,8 @@ class GroupCommitter:
     def after_fork(self) -> None:
         """In a forked child: forget the parent's writer connection (never touching it) and
         any group the parent had in flight."""
-        self._cv = threading.Condition()
+        self._mutex = threading.Lock()
+        self._cv = threading.Condition(self._mutex)
         self._queue, self._leading = [], False
         self._conn = self._cur = None
         self._heads = {}
