@@ -98,6 +98,8 @@ class GroupCommitter:
         """The chain hash stored at (session_id, version): how a failed COMMIT is checked."""
         self._mutex = threading.Lock()
         self._cv = threading.Condition(self._mutex)
+        self._waiting = 0
+        """Threads waiting on ``_cv``: a group only wakes anyone when some are."""
         self._queue: list[AppendRequest] = []
         self._leading = False
         self._conn: Any = None
@@ -113,8 +115,10 @@ class GroupCommitter:
                 batch = [request]
             else:
                 self._queue.append(request)
+                self._waiting += 1
                 while self._leading and not request.done:
                     self._cv.wait()
+                self._waiting -= 1
                 if not request.done:
                     self._leading = True
                     batch, self._queue = self._queue, []
@@ -129,7 +133,8 @@ class GroupCommitter:
                     for queued in batch:
                         queued.done = True
                     self._leading = False
-                    self._cv.notify_all()
+                    if self._waiting:
+                        self._cv.notify_all()
         if request.alone:
             return self._append_alone(request)
         if request.error is not None:
@@ -142,6 +147,7 @@ class GroupCommitter:
         any group the parent had in flight."""
         self._mutex = threading.Lock()
         self._cv = threading.Condition(self._mutex)
+        self._waiting = 0
         self._queue, self._leading = [], False
         self._conn = self._cur = None
         self._heads = {}
@@ -149,7 +155,9 @@ class GroupCommitter:
     def close(self) -> None:
         """Wait for the group in flight and give the writer connection back."""
         with self._cv:
+            self._waiting += 1
             self._cv.wait_for(lambda: not self._leading)
+            self._waiting -= 1
             conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()
