@@ -85,7 +85,8 @@ class Gate:
     """
 
     def __init__(self) -> None:
-        self._cond = threading.Condition()
+        self._mutex = threading.Lock()
+        self._cond = threading.Condition(self._mutex)
         self._inflight = 0
         self.closed = False
 
@@ -95,14 +96,14 @@ class Gate:
             raise EventCtxError("manager stopped: start a new ContextManager to continue")
 
     def __enter__(self) -> None:
-        with self._cond:
+        with self._mutex:
             self.check()
             self._inflight += 1
 
     def __exit__(self, *exc: object) -> None:
-        with self._cond:
+        with self._mutex:
             self._inflight -= 1
-            if not self._inflight:
+            if self.closed and not self._inflight:  # only ``close`` waits for none in flight
                 self._cond.notify_all()
 
     def close(self) -> None:

@@ -153,12 +153,21 @@ def _move_head(
     base: Head,
     fence: Fence | None,
 ) -> bool:
-    params = _head_params(session_id, rows, events)
-    params.update(base_version=base.version, base_hash=base.hash)
+    last = rows[-1]
+    params = {
+        "session_id": session_id,
+        "new_version": last["version"],
+        "new_hash": last["hash"],
+        "now": last["recorded_at"],
+        "status": DELETED if events[-1].type == "ContextDeleted" else ACTIVE,
+        "active": ACTIVE,
+        "base_version": base.version,
+        "base_hash": base.hash,
+    }
     if fence is None:
         cur.execute(sql.advance_head, params)
     else:
-        params.update(owner=fence.owner, token=fence.token)
+        params["owner"], params["token"] = fence
         cur.execute(sql.advance_head_fenced, params)
     return bool(cur.rowcount == 1)
 

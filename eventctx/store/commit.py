@@ -96,7 +96,10 @@ class GroupCommitter:
         self._transaction = transaction
         self._stored_hash = stored_hash
         """The chain hash stored at (session_id, version): how a failed COMMIT is checked."""
-        self._cv = threading.Condition()
+        self._mutex = threading.Lock()
+        self._cv = threading.Condition(self._mutex)
+        self._waiting = 0
+        """Threads waiting on ``_cv``: a group only wakes anyone when some are."""
         self._queue: list[AppendRequest] = []
         self._leading = False
         self._conn: Any = None
@@ -106,22 +109,32 @@ class GroupCommitter:
 
     def submit(self, request: AppendRequest) -> list[RecordedEvent]:
         """Append ``request`` (in the next group to commit) and return its recorded events."""
-        with self._cv:
-            self._queue.append(request)
-            while self._leading and not request.done:
-                self._cv.wait()
-            if not request.done:
+        with self._mutex:
+            if not self._leading and not self._queue:  # nothing else in flight: lead alone
                 self._leading = True
-                batch, self._queue = self._queue, []
+                batch = [request]
+            else:
+                self._queue.append(request)
+                self._waiting += 1
+                while self._leading and not request.done:
+                    self._cv.wait()
+                self._waiting -= 1
+                if not request.done:
+                    self._leading = True
+                    batch, self._queue = self._queue, []
         if not request.done:
             try:
-                self._commit(batch)
+                if len(batch) == 1:
+                    self._commit_one(request)
+                else:
+                    self._commit(batch)
             finally:
-                with self._cv:
+                with self._mutex:
                     for queued in batch:
                         queued.done = True
                     self._leading = False
-                    self._cv.notify_all()
+                    if self._waiting:
+                        self._cv.notify_all()
         if request.alone:
             return self._append_alone(request)
         if request.error is not None:
@@ -132,7 +145,9 @@ class GroupCommitter:
     def after_fork(self) -> None:
         """In a forked child: forget the parent's writer connection (never touching it) and
         any group the parent had in flight."""
-        self._cv = threading.Condition()
+        self._mutex = threading.Lock()
+        self._cv = threading.Condition(self._mutex)
+        self._waiting = 0
         self._queue, self._leading = [], False
         self._conn = self._cur = None
         self._heads = {}
@@ -140,7 +155,9 @@ class GroupCommitter:
     def close(self) -> None:
         """Wait for the group in flight and give the writer connection back."""
         with self._cv:
+            self._waiting += 1
             self._cv.wait_for(lambda: not self._leading)
+            self._waiting -= 1
             conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()
@@ -197,6 +214,60 @@ class GroupCommitter:
                     request.error = _own_copy(exc)
             return
         self._deliver(batch)
+
+    def _commit_one(self, request: AppendRequest) -> None:
+        """``_commit`` for a group of one: the same transaction and outcomes, without sorting,
+        merging or mapping a group."""
+        committing = False
+        try:
+            with self._dialect.translate_errors():
+                if self._conn is None:
+                    self._conn = self._engine.raw_connection()
+                    self._cur = self._conn.driver_connection.cursor()
+                conn, cur = self._conn.driver_connection, self._cur
+                try:
+                    self._dialect.begin_write(cur)
+                    session_id = request.session_id
+                    hint = self._heads.get(session_id)
+                    written = {} if hint is None else {session_id: hint}
+                    rows: list[dict[str, Any]] | None = None
+                    try:
+                        rows = self._stage(cur, request, written, False)
+                    except RowLockedError:
+                        request.alone = True
+                    except EventCtxError as exc:
+                        request.error = exc
+                    if rows is not None:
+                        positions = self._insert(cur, rows)
+                        request.result = _recorded(iter(positions), iter(rows), request.events)
+                    committing = True
+                    faults.point("append.before_commit")
+                    conn.commit()
+                    faults.point("append.after_commit")
+                    if rows is not None:
+                        self._remember(written)
+                except BaseException:
+                    self._rollback(conn)
+                    raise
+        except BaseException as exc:
+            if request.alone or request.error is not None:
+                return
+            if committing and isinstance(exc, Exception):
+                committed = self._resolve([request], exc)
+                if committed is None:
+                    return
+                if committed:
+                    if request.inbox is not None:
+                        request.inbox.append(request.result)  # type: ignore[arg-type]
+                    return
+            request.result = None
+            if isinstance(exc, Exception):
+                request.alone = True
+            else:
+                request.error = _own_copy(exc)
+            return
+        if request.result is not None and request.inbox is not None:
+            request.inbox.append(request.result)
 
     @staticmethod
     def _deliver(batch: list[AppendRequest]) -> None:

@@ -8,8 +8,8 @@ only engine setup, how a transaction takes the write lock, and the few statement
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
@@ -140,25 +140,44 @@ class Dialect:
             raise ValueError(f"statement has unnamed parameters {fixed}: {compiled}")
         return str(compiled)
 
-    @contextmanager
-    def translate_errors(self) -> Iterator[None]:
+    def translate_errors(self) -> _Translating:
         """Re-raise driver errors as eventctx errors, the original chained as the cause."""
-        try:
-            yield
-        except EventCtxError:
-            raise
-        except Exception as exc:
-            # The pool wraps errors raised while connecting; classify the driver's own error.
-            orig = exc.orig if isinstance(exc, sa.exc.DBAPIError) and exc.orig else exc
-            kind = self.classify(orig)
-            if kind is None:
-                raise
-            if self.lock_timed_out(orig):
-                raise StorageError(
-                    "gave up waiting for a lock another connection holds (the store's "
-                    "busy_timeout passed); nothing was committed, try again"
-                ) from exc
-            raise kind(_describe(kind, orig)) from exc
+        return _Translating(self)
+
+    def translated(self, exc: Exception) -> EventCtxError | None:
+        """The eventctx error a driver error ``exc`` is re-raised as (None: as it is)."""
+        # The pool wraps errors raised while connecting; classify the driver's own error.
+        orig = exc.orig if isinstance(exc, sa.exc.DBAPIError) and exc.orig else exc
+        kind = self.classify(orig)
+        if kind is None:
+            return None
+        if self.lock_timed_out(orig):
+            return StorageError(
+                "gave up waiting for a lock another connection holds (the store's "
+                "busy_timeout passed); nothing was committed, try again"
+            )
+        return kind(_describe(kind, orig))
+
+
+class _Translating:
+    """``Dialect.translate_errors``: a plain context manager, as it is on every append's path."""
+
+    __slots__ = ("_dialect",)
+
+    def __init__(self, dialect: Dialect) -> None:
+        self._dialect = dialect
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any
+    ) -> None:
+        if exc is None or isinstance(exc, EventCtxError) or not isinstance(exc, Exception):
+            return
+        translated = self._dialect.translated(exc)
+        if translated is not None:
+            raise translated from exc
 
 
 def _describe(kind: type[EventCtxError], exc: Exception) -> str:
