@@ -37,7 +37,7 @@ from eventctx.findings import ABSENT
 from eventctx.metrics import log_metrics
 from eventctx.retention import build_base, plan
 from eventctx.snapshots import restore
-from eventctx.store import schema
+from eventctx.store import SessionHead, schema
 from eventctx.store.sessionread import SessionRead
 from eventctx.timeline import timeline_data
 
@@ -155,16 +155,7 @@ def test_retention_keeps_state_provenance_readers_and_timings(manager: ContextMa
     assert insp.verify("s").ok and insp.verify("s").events == head.version - old_version
     assert all(r.ok for r in insp.verify())
 
-    # What the removed part can no longer answer says so.
-    with pytest.raises(HistoryRemovedError) as removed:
-        insp.state_at("s", old_version - 1)
-    assert removed.value.base_version == old_version
-    with pytest.raises(HistoryRemovedError):
-        list(insp.replay("s", 1))
-    with pytest.raises(HistoryRemovedError, match="earlier runs were removed"):
-        insp.rerun("s", "analysis", lambda _: None, execution_id=first_run)
-    with pytest.raises(HistoryRemovedError):
-        insp.state_at("s", at=head.created_at - timedelta(seconds=1))
+    _removed_part_says_so(insp, old_version, first_run, head)
     assert insp.state_at("s", old_version) == at_base  # the base itself still answers
     assert insp.base_version("s") == old_version
     steps = list(insp.replay("s"))
@@ -181,6 +172,19 @@ def test_retention_keeps_state_provenance_readers_and_timings(manager: ContextMa
     ctx.set("after", 2)  # writes go on from the head
     assert ctx.version == head.version + 1
     assert manager.store.verify("s") == ctx.version - old_version
+
+
+def _removed_part_says_so(insp: Inspector, base: int, first_run: str, head: SessionHead) -> None:
+    """What the removed part of session "s" can no longer answer says so."""
+    with pytest.raises(HistoryRemovedError) as removed:
+        insp.state_at("s", base - 1)
+    assert removed.value.base_version == base
+    with pytest.raises(HistoryRemovedError):
+        list(insp.replay("s", 1))
+    with pytest.raises(HistoryRemovedError, match="earlier runs were removed"):
+        insp.rerun("s", "analysis", lambda _: None, execution_id=first_run)
+    with pytest.raises(HistoryRemovedError):
+        insp.state_at("s", at=head.created_at - timedelta(seconds=1))
 
 
 def test_the_base_moves_on_and_keeps_accumulating(manager: ContextManager) -> None:
