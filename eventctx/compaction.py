@@ -173,16 +173,13 @@ class _Compactor:
                 return False
 
     def retain(self, window: timedelta) -> None:
-        """Move each live session's base up to ``window`` ago, then remove the events below
-        it a chunk at a time (each step re-checked under the session's head-row lock)."""
+        """Move each live session's base up to ``window`` ago (re-checked under its head-row
+        lock), then remove the events below it a chunk at a time (under the base row's)."""
         for planned in _plans(self.store, window):
             if not self._renew():
                 return
             if planned.cut > planned.start:
-                head = self.store.session(planned.session_id)
-                if head is None:
-                    continue
-                base = build_base(self.store, head, planned)
+                base = build_base(self.store, planned)
                 if not self.store.bases.move(base, self.store.clock(), planned.start):
                     continue  # purged or re-created meanwhile: the next run looks again
             faults.point("retention.base_moved")

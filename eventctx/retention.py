@@ -62,12 +62,15 @@ class Plan:
     """What retention would do to one session: fold ``start + 1 .. cut`` into a new base."""
 
     session_id: str
-    start: int
-    """The current base version (0: the history is whole)."""
+    base: Base | None
+    """The session's base when planned (None: its history is whole)."""
     cut: int
     """The new base version (``start`` when only an interrupted removal is to be finished)."""
-    leftover: bool = False
-    """Events at or below the current base are still there (a removal was interrupted)."""
+
+    @property
+    def start(self) -> int:
+        """The current base version (0: the history is whole)."""
+        return 0 if self.base is None else self.base.version
 
     @property
     def events(self) -> int:
@@ -140,7 +143,7 @@ def plan(store: EventStore, head: SessionHead, window: timedelta, now_us: int) -
     if cut > start:
         cut = _whole_runs(store, session_id, start, cut)
     if cut > start or leftover:
-        return Plan(session_id, start, max(cut, start), leftover)
+        return Plan(session_id, base, max(cut, start))
     return None
 
 
@@ -166,12 +169,11 @@ def _whole_runs(store: EventStore, session_id: str, start: int, cut: int) -> int
     return cut
 
 
-def build_base(store: EventStore, head: SessionHead, planned: Plan) -> Base:
+def build_base(store: EventStore, planned: Plan) -> Base:
     """The new base of ``planned``: the old base (or the empty state) with the events up to the
     cut folded on, every one checked against its hash and link as it is read, and what the
     read side keeps of them."""
-    session_id = planned.session_id
-    old = store.base(session_id)
+    session_id, old = planned.session_id, planned.base
     kept = Kept.of(old)
     before = State() if old is None else base_state(old)
     state = before.copy()

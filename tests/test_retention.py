@@ -300,7 +300,7 @@ def test_an_interrupted_removal_is_finished_by_the_next_run(manager: ContextMana
     now = store.clock()
     planned = plan(store, head, timedelta(microseconds=now - mark), now)
     assert planned is not None and planned.cut == 31
-    assert store.bases.move(build_base(store, head, planned), store.clock(), 0)
+    assert store.bases.move(build_base(store, planned), store.clock(), 0)
     assert store.read_versions("s", [1])  # still there, but no longer part of the history
     insp = Inspector(store)
     with pytest.raises(HistoryRemovedError):
@@ -459,7 +459,7 @@ def test_a_full_fold_racing_the_removal_starts_again_from_the_base(
     now = store.clock()
     planned = plan(store, head, timedelta(microseconds=now - mark), now)
     assert planned is not None
-    assert store.bases.move(build_base(store, head, planned), store.clock(), 0)
+    assert store.bases.move(build_base(store, planned), store.clock(), 0)
     chain_rows = SessionRead.chain_rows
     raced: list[int] = []
 
