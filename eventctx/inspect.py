@@ -479,12 +479,11 @@ class Inspector:
         retention: load its base and the events after it, re-chained under ``new``). When
         retention moves the base while the events are read, it starts again."""
         for _ in range(TRIES):
-            base = self._store.base(session_id)
+            base = removed(self._store, session_id, version)  # moved past it meanwhile: raises
             try:
                 if base is None:
                     self._append_copies(store, session_id, new, version)
                     return
-                removed(self._store, session_id, version)
                 head = self._head(session_id)
                 rows = self._rechained(store, session_id, new, base, version)
                 store.load(new, rows, base, head.created_at_us)
