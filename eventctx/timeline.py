@@ -91,8 +91,8 @@ def timeline_data(
     stats = inspector.phase_stats(session_id)
     verified = inspector.verify(session_id)
     store = inspector.store
-    first = inspector.base_version(session_id)
-    base = State() if first == 1 else inspector.state_at(session_id, first)
+    kept = store.base(session_id)
+    base = State() if kept is None else inspector.state_at(session_id, kept.version)
     events = list(store.read(session_id, base.version + 1))
     times = {e.version: e.recorded_at_us for e in events}
     last_us = events[-1].recorded_at_us if events else base.recorded_at_us
@@ -103,7 +103,7 @@ def timeline_data(
         "version": events[-1].version if events else base.version,
         "start_us": events[0].recorded_at_us if events else last_us,
         "end_us": last_us,
-        "base": None if first == 1 else _base(base),
+        "base": None if kept is None else _base(base),
         "verify": {"ok": verified.ok, "events": verified.events, "error": verified.error},
         "runs": [_run(run, times, last_us) for run in runs],
         "stats": plain(stats),

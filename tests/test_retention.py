@@ -486,6 +486,13 @@ def test_the_timeline_starts_from_the_base(manager: ContextManager) -> None:
     mark = _mark()
     _trim(manager.store, mark)
     assert list(insp.replay("s")) == []  # a fully folded session replays nothing
+    young = manager.create_context("young", ttl=None)  # only its creation ages: a base at 1
+    mark = _mark()
+    young.set("k", 1)
+    assert _trim(manager.store, mark).trimmed == {"young": 1}
+    data = timeline_data(insp, "young")
+    assert data["base"] is not None and data["base"]["version"] == 1
+    assert [e[0] for e in data["events"]] == [2]
 
 
 def test_a_fork_or_export_racing_a_base_move_starts_again(
