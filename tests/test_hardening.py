@@ -195,6 +195,25 @@ class _CommitFault:
         return getattr(self._conn, name)
 
 
+class _StatementFault:
+    """The writer's cursor, with an append made in one statement (a transaction of its own)
+    that fails as a lost connection does: after the server committed it (``lands``), or
+    before it got there."""
+
+    def __init__(self, cur: Any, error: Exception, *, lands: bool) -> None:
+        self._cur, self._error, self._lands = cur, error, lands
+
+    def execute(self, sql: str, *params: Any) -> Any:
+        if "eventctx_moved" not in sql:
+            return self._cur.execute(sql, *params)
+        if self._lands:
+            self._cur.execute(sql, *params)
+        raise self._error
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._cur, name)
+
+
 def _lost_connection(backend: str) -> Exception:
     if backend == "sqlite":
         return sqlite3.OperationalError("disk I/O error")
@@ -202,11 +221,17 @@ def _lost_connection(backend: str) -> Exception:
 
 
 def _fail_commits(manager: ContextManager, backend: str, *, lands: bool) -> Any:
-    """Make the writer connection's COMMIT fail (after or before the server committed);
-    returns the real connection, to put back."""
-    committer = manager.store._committer
+    """Make the writer connection's COMMIT fail (after or before the server committed), and
+    so an append made in one statement; returns the real connection, to put back."""
+    return _fail_commits_of(manager.store, backend, lands=lands)
+
+
+def _fail_commits_of(store: EventStore, backend: str, *, lands: bool) -> Any:
+    """``_fail_commits`` of a store."""
+    committer = store._committer
     proxy = committer._conn
     fault = _CommitFault(proxy.driver_connection, _lost_connection(backend), lands=lands)
+    committer._cur = _StatementFault(committer._cur, _lost_connection(backend), lands=lands)
 
     class Faulty:
         driver_connection = fault
@@ -231,6 +256,7 @@ def test_a_failed_commit_is_checked_before_it_is_reported(
         ctx.set("k", 1)
     finally:
         manager.store._committer._conn = proxy
+        manager.store._committer._cur = manager.store._committer._cur._cur
     stored = [e.key for e in manager.store.read("s")]
     assert stored.count("k") == 1  # once, either way
     assert ctx.get("k") == 1 and manager.store.verify("s") == ctx.version
@@ -243,12 +269,108 @@ def test_a_commit_that_cannot_be_checked_says_the_outcome_is_unknown(
     ctx.set("warm", 1)
     _fail_commits(manager, backend, lands=True)
 
-    def unreachable(*_: Any) -> bytes:
+    def unreachable(*_: Any) -> list[Any]:
         raise StorageError("the database is unreachable")
 
-    manager.store._committer._stored_hash = unreachable
+    manager.store._committer._stored = unreachable
     with pytest.raises(OutcomeUnknownError, match="may or may not be stored"):
         ctx.set("k", 1)
+
+
+def test_a_group_member_whose_head_moved_behind_the_committer_is_not_lost(db_url: str) -> None:
+    """The committer's belief about a head can be stale (another store wrote): that member's
+    append, sent in one statement with the group, changes nothing and is made again alone;
+    the rest of the group commits."""
+    with EventStore.open(db_url) as store, EventStore.open(db_url) as other:
+        for sid in "abc":
+            store.append(sid, [NewEvent.create("ContextCreated")])
+        other.append("c", [NewEvent.create("KeySet", {"value": 0}, key="theirs")])
+        batch = [
+            AppendRequest(sid, [NewEvent.create("KeySet", {"value": 1}, key=f"mine-{n}")])
+            for sid in "abc"
+            for n in range(2)
+        ]
+        store._committer._commit(batch)
+        done = [r for r in batch if not r.alone]
+        assert {r.session_id for r in done} >= {"a", "b"}
+        for request in done:
+            assert request.result == store.read_versions(
+                request.session_id, [e.version for e in request.result or ()]
+            )
+        for request in batch:
+            if request.alone:
+                store._committer._append_alone(request)
+        assert [e.key for e in store.read("c")][1:] in (
+            ["theirs", "mine-0", "mine-1"],
+            ["theirs", "mine-1", "mine-0"],
+        )
+        assert all(store.verify(sid) == 3 for sid in "ab") and store.verify("c") == 4
+
+
+class _GroupCommitFault:
+    """The store's dialect, with a group's appends made in one statement each and sent with
+    the COMMIT failing as a lost connection does: after the server committed (``lands``), or
+    before anything was sent."""
+
+    def __init__(self, dialect: Any, error: Exception, *, lands: bool) -> None:
+        self._dialect, self._error, self._lands = dialect, error, lands
+
+    def commit_with(self, conn: Any, statements: Any) -> Any:
+        if self._lands:
+            self._dialect.commit_with(conn, statements)
+        raise self._error
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._dialect, name)
+
+
+@pytest.mark.parametrize("lands", [True, False])
+def test_a_group_whose_commit_fails_is_settled_member_by_member(
+    db_url: str, backend: str, lands: bool
+) -> None:
+    """Each member of a group whose COMMIT failed is found committed (with the positions
+    stored) or made again alone, on its own; a member whose head had moved behind the
+    committer's back changed nothing and is made alone, so no write is lost or doubled."""
+    with EventStore.open(db_url) as store, EventStore.open(db_url) as other:
+        for sid in "abc":
+            store.append(sid, [NewEvent.create("ContextCreated")])
+        other.append("c", [NewEvent.create("KeySet", {"value": 0}, key="theirs")])
+        committer = store._committer
+        if backend == "postgresql":
+            real = committer._dialect
+            committer._dialect = _GroupCommitFault(real, _lost_connection(backend), lands=lands)
+        else:
+            real = _fail_commits_of(store, backend, lands=lands)
+        batch = [
+            AppendRequest(sid, [NewEvent.create("KeySet", {"value": 1}, key=f"mine-{n}")])
+            for sid in "abc"
+            for n in range(2)
+        ]
+        try:
+            committer._commit(batch)
+        finally:
+            if backend == "postgresql":
+                committer._dialect = real
+            else:
+                committer._conn = real
+        for request in batch:
+            stored = store.read_versions(request.session_id, [2, 3, 4])
+            if request.alone:
+                assert request.result is None
+            else:
+                assert request.error is None and request.result
+                assert all(e in stored for e in request.result)  # positions as stored
+        by_session = {sid: [r for r in batch if r.session_id == sid] for sid in "abc"}
+        # Heads as believed: committed exactly when the COMMIT landed.
+        assert all(not r.alone for r in by_session["a"] + by_session["b"]) == lands
+        assert all(r.alone for r in by_session["a"] + by_session["b"]) == (not lands)
+        for request in batch:
+            if request.alone:
+                committer._append_alone(request)
+        for sid in "abc":
+            keys = [e.key for e in store.read(sid) if e.key]
+            assert sorted(keys) == sorted(["mine-0", "mine-1"] + (["theirs"] if sid == "c" else []))
+            assert store.verify(sid) == len(keys) + 1
 
 
 def test_a_store_outlives_its_connections_being_dropped(pg_url: str) -> None:

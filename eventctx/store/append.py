@@ -2,13 +2,15 @@
 (the version check, under which writers of one session queue), then the events are inserted.
 
 ``stage`` does the head-row part and returns the event rows, chained onto the head it moved;
-the group committer inserts the rows of a whole group at once.
+the group committer inserts the rows of a whole group at once. Where the backend can move the
+head and insert in one statement, ``in_one`` makes that statement for an append whose head the
+caller believes it knows: when the belief is wrong it changes nothing, and ``stage`` follows.
 """
 
 from __future__ import annotations
 
 from collections.abc import MutableMapping, Sequence
-from typing import Any
+from typing import Any, Final
 
 from eventctx.errors import (
     ConcurrencyError,
@@ -18,7 +20,7 @@ from eventctx.errors import (
     SessionNotFoundError,
 )
 from eventctx.events import GENESIS_HASH, Hasher, NewEvent, chain_hash
-from eventctx.store.commit import AppendRequest, RowLockedError
+from eventctx.store.commit import AppendRequest, InOne, RowLockedError
 from eventctx.store.dialect import Cursor
 from eventctx.store.heads import (
     ACTIVE,
@@ -31,7 +33,7 @@ from eventctx.store.heads import (
 )
 from eventctx.store.statements import Statements
 
-__all__ = ["stage"]
+__all__ = ["in_one", "stage"]
 
 
 def stage(
@@ -59,6 +61,32 @@ def stage(
     last = rows[-1]
     heads[session_id] = Head(last["version"], last["hash"], last["recorded_at"])
     return rows
+
+
+def in_one(
+    sql: Statements, request: AppendRequest, head: Head | None, now: int, hasher: Hasher
+) -> InOne | None:
+    """The one statement of ``request`` on top of ``head`` (the committer's or the caller's
+    belief), or None when there is none: the backend has no such statement, the append
+    creates its session, the head is unknown or not at the expected version."""
+    statement = sql.append_in_one if request.fence is None else sql.append_in_one_fenced
+    events, expected = request.events, request.expected_version
+    if statement is None or head is None or events[0].type == "ContextCreated":
+        return None
+    if expected is not None and expected != head.version:
+        return None
+    rows = _chain(request.session_id, events, head, now, hasher)
+    params = _head_params(request.session_id, rows, events)
+    params["base_version"], params["base_hash"] = head.version, head.hash
+    if request.fence is not None:
+        params["owner"], params["token"] = request.fence
+    for name in _EACH:
+        params[f"{name}s"] = [row[name] for row in rows]
+    return InOne(statement, params, rows)
+
+
+_EACH: Final = ("version", "type", "key", "phase", "execution_id", "payload", "hash", "prev_hash")
+"""The event columns ``in_one`` binds as arrays (one element per event)."""
 
 
 def _create_head(

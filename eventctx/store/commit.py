@@ -7,6 +7,11 @@ result, and wakes them. Each caller returns only after the transaction holding i
 committed, so durability is that of one append per transaction, at the cost of one commit for
 the whole group.
 
+Where the backend can move a head row and insert in one statement (PostgreSQL), an append
+whose head the committer believes it knows is that statement: alone, in autocommit, one round
+trip; in a group, the statements and the COMMIT are sent together. A statement whose head was
+not as believed changes nothing, and its append is made the usual way (alone, for a group's).
+
 Callers never harm each other. An append that is refused (a version conflict, a missing or
 expired session, a lost run lease) is refused before it changes anything, so the others go on
 without it. A head row that another transaction holds locked is not waited for in the group:
@@ -18,11 +23,12 @@ order, and the callers fold their own results after they wake.
 from __future__ import annotations
 
 import copy
+import itertools
 import threading
 from collections import ChainMap, deque
-from collections.abc import Callable, Iterator, MutableMapping, Sequence
+from collections.abc import Callable, Collection, Iterator, MutableMapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from sqlalchemy.engine import Engine
 
@@ -32,9 +38,11 @@ from eventctx.events import NewEvent, RecordedEvent
 from eventctx.store.dialect import TRIES_AFTER_DROP, Cursor, Dialect, Transaction
 from eventctx.store.heads import Fence, Head
 
-__all__ = ["AppendRequest", "GroupCommitter", "Inbox", "RowLockedError"]
+__all__ = ["AppendRequest", "GroupCommitter", "InOne", "Inbox", "RowLockedError"]
 
 _HEADS_KEPT = 4096
+_UNKNOWN: Final = itertools.repeat(0)
+"""The position of an event whose statement's answer was lost (until it is read back)."""
 
 
 Inbox = deque[list[RecordedEvent]]
@@ -77,6 +85,20 @@ Insert = Callable[[Cursor, list[dict[str, Any]]], list[int]]
 """Inserts event rows (staged by ``Stage``) and returns their positions, in order."""
 
 
+class InOne(NamedTuple):
+    """An append as one statement: its SQL, parameters and the event rows it inserts (the
+    statement returns each one's version and position, or no row if the head was not as
+    believed, in which case it changed nothing)."""
+
+    sql: str
+    params: dict[str, Any]
+    rows: list[dict[str, Any]]
+
+
+Prepare = Callable[[AppendRequest, "Head | None"], InOne | None]
+"""The one statement of an append on top of a believed head, where there is one."""
+
+
 class GroupCommitter:
     """Serializes appends through one writer connection, committing them in groups."""
 
@@ -87,15 +109,18 @@ class GroupCommitter:
         stage: Stage,
         insert: Insert,
         transaction: Transaction,
-        stored_hash: Callable[[str, int], bytes | None],
+        stored: Callable[[str, Collection[int]], list[RecordedEvent]],
+        prepare: Prepare | None,
     ) -> None:
         self._engine = engine
         self._dialect = dialect
         self._stage = stage
         self._insert = insert
         self._transaction = transaction
-        self._stored_hash = stored_hash
-        """The chain hash stored at (session_id, version): how a failed COMMIT is checked."""
+        self._stored = stored
+        """A session's events at some versions: how a failed COMMIT is checked."""
+        self._prepare = prepare
+        """Where the backend has one, the one statement of an append (else None)."""
         self._mutex = threading.Lock()
         self._cv = threading.Condition(self._mutex)
         self._waiting = 0
@@ -166,27 +191,31 @@ class GroupCommitter:
         committing = False
         try:
             with self._dialect.translate_errors():
-                if self._conn is None:  # the pool's connection, kept; its driver's used directly
-                    self._conn = self._engine.raw_connection()
-                    self._cur = self._conn.driver_connection.cursor()
-                conn, cur = self._conn.driver_connection, self._cur
+                conn, cur = self._writer()
                 try:
                     self._dialect.begin_write(cur)
                     written: dict[str, Head] = {}  # this group's, kept only if it commits
                     heads = ChainMap(written, self._heads)
                     # By session (each one's own order kept): every group, and compaction, locks
                     # head rows in the same order, so two processes never deadlock on them.
+                    units = _units(sorted(batch, key=_session_of))
+                    in_one: list[tuple[list[AppendRequest], InOne]] = []
+                    if self._prepare is not None:
+                        in_one, units = self._in_one(self._prepare, units, written)
                     staged = [
-                        s
-                        for unit in _units(sorted(batch, key=_session_of))
-                        if (s := self._stage_unit(cur, unit, heads)) is not None
+                        s for unit in units if (s := self._stage_unit(cur, unit, heads)) is not None
                     ]
                     if staged:
                         self._insert_staged(cur, staged)
                     committing = True
                     faults.point("append.before_commit")
-                    conn.commit()
+                    if in_one:
+                        found = self._dialect.commit_with(conn, [one[:2] for _, one in in_one])
+                    else:
+                        conn.commit()
                     faults.point("append.after_commit")
+                    if in_one:
+                        self._take_answers(in_one, found, written)
                     self._remember(written)
                 except BaseException:
                     self._rollback(conn)
@@ -195,13 +224,9 @@ class GroupCommitter:
             members = [r for r in batch if not r.alone and r.error is None]
             if committing and isinstance(exc, Exception):
                 # The COMMIT itself failed: it may have happened all the same. Look.
-                committed = self._resolve(members, exc)
-                if committed is None:
-                    return
-                if committed:
-                    self._deliver(batch)
-                    return
-                # It did not: nothing of the group was committed, as for any earlier failure.
+                self._settle(members, exc)
+                self._deliver(batch)
+                return
             retry_alone = isinstance(exc, Exception)
             for request in members:
                 request.result = None
@@ -215,19 +240,85 @@ class GroupCommitter:
             return
         self._deliver(batch)
 
+    def _in_one(
+        self, prepare: Prepare, units: list[list[AppendRequest]], written: dict[str, Head]
+    ) -> tuple[list[tuple[list[AppendRequest], InOne]], list[list[AppendRequest]]]:
+        """The units that go as one statement each (sent together with the COMMIT), and the
+        rest. A session goes that way only if all of its units can, each on top of the last;
+        ``written`` gets the heads they will make, and their members provisional results."""
+        fast: list[tuple[list[AppendRequest], InOne]] = []
+        slow: list[list[AppendRequest]] = []
+        for _, grouped in itertools.groupby(units, key=lambda unit: unit[0].session_id):
+            session = list(grouped)
+            first = session[0][0]
+            head = self._heads.get(first.session_id, first.head)
+            made = []
+            for unit in session:
+                one = prepare(_merged(unit), head)
+                if one is None:
+                    break
+                made.append((unit, one))
+                last = one.rows[-1]
+                head = Head(last["version"], last["hash"], last["recorded_at"])
+            if len(made) < len(session):
+                slow.extend(session)
+                continue
+            fast.extend(made)
+            if head is not None:
+                written[first.session_id] = head
+            for unit, one in made:
+                rows = iter(one.rows)
+                for request in unit:
+                    request.result = _recorded(_UNKNOWN, rows, request.events)
+        return fast, slow
+
+    def _take_answers(
+        self,
+        in_one: list[tuple[list[AppendRequest], InOne]],
+        answers: list[list[Any]],
+        written: dict[str, Head],
+    ) -> None:
+        """Positions for the units that went as one statement; a unit whose head was not as
+        believed changed nothing: its members append alone."""
+        for (unit, one), found in zip(in_one, answers, strict=True):
+            if not found:
+                written.pop(unit[0].session_id, None)
+                for request in unit:
+                    request.result = None
+                    request.alone = True
+                continue
+            positions = iter([int(position) for _, position in sorted(found)])
+            rows = iter(one.rows)
+            for request in unit:
+                request.result = _recorded(positions, rows, request.events)
+
+    def _writer(self) -> tuple[Any, Cursor]:
+        """The writer connection (the pool's, kept; its driver's used directly) and cursor."""
+        if self._conn is None:
+            self._conn = self._engine.raw_connection()
+            self._cur = self._conn.driver_connection.cursor()
+        return self._conn.driver_connection, self._cur
+
     def _commit_one(self, request: AppendRequest) -> None:
         """``_commit`` for a group of one: the same transaction and outcomes, without sorting,
-        merging or mapping a group."""
+        merging or mapping a group; as one statement where the backend has one."""
+        session_id = request.session_id
+        prepare = self._prepare
+        one = (
+            None if prepare is None else prepare(request, self._heads.get(session_id, request.head))
+        )
+        if one is not None:
+            if self._commit_in_one(request, one):
+                return
+            # The head was not as believed (nothing changed): read it under its lock instead.
+            self._heads.pop(session_id, None)
+            request.head = None
         committing = False
         try:
             with self._dialect.translate_errors():
-                if self._conn is None:
-                    self._conn = self._engine.raw_connection()
-                    self._cur = self._conn.driver_connection.cursor()
-                conn, cur = self._conn.driver_connection, self._cur
+                conn, cur = self._writer()
                 try:
                     self._dialect.begin_write(cur)
-                    session_id = request.session_id
                     hint = self._heads.get(session_id)
                     written = {} if hint is None else {session_id: hint}
                     rows: list[dict[str, Any]] | None = None
@@ -253,21 +344,55 @@ class GroupCommitter:
             if request.alone or request.error is not None:
                 return
             if committing and isinstance(exc, Exception):
-                committed = self._resolve([request], exc)
-                if committed is None:
-                    return
-                if committed:
-                    if request.inbox is not None:
-                        request.inbox.append(request.result)  # type: ignore[arg-type]
-                    return
+                self._settle([request], exc)
+                self._deliver([request])
+                return
             request.result = None
             if isinstance(exc, Exception):
                 request.alone = True
             else:
                 request.error = _own_copy(exc)
             return
-        if request.result is not None and request.inbox is not None:
-            request.inbox.append(request.result)
+        self._deliver([request])
+
+    def _commit_in_one(self, request: AppendRequest, one: InOne) -> bool:
+        """Append ``request`` as ``one``, a transaction of its own: done (committed, refused or
+        failed), or False when the head was not as believed and nothing changed."""
+        sent = False
+        try:
+            with self._dialect.translate_errors():
+                conn, cur = self._writer()
+                try:
+                    self._dialect.begin_single(cur)
+                    faults.point("append.before_commit")
+                    sent = True
+                    cur.execute(one.sql, one.params)
+                    found = cur.fetchall()
+                    faults.point("append.after_commit")
+                except BaseException:
+                    self._rollback(conn)
+                    raise
+        except BaseException as exc:
+            if not isinstance(exc, Exception):
+                request.error = _own_copy(exc)
+            elif not sent:
+                request.alone = True  # nothing was sent: append alone on a checked connection
+            else:
+                # The statement failed, or its answer was lost: it may have committed. Look.
+                request.result = _recorded(_UNKNOWN, iter(one.rows), request.events)
+                self._settle([request], exc)
+                self._deliver([request])
+            return True
+        if not found:
+            return False
+        positions = [int(position) for _, position in sorted(found)]
+        request.result = _recorded(iter(positions), iter(one.rows), request.events)
+        last = one.rows[-1]
+        self._remember(
+            {request.session_id: Head(last["version"], last["hash"], last["recorded_at"])}
+        )
+        self._deliver([request])
+        return True
 
     @staticmethod
     def _deliver(batch: list[AppendRequest]) -> None:
@@ -275,13 +400,15 @@ class GroupCommitter:
             if request.result is not None and request.inbox is not None:
                 request.inbox.append(request.result)
 
-    def _resolve(self, members: list[AppendRequest], failure: Exception) -> bool | None:
-        """After a failed COMMIT, whether the group's events are in the database: the last
-        event each member meant to append is there with its chain hash, or not. None when it
-        cannot be known (every member then gets OutcomeUnknownError)."""
-        expected = [r.result[-1] for r in members if r.result]
+    def _settle(self, members: list[AppendRequest], failure: Exception) -> None:
+        """After a failed COMMIT (or a statement whose answer was lost), each member's outcome:
+        one whose events are all stored with their chain hashes was committed (its result is
+        read back, positions included); any other was not, and appends alone. When this cannot
+        be checked, every member gets OutcomeUnknownError."""
         try:
-            found = [self._stored_hash(e.session_id, e.version) == e.hash for e in expected]
+            stored = [
+                self._stored(r.session_id, [e.version for e in r.result or ()]) for r in members
+            ]
         except Exception as exc:
             for request in members:
                 request.result = None
@@ -291,20 +418,21 @@ class GroupCommitter:
                     "read the session before writing it again"
                 )
                 request.error.__cause__ = failure
-            return None
-        return bool(found) and all(found)
+            return
+        for request, found in zip(members, stored, strict=True):
+            meant = [e.hash for e in request.result or ()]
+            if meant and [e.hash for e in found] == meant:
+                request.result = found
+            else:
+                request.result = None
+                request.alone = True
 
     def _stage_unit(
         self, cur: Cursor, unit: list[AppendRequest], heads: MutableMapping[str, Head]
     ) -> Staged | None:
         """Move the head of a unit (one request, or blind appends to one session merged)."""
-        first = unit[0]
-        merged = first
-        if len(unit) > 1:
-            events = [event for request in unit for event in request.events]
-            merged = AppendRequest(first.session_id, events, None, first.head, fence=first.fence)
         try:
-            return Staged(self._stage(cur, merged, heads, False), unit)
+            return Staged(self._stage(cur, _merged(unit), heads, False), unit)
         except RowLockedError:  # held by another transaction: don't make the group wait for it
             for request in unit:
                 request.alone = True
@@ -348,15 +476,15 @@ class GroupCommitter:
                 raise
             # Everything but the COMMIT succeeded: it may have happened all the same. Look.
             request.result = _recorded(iter(positions), iter(rows), request.events)
-            committed = self._resolve([request], exc)
-            if committed is None:
-                raise request.error from exc  # type: ignore[misc]
-            if not committed:
+            self._settle([request], exc)
+            if request.error is not None:
+                raise request.error from exc
+            if request.result is None:
                 raise
-        recorded = _recorded(iter(positions), iter(rows), request.events)
-        if request.inbox is not None:
-            request.inbox.append(recorded)
-        return recorded
+        else:
+            request.result = _recorded(iter(positions), iter(rows), request.events)
+        self._deliver([request])
+        return request.result
 
     def _remember(self, written: dict[str, Head]) -> None:
         heads = self._heads
@@ -426,6 +554,15 @@ def _units(batch: list[AppendRequest]) -> list[list[AppendRequest]]:
             continue
         units.append([request])
     return units
+
+
+def _merged(unit: list[AppendRequest]) -> AppendRequest:
+    """A unit as one append (its only request, or one of all its requests' events)."""
+    first = unit[0]
+    if len(unit) == 1:
+        return first
+    events = [event for request in unit for event in request.events]
+    return AppendRequest(first.session_id, events, None, first.head, fence=first.fence)
 
 
 def _blind(request: AppendRequest) -> bool:

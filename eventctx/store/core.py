@@ -55,7 +55,7 @@ from eventctx.store import append as append_protocol
 from eventctx.store import schema
 from eventctx.store.backends import for_url
 from eventctx.store.bases import Base, Bases
-from eventctx.store.commit import AppendRequest, GroupCommitter, Inbox
+from eventctx.store.commit import AppendRequest, GroupCommitter, Inbox, InOne
 from eventctx.store.dialect import (
     TRIES_AFTER_DROP,
     Cursor,
@@ -122,7 +122,13 @@ class EventStore:
         self.chain_mode = "sha256"
         """How the chains are hashed: ``sha256``, or ``hmac-sha256`` under the store's key."""
         self._committer = GroupCommitter(
-            engine, dialect, self._stage, self._insert, self._transaction, self._stored_hash
+            engine,
+            dialect,
+            self._stage,
+            self._insert,
+            self._transaction,
+            self.read_versions,
+            None if self._sql.append_in_one is None else self._in_one,
         )
         self.removal = Removal(self._transaction, self._sql, dialect.sql_dialect)
         """The steps compaction is made of (``eventctx.compaction`` runs them)."""
@@ -372,7 +378,8 @@ class EventStore:
         is live; a deleted one starts again, its versions continuing). Otherwise the session must
         exist (SessionNotFoundError). With ``expected_version`` the head must be at that version
         (ConcurrencyError); without it the events go on top of whatever the head is. ``head`` is
-        the caller's belief about the head: when right, the append costs two statements. With
+        the caller's belief about the head: when right, the append is one statement on
+        PostgreSQL and two on SQLite. With
         ``fence`` (a run lease as taken), the session's lease must still be that one
         (RunInProgressError). Concurrent appends share transactions (group commit); each returns
         once its own is committed. ``inbox``, when given, receives the recorded events once
@@ -401,9 +408,8 @@ class EventStore:
             cur, self._sql, request, heads, wait, self.clock(), self._hasher
         )
 
-    def _stored_hash(self, session_id: str, version: int) -> bytes | None:
-        found = self.read_versions(session_id, [version])
-        return found[0].hash if found else None
+    def _in_one(self, request: AppendRequest, head: Head | None) -> InOne | None:
+        return append_protocol.in_one(self._sql, request, head, self.clock(), self._hasher)
 
     def _insert(self, cur: Cursor, rows: list[dict[str, Any]]) -> list[int]:
         sql = self._sql

@@ -110,6 +110,28 @@ class Dialect:
         """INSERT that does nothing when the primary key exists (rowcount tells which)."""
         raise NotImplementedError
 
+    def append_in_one(
+        self, advance: sa.Update, table: sa.Table, columns: Sequence[str]
+    ) -> sa.Insert | None:
+        """One statement that moves the head row (``advance``) and, only if it matched, inserts
+        the events (each of ``columns`` bound as ``<name>s``, one array element per event,
+        except ``session_id`` and ``recorded_at``, bound as ``session_id`` and ``now``),
+        returning each one's version and position. None where the backend cannot: its appends
+        are the UPDATE and the INSERT, in one transaction."""
+        return None
+
+    def begin_single(self, cur: Cursor) -> None:
+        """Make the next statement a transaction of its own, committed when it returns."""
+        raise NotImplementedError
+
+    def commit_with(
+        self, conn: Any, statements: Sequence[tuple[str, dict[str, Any]]]
+    ) -> list[list[Any]]:
+        """Run ``statements`` (SQL and parameters) in the open transaction of ``conn`` (the
+        driver's connection) and commit it, in as few round trips as the driver can; the rows
+        each statement returned."""
+        raise NotImplementedError
+
     def classify(self, exc: Exception) -> type[EventCtxError] | None:
         """The eventctx error for a driver error, or None when it is not a driver error."""
         raise NotImplementedError

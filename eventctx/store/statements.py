@@ -61,35 +61,7 @@ class Statements:
         # In a group commit a head row that another transaction holds is skipped, not waited
         # for (its append is then made alone), so that one session's lock stalls no other.
         self.head_skip_locked = c(locked_head.with_for_update(skip_locked=True))
-        advance = [
-            se.c.session_id == sid,
-            se.c.version == bindparam("base_version"),
-            se.c.head_hash == bindparam("base_hash"),
-            se.c.status == bindparam("active"),
-            alive_at(bindparam("now")),
-        ]
-        if dialect.row_locks:
-            unlocked = sa.select(se.c.session_id).where(se.c.session_id == sid)
-            advance.append(
-                se.c.session_id == unlocked.with_for_update(skip_locked=True).scalar_subquery()
-            )
-        moved: dict[str, Any] = {
-            "version": bindparam("new_version"),
-            "head_hash": bindparam("new_hash"),
-            "last_activity": bindparam("now"),
-            "status": bindparam("status"),
-        }
-        self.advance_head = c(sa.update(se).where(*advance).values(moved))
-        # A runner's append: only while the session's run lease is still the one it took.
-        self.advance_head_fenced = c(
-            sa.update(se)
-            .where(
-                *advance,
-                se.c.lease_owner == bindparam("owner"),
-                se.c.lease_token == bindparam("token"),
-            )
-            .values(moved)
-        )
+        self._advance_statements(dialect, sid)
         self.insert_head = self._head_insert(dialect, "now")
         # The head row of a loaded log (an import): created when its log was, active from now.
         self.load_head = self._head_insert(dialect, "created_at")
@@ -257,6 +229,46 @@ class Statements:
         )
         self.snapshotted = c(sa.select(sn.c.session_id).where(sn.c.digest.is_not(None)).distinct())
         self._schema_statements(c, sv)
+
+    def _advance_statements(self, dialect: Dialect, sid: sa.BindParameter[str]) -> None:
+        """Moving a live session's head row past an append, and (where the backend can)
+        the whole append in one statement."""
+        ev, se, c = schema.events, schema.sessions, dialect.compile
+        advance = [
+            se.c.session_id == sid,
+            se.c.version == bindparam("base_version"),
+            se.c.head_hash == bindparam("base_hash"),
+            se.c.status == bindparam("active"),
+            alive_at(bindparam("now")),
+        ]
+        if dialect.row_locks:
+            unlocked = sa.select(se.c.session_id).where(se.c.session_id == sid)
+            advance.append(
+                se.c.session_id == unlocked.with_for_update(skip_locked=True).scalar_subquery()
+            )
+        moved: dict[str, Any] = {
+            "version": bindparam("new_version"),
+            "head_hash": bindparam("new_hash"),
+            "last_activity": bindparam("now"),
+            "status": bindparam("status"),
+        }
+        advance_head = sa.update(se).where(*advance).values(moved)
+        # A runner's append: only while the session's run lease is still the one it took.
+        advance_fenced = sa.update(se).where(
+            *advance,
+            se.c.lease_owner == bindparam("owner"),
+            se.c.lease_token == bindparam("token"),
+        )
+        advance_head_fenced = advance_fenced.values(moved)
+        self.advance_head = c(advance_head)
+        self.advance_head_fenced = c(advance_head_fenced)
+        in_one, in_one_fenced = (
+            dialect.append_in_one(stmt, ev, EVENT_COLUMNS)
+            for stmt in (advance_head, advance_head_fenced)
+        )
+        self.append_in_one = None if in_one is None else c(in_one)
+        """The whole append in one statement, where the backend has one (else None)."""
+        self.append_in_one_fenced = None if in_one_fenced is None else c(in_one_fenced)
 
     @staticmethod
     def _head_insert(dialect: Dialect, created_at: str) -> str:
