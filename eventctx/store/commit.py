@@ -111,6 +111,7 @@ class GroupCommitter:
         transaction: Transaction,
         stored: Callable[[str, Collection[int]], list[RecordedEvent]],
         prepare: Prepare | None,
+        end_backend: Callable[[int], None],
     ) -> None:
         self._engine = engine
         self._dialect = dialect
@@ -121,6 +122,8 @@ class GroupCommitter:
         """A session's events at some versions: how a failed COMMIT is checked."""
         self._prepare = prepare
         """Where the backend has one, the one statement of an append (else None)."""
+        self._end_backend = end_backend
+        """Ends a server process of ours and waits until it has (else raises)."""
         self._mutex = threading.Lock()
         self._cv = threading.Condition(self._mutex)
         self._waiting = 0
@@ -129,6 +132,8 @@ class GroupCommitter:
         self._leading = False
         self._conn: Any = None
         self._cur: Any = None
+        self._pid: int | None = None
+        """The server process of the writer connection, where there is one."""
         self._heads: dict[str, Head] = {}
         """Heads this committer last wrote, a better hint than a caller's when writers race."""
 
@@ -174,7 +179,7 @@ class GroupCommitter:
         self._cv = threading.Condition(self._mutex)
         self._waiting = 0
         self._queue, self._leading = [], False
-        self._conn = self._cur = None
+        self._conn = self._cur = self._pid = None
         self._heads = {}
 
     def close(self) -> None:
@@ -224,7 +229,7 @@ class GroupCommitter:
             members = [r for r in batch if not r.alone and r.error is None]
             if committing and isinstance(exc, Exception):
                 # The COMMIT itself failed: it may have happened all the same. Look.
-                self._settle(members, exc)
+                self._settle(members, exc, self._pid)
                 self._deliver(batch)
                 return
             retry_alone = isinstance(exc, Exception)
@@ -282,7 +287,9 @@ class GroupCommitter:
         believed changed nothing: its members append alone."""
         for (unit, one), found in zip(in_one, answers, strict=True):
             if not found:
+                # Not as believed (another store wrote): forget it, the next append reads it.
                 written.pop(unit[0].session_id, None)
+                self._heads.pop(unit[0].session_id, None)
                 for request in unit:
                     request.result = None
                     request.alone = True
@@ -297,6 +304,7 @@ class GroupCommitter:
         if self._conn is None:
             self._conn = self._engine.raw_connection()
             self._cur = self._conn.driver_connection.cursor()
+            self._pid = self._dialect.backend_id(self._conn.driver_connection)
         return self._conn.driver_connection, self._cur
 
     def _commit_one(self, request: AppendRequest) -> None:
@@ -344,7 +352,7 @@ class GroupCommitter:
             if request.alone or request.error is not None:
                 return
             if committing and isinstance(exc, Exception):
-                self._settle([request], exc)
+                self._settle([request], exc, self._pid)
                 self._deliver([request])
                 return
             request.result = None
@@ -380,7 +388,7 @@ class GroupCommitter:
             else:
                 # The statement failed, or its answer was lost: it may have committed. Look.
                 request.result = _recorded(_UNKNOWN, iter(one.rows), request.events)
-                self._settle([request], exc)
+                self._settle([request], exc, self._pid)
                 self._deliver([request])
             return True
         if not found:
@@ -400,12 +408,23 @@ class GroupCommitter:
             if request.result is not None and request.inbox is not None:
                 request.inbox.append(request.result)
 
-    def _settle(self, members: list[AppendRequest], failure: Exception) -> None:
+    def _settle(
+        self, members: list[AppendRequest], failure: Exception, backend: int | None
+    ) -> None:
         """After a failed COMMIT (or a statement whose answer was lost), each member's outcome:
         one whose events are all stored with their chain hashes was committed (its result is
         read back, positions included); any other was not, and appends alone. When this cannot
-        be checked, every member gets OutcomeUnknownError."""
+        be checked, every member gets OutcomeUnknownError.
+
+        A connection lost on our side can leave its server process running the statement
+        (waiting for a lock, say), to commit after we looked: that process (``backend``) is
+        ended first, so what is read back is final."""
         try:
+            if backend is not None and self._dialect.dropped(failure):
+                self._end_backend(backend)
+                if backend == self._pid and self._conn is not None:
+                    self._conn.invalidate()  # it was the writer's: open a fresh one next time
+                    self._conn = None
             stored = [
                 self._stored(r.session_id, [e.version for e in r.result or ()]) for r in members
             ]
@@ -466,8 +485,10 @@ class GroupCommitter:
     def _try_alone(self, request: AppendRequest) -> list[RecordedEvent]:
         rows: list[dict[str, Any]] = []
         positions: list[int] = []
+        backend = None
         try:
             with self._transaction(write=True) as cur:
+                backend = self._dialect.backend_id(cur.connection)
                 staged = self._stage(cur, request, {}, True)
                 positions = self._insert(cur, staged)
                 rows = staged
@@ -476,7 +497,7 @@ class GroupCommitter:
                 raise
             # Everything but the COMMIT succeeded: it may have happened all the same. Look.
             request.result = _recorded(iter(positions), iter(rows), request.events)
-            self._settle([request], exc)
+            self._settle([request], exc, backend)
             if request.error is not None:
                 raise request.error from exc
             if request.result is None:

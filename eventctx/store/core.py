@@ -9,6 +9,7 @@ compaction's steps in ``removal``. Time comes from the store's clock.
 from __future__ import annotations
 
 import os
+import time
 import weakref
 from collections.abc import (
     Callable,
@@ -129,6 +130,7 @@ class EventStore:
             self._transaction,
             self.read_versions,
             None if self._sql.append_in_one is None else self._in_one,
+            self._end_backend,
         )
         self.removal = Removal(self._transaction, self._sql, dialect.sql_dialect)
         """The steps compaction is made of (``eventctx.compaction`` runs them)."""
@@ -393,6 +395,12 @@ class EventStore:
             raise StorageError(_READ_ONLY)
         if not events:
             return []
+        for event in events:
+            if len(event.type) > schema.MAX_NAME or len(event.execution_id or "") > schema.MAX_NAME:
+                raise InvalidInputError(
+                    f"an event type and an execution id are at most {schema.MAX_NAME} "
+                    f"characters (got {event.type!r}, {event.execution_id!r})"
+                )
         if len(events) > 1 and _lifecycle_inside(events):
             raise InvalidInputError(
                 "a ContextCreated may only start a batch and a ContextDeleted only end one: "
@@ -407,6 +415,15 @@ class EventStore:
         return append_protocol.stage(
             cur, self._sql, request, heads, wait, self.clock(), self._hasher
         )
+
+    def _end_backend(self, backend: int) -> None:
+        """End the server process ``backend`` (a lost connection of ours) and wait, up to the
+        busy timeout, until it has: StorageError if it will not."""
+        deadline = time.monotonic() + self.busy_timeout.total_seconds()
+        while not self._run(lambda cur: self._dialect.end_backend(cur, backend), write=False):
+            if time.monotonic() > deadline:
+                raise StorageError(f"the server process {backend} of a lost connection runs on")
+            time.sleep(0.005)
 
     def _in_one(self, request: AppendRequest, head: Head | None) -> InOne | None:
         return append_protocol.in_one(self._sql, request, head, self.clock(), self._hasher)

@@ -120,6 +120,15 @@ class Dialect:
         are the UPDATE and the INSERT, in one transaction."""
         return None
 
+    def backend_id(self, conn: Any) -> int | None:
+        """The server process serving ``conn`` (the driver's connection), where there is one."""
+        return None
+
+    def end_backend(self, cur: Cursor, backend: int) -> bool:
+        """Ask the server to end its process ``backend`` (one of ours, whose connection was
+        lost); whether it has ended."""
+        raise NotImplementedError
+
     def begin_single(self, cur: Cursor) -> None:
         """Make the next statement a transaction of its own, committed when it returns."""
         raise NotImplementedError

@@ -31,6 +31,13 @@ _SETUP_LOCK = "SELECT pg_advisory_xact_lock(hashtext('eventctx:' || current_sche
 _INSERT_LOCK_KEY = "hashtext('eventctx:insert:' || current_schema())"
 
 
+def _array_of(column: sa.Column[Any]) -> ARRAY[Any]:
+    """The array type a column's values are bound as. A string's length is left out: a cast
+    to ``varchar(n)`` cuts a longer value short without a word, where the column refuses it."""
+    kind = column.type
+    return ARRAY(sa.Text() if isinstance(kind, sa.String) else kind)
+
+
 class PostgreSQLDialect(Dialect):
     """PostgreSQL (``postgresql+psycopg://``); ``synchronous_commit`` is left to the server."""
 
@@ -122,9 +129,10 @@ class PostgreSQLDialect(Dialect):
         # and 4 could be visible while 3 has not committed yet, and a reader following
         # positions would skip 3. The INSERT itself takes a transaction-level advisory lock
         # (in the same round trip) before its row takes a position, and holds it to commit.
-        # It is taken after every head row the transaction needs is locked, so inserts commit
-        # one transaction at a time, in position order, and nothing that holds it waits for
-        # a row lock.
+        # Inserts so commit one transaction at a time, in position order. Nothing that holds
+        # it waits for a row lock: it is taken after the head rows staged before it are
+        # locked, and the head rows a group's one-statement appends move after it are locked
+        # with SKIP LOCKED (a row another transaction holds is left, its append made alone).
         lock = sa.select(sa.func.pg_advisory_xact_lock(sa.literal_column(_INSERT_LOCK_KEY)))
         row = sa.select(
             *(sa.bindparam(name, type_=table.c[name].type) for name in columns)
@@ -153,7 +161,7 @@ class PostgreSQLDialect(Dialect):
         }
         each = [name for name in columns if name not in shared]
         arrays = (
-            sa.func.unnest(*(sa.bindparam(f"{n}s", type_=ARRAY(table.c[n].type)) for n in each))
+            sa.func.unnest(*(sa.bindparam(f"{n}s", type_=_array_of(table.c[n])) for n in each))
             .table_valued(*each)
             .render_derived(name="eventctx_rows")
         )
@@ -169,13 +177,35 @@ class PostgreSQLDialect(Dialect):
     def begin_single(self, cur: Cursor) -> None:
         cur.connection.autocommit = True
 
+    def backend_id(self, conn: Any) -> int | None:
+        return int(conn.info.backend_pid)
+
+    def end_backend(self, cur: Cursor, backend: int) -> bool:
+        cur.execute("SELECT pg_terminate_backend(%(pid)s)", {"pid": backend})
+        cur.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %(pid)s", {"pid": backend})
+        return int(fetch_value(cur)) == 0
+
     def commit_with(
         self, conn: Any, statements: Sequence[tuple[str, dict[str, Any]]]
     ) -> list[list[Any]]:
-        # Pipeline mode: the statements and the COMMIT go out together, one round trip.
-        with conn.pipeline():
-            cursors = [conn.execute(sql, params) for sql, params in statements]
-            conn.commit()
+        # Pipeline mode: the statements and the COMMIT go out together, one round trip. With
+        # no transaction open yet, BEGIN goes with them: psycopg would send its own first and
+        # wait for it (the connection is in autocommit only for the pipeline's length; a
+        # failure leaves a transaction that the committer's rollback ends).
+        begin = conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        conn.autocommit = begin
+        try:
+            with conn.pipeline():
+                if begin:
+                    conn.execute("BEGIN")
+                cursors = [conn.execute(sql, params) for sql, params in statements]
+                if begin:
+                    conn.execute("COMMIT")
+                else:
+                    conn.commit()
+        finally:
+            if conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+                conn.autocommit = False
         return [cur.fetchall() for cur in cursors]
 
     def classify(self, exc: Exception) -> type[EventCtxError] | None:

@@ -29,6 +29,8 @@ SCHEMA_VERSION: Final = 5
 """The schema version this code writes; stamped in ``eventctx_schema``."""
 
 MAX_SESSION_ID: Final = 512
+MAX_NAME: Final = 64
+"""The longest event type and execution id a database stores."""
 
 
 metadata = MetaData()
@@ -46,10 +48,10 @@ events = Table(
     ),
     Column("session_id", String(MAX_SESSION_ID), nullable=False),
     Column("version", BigInteger, nullable=False),
-    Column("type", String(64), nullable=False),
+    Column("type", String(MAX_NAME), nullable=False),
     Column("key", Text),
     Column("phase", Text),
-    Column("execution_id", String(64)),
+    Column("execution_id", String(MAX_NAME)),
     Column("payload", LargeBinary, nullable=False),
     Column("recorded_at", BigInteger, nullable=False),
     Column("hash", LargeBinary, nullable=False),
