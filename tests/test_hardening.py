@@ -330,6 +330,30 @@ class _GroupCommitFault:
         return getattr(self._dialect, name)
 
 
+def test_a_group_mixing_staged_and_one_statement_appends_commits_them_all(db_url: str) -> None:
+    """A group whose appends go both ways (a session created: staged, its transaction opened
+    first; appends on known heads, one of them conditional: one statement each on PostgreSQL,
+    sent with the COMMIT) commits every one of them in one transaction, each caller getting
+    exactly its stored events."""
+    with EventStore.open(db_url) as store:
+        for sid in "ab":
+            store.append(sid, [NewEvent.create("ContextCreated")])
+        batch = [
+            AppendRequest("a", [NewEvent.create("KeySet", {"value": 1}, key="fast")]),
+            AppendRequest("b", [NewEvent.create("KeySet", {"value": 2}, key="cond")], 1),
+            AppendRequest("n", [NewEvent.create("ContextCreated")]),
+        ]
+        store._committer._commit(batch)
+        assert all(not r.alone and r.error is None and r.result for r in batch)
+        for request in batch:
+            assert request.result == store.read_versions(
+                request.session_id, [e.version for e in request.result or ()]
+            )
+        positions = sorted(e.position for r in batch for e in r.result or ())
+        assert positions == list(range(positions[0], positions[0] + 3))  # one commit, no gap
+        assert [store.verify(sid) for sid in "abn"] == [2, 2, 1]
+
+
 @pytest.mark.parametrize("lands", [True, False])
 def test_a_group_whose_commit_fails_is_settled_member_by_member(
     db_url: str, backend: str, lands: bool

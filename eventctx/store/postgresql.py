@@ -193,7 +193,8 @@ class PostgreSQLDialect(Dialect):
         # wait for it (the connection is in autocommit only for the pipeline's length; a
         # failure leaves a transaction that the committer's rollback ends).
         begin = conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
-        conn.autocommit = begin
+        if begin:  # (psycopg refuses to switch autocommit inside a transaction, even to same)
+            conn.autocommit = True
         try:
             with conn.pipeline():
                 if begin:
