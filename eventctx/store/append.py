@@ -10,7 +10,7 @@ caller believes it knows: when the belief is wrong it changes nothing, and ``sta
 from __future__ import annotations
 
 from collections.abc import MutableMapping, Sequence
-from typing import Any, Final
+from typing import Any
 
 from eventctx.errors import (
     ConcurrencyError,
@@ -20,7 +20,7 @@ from eventctx.errors import (
     SessionNotFoundError,
 )
 from eventctx.events import GENESIS_HASH, Hasher, NewEvent, chain_hash
-from eventctx.store.commit import AppendRequest, InOne, RowLockedError
+from eventctx.store.commit import AppendRequest, InOne, RowLockedError, head_after
 from eventctx.store.dialect import Cursor
 from eventctx.store.heads import (
     ACTIVE,
@@ -31,7 +31,7 @@ from eventctx.store.heads import (
     Head,
     expired_at,
 )
-from eventctx.store.statements import Statements
+from eventctx.store.statements import PER_EVENT, Statements
 
 __all__ = ["in_one", "stage"]
 
@@ -58,8 +58,7 @@ def stage(
     else:
         head = heads.get(session_id, request.head)  # the committer's own is fresher
         rows = _advance_head(cur, sql, request, head, now, wait, hasher)
-    last = rows[-1]
-    heads[session_id] = Head(last["version"], last["hash"], last["recorded_at"])
+    heads[session_id] = head_after(rows)
     return rows
 
 
@@ -80,13 +79,9 @@ def in_one(
     params["base_version"], params["base_hash"] = head.version, head.hash
     if request.fence is not None:
         params["owner"], params["token"] = request.fence
-    for name in _EACH:
+    for name in PER_EVENT:
         params[f"{name}s"] = [row[name] for row in rows]
     return InOne(statement, params, rows)
-
-
-_EACH: Final = ("version", "type", "key", "phase", "execution_id", "payload", "hash", "prev_hash")
-"""The event columns ``in_one`` binds as arrays (one element per event)."""
 
 
 def _create_head(

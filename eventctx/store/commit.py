@@ -38,7 +38,7 @@ from eventctx.events import NewEvent, RecordedEvent
 from eventctx.store.dialect import TRIES_AFTER_DROP, Cursor, Dialect, Transaction
 from eventctx.store.heads import Fence, Head
 
-__all__ = ["AppendRequest", "GroupCommitter", "InOne", "Inbox", "RowLockedError"]
+__all__ = ["AppendRequest", "GroupCommitter", "InOne", "Inbox", "RowLockedError", "head_after"]
 
 _HEADS_KEPT = 4096
 _UNKNOWN: Final = itertools.repeat(0)
@@ -263,8 +263,7 @@ class GroupCommitter:
                 if one is None:
                     break
                 made.append((unit, one))
-                last = one.rows[-1]
-                head = Head(last["version"], last["hash"], last["recorded_at"])
+                head = head_after(one.rows)
             if len(made) < len(session):
                 slow.extend(session)
                 continue
@@ -294,7 +293,7 @@ class GroupCommitter:
                     request.result = None
                     request.alone = True
                 continue
-            positions = iter([int(position) for _, position in sorted(found)])
+            positions = iter(_positions(found))
             rows = iter(one.rows)
             for request in unit:
                 request.result = _recorded(positions, rows, request.events)
@@ -393,12 +392,8 @@ class GroupCommitter:
             return True
         if not found:
             return False
-        positions = [int(position) for _, position in sorted(found)]
-        request.result = _recorded(iter(positions), iter(one.rows), request.events)
-        last = one.rows[-1]
-        self._remember(
-            {request.session_id: Head(last["version"], last["hash"], last["recorded_at"])}
-        )
+        request.result = _recorded(iter(_positions(found)), iter(one.rows), request.events)
+        self._remember({request.session_id: head_after(one.rows)})
         self._deliver([request])
         return True
 
@@ -548,6 +543,17 @@ def _recorded(
         for event in events
         for row in (next(rows),)
     ]
+
+
+def head_after(rows: list[dict[str, Any]]) -> Head:
+    """The head a session has once event ``rows`` (as staged, in order) are appended."""
+    last = rows[-1]
+    return Head(last["version"], last["hash"], last["recorded_at"])
+
+
+def _positions(found: Sequence[Any]) -> list[int]:
+    """The positions a one-statement append returned (as (version, position)), by version."""
+    return [int(position) for _, position in sorted(found)]
 
 
 def _own_copy(exc: BaseException) -> BaseException:

@@ -111,11 +111,11 @@ class Dialect:
         raise NotImplementedError
 
     def append_in_one(
-        self, advance: sa.Update, table: sa.Table, columns: Sequence[str]
+        self, advance: sa.Update, table: sa.Table, per_event: Sequence[str]
     ) -> sa.Insert | None:
         """One statement that moves the head row (``advance``) and, only if it matched, inserts
-        the events (each of ``columns`` bound as ``<name>s``, one array element per event,
-        except ``session_id`` and ``recorded_at``, bound as ``session_id`` and ``now``),
+        the events (each of ``per_event`` bound as ``<name>s``, one array element per event;
+        ``session_id`` and ``recorded_at`` bound once, as ``session_id`` and ``now``),
         returning each one's version and position. None where the backend cannot: its appends
         are the UPDATE and the INSERT, in one transaction."""
         return None

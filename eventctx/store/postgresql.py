@@ -143,7 +143,7 @@ class PostgreSQLDialect(Dialect):
         return pg_insert(table).on_conflict_do_nothing()
 
     def append_in_one(
-        self, advance: sa.Update, table: sa.Table, columns: Sequence[str]
+        self, advance: sa.Update, table: sa.Table, per_event: Sequence[str]
     ) -> sa.Insert | None:
         # WITH moved AS (UPDATE head … RETURNING), lock AS (the insert lock, once per row
         # moved) INSERT … SELECT FROM lock, unnest(arrays): nothing is inserted, and the lock
@@ -159,18 +159,17 @@ class PostgreSQLDialect(Dialect):
             "session_id": sa.bindparam("session_id", type_=table.c.session_id.type),
             "recorded_at": sa.bindparam("now", type_=table.c.recorded_at.type),
         }
-        each = [name for name in columns if name not in shared]
         arrays = (
-            sa.func.unnest(*(sa.bindparam(f"{n}s", type_=_array_of(table.c[n])) for n in each))
-            .table_valued(*each)
+            sa.func.unnest(*(sa.bindparam(f"{n}s", type_=_array_of(table.c[n])) for n in per_event))
+            .table_valued(*per_event)
             .render_derived(name="eventctx_rows")
         )
-        rows = sa.select(*(shared[n] if n in shared else arrays.c[n] for n in columns)).select_from(
+        rows = sa.select(*shared.values(), *(arrays.c[n] for n in per_event)).select_from(
             lock, arrays
         )
         return (
             sa.insert(table)
-            .from_select(list(columns), rows)
+            .from_select([*shared, *per_event], rows)
             .returning(table.c.version, table.c.position)
         )
 

@@ -24,6 +24,9 @@ EVENT_COLUMNS: Final = (
     "hash",
     "prev_hash",
 )
+PER_EVENT: Final = tuple(n for n in EVENT_COLUMNS if n not in ("session_id", "recorded_at"))
+"""The event columns a one-statement append binds as arrays (``<name>s``, an element per
+event); an append's events share their session and time (``session_id`` and ``now``)."""
 _ZERO: Final = sa.literal_column("0", sa.Integer)
 _SESSION_COLUMNS: Final = (
     schema.sessions.c.session_id,
@@ -263,7 +266,7 @@ class Statements:
         self.advance_head = c(advance_head)
         self.advance_head_fenced = c(advance_head_fenced)
         in_one, in_one_fenced = (
-            dialect.append_in_one(stmt, ev, EVENT_COLUMNS)
+            dialect.append_in_one(stmt, ev, PER_EVENT)
             for stmt in (advance_head, advance_head_fenced)
         )
         self.append_in_one = None if in_one is None else c(in_one)
