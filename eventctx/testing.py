@@ -154,6 +154,10 @@ class EventLogConformance:
         event_log.save_snapshot(sid, 5, FOLD_VERSION, elsewhere.head_hash, elsewhere.encode())
         newest = event_log.latest_snapshot(sid, FOLD_VERSION)
         assert newest is not None and newest[0] == 4
+        # A snapshot above the log's head (of a longer history, purged since): no event there.
+        event_log.save_snapshot(sid, 9, FOLD_VERSION, events[3].hash, state.encode())
+        newest = event_log.latest_snapshot(sid, FOLD_VERSION)
+        assert newest is not None and newest[0] == 4
 
     def test_a_whole_log_has_no_retention_base(self, event_log: AppendableLog) -> None:
         sid = _session()

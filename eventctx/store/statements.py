@@ -323,7 +323,10 @@ class Statements:
             for columns in ((*fold_columns, ev.c.hash, ev.c.prev_hash), fold_columns)
         )
         sn = schema.snapshots
-        self.newest_snapshot = c(
+        # The newest snapshot is found on the snapshots' key alone (a subquery with a LIMIT is
+        # never flattened), then its event's hash is a point read: joined first, PostgreSQL's
+        # planner (once it has statistics) joins every snapshot of the session, 8 ms for 500.
+        newest = (
             sa.select(sn.c.version, sn.c.head_hash, sn.c.state, sn.c.digest)
             .where(
                 sn.c.session_id == bindparam("session_id"),
@@ -334,6 +337,13 @@ class Statements:
             .order_by(sn.c.version.desc())
             .limit(sa.literal_column("1", sa.Integer))
             .offset(_ZERO)
+            .subquery("newest")
+        )
+        at_newest = sa.and_(
+            ev.c.session_id == bindparam("session_id"), ev.c.version == newest.c.version
+        )
+        self.newest_snapshot = c(
+            sa.select(*newest.c, ev.c.hash).select_from(newest.outerjoin(ev, at_newest))
         )
         self.hash_at = c(
             sa.select(ev.c.hash).where(
