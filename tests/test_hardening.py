@@ -504,6 +504,29 @@ def test_a_store_outlives_its_connections_being_dropped(pg_url: str) -> None:
         assert m.store.verify("s") == ctx.version
 
 
+def test_a_pooled_connection_the_server_dropped_is_replaced_before_use(pg_url: str) -> None:
+    """Even where a drop is not made again (a purge is not retried), a pooled connection whose
+    server process is gone is never handed out: its socket says so before any statement."""
+    name = f"eventctx-pooled-{uuid.uuid4().hex[:8]}"
+    url = sa.make_url(pg_url).update_query_dict({"application_name": name})
+    with EventStore.open(url.render_as_string(hide_password=False)) as store:
+        store.append("s", [NewEvent.create("ContextCreated")])
+        assert store.session("s") is not None  # a pooled reader, idle now
+        with psycopg.connect("host=127.0.0.1 user=postgres dbname=test", autocommit=True) as admin:
+            gone = "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s"
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE application_name = %s",
+                (name,),
+            )
+            deadline = time.monotonic() + 10
+            while admin.execute(gone, (name,)).fetchone() != (0,):
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+        assert store.purge("s") == 1  # first try, on a fresh connection
+        assert store.session("s") is None
+
+
 def _forked_append(store: EventStore, session_id: str) -> int:
     """In a forked child: append and read on the child's own connections; the exit status."""
     try:

@@ -4,6 +4,7 @@ advisory locks serialize schema creation and make positions commit-ordered."""
 from __future__ import annotations
 
 import re
+import select
 from collections.abc import Sequence
 from typing import Any
 
@@ -48,9 +49,7 @@ class PostgreSQLDialect(Dialect):
     def create_engine(self, url: URL, options: StoreOptions) -> Engine:
         if url.drivername != "postgresql+psycopg":  # postgres://, postgresql://: psycopg 3
             url = url.set(drivername="postgresql+psycopg")
-        # pre_ping: a pooled connection the server dropped (a restart, an idle timeout) is
-        # replaced before use instead of failing the read or write that gets it.
-        engine = sa.create_engine(url, pool_size=8, max_overflow=16, pool_pre_ping=True)
+        engine = sa.create_engine(url, pool_size=8, max_overflow=16)
         self.prepare_engine(engine, options)
         return engine
 
@@ -71,7 +70,18 @@ class PostgreSQLDialect(Dialect):
             if dbapi_conn is not None and not dbapi_conn.closed:
                 dbapi_conn.autocommit = False
 
+        def on_checkout(
+            dbapi_conn: psycopg.Connection[Any], _record: object, _proxy: object
+        ) -> None:
+            # A pooled connection the server dropped (a restart, a terminated backend, an idle
+            # timeout) is replaced before use instead of failing the read or write that gets
+            # it. An idle connection has nothing to read unless the server closed it or said
+            # it is about to, so looking costs a system call where a ping costs a round trip.
+            if dbapi_conn.closed or _has_input(dbapi_conn.fileno()):
+                raise sa.exc.DisconnectionError("the server closed this pooled connection")
+
         event.listen(engine, "connect", on_connect)
+        event.listen(engine, "checkout", on_checkout)
         event.listen(engine, "checkin", on_checkin)
         engine.dispose()  # connections made before the listener must not be reused
 
@@ -222,3 +232,10 @@ class PostgreSQLDialect(Dialect):
         if not isinstance(exc, psycopg.OperationalError):
             return False  # psycopg reports a connection it found dead with no sqlstate
         return exc.sqlstate is None or exc.sqlstate.startswith(_CONNECTION_LOST)
+
+
+def _has_input(fd: int) -> bool:
+    """Whether the socket ``fd`` has something to read (or is closed) right now."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
