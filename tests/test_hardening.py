@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import os
+import signal
 import socket
 import sqlite3
 import threading
@@ -502,6 +503,63 @@ def test_a_store_outlives_its_connections_being_dropped(pg_url: str) -> None:
         result = PluginRunner(m, [lambda _: "ok"]).run("s")
         assert result.status == "completed"
         assert m.store.verify("s") == ctx.version
+
+
+def test_a_caller_interrupted_while_its_append_waits_withdraws_it_and_harms_no_one(
+    db_url: str,
+) -> None:
+    """Ctrl-C while an append waits for the group in flight: that append is not made, and the
+    callers queued behind it are still committed (none waits for a leader that left)."""
+    store = EventStore.open(db_url)  # closed only if nothing hangs: close waits for it
+    store.append("s", [NewEvent.create("ContextCreated")])
+    committer = store._committer
+    release, leading = threading.Event(), threading.Event()
+    commit_one = committer._commit_one
+
+    def held(request: AppendRequest) -> None:  # the first group waits to be released
+        if not leading.is_set():
+            leading.set()
+            release.wait(10)
+        commit_one(request)
+
+    committer._commit_one = held  # type: ignore[method-assign]
+    done: dict[str, object] = {}
+
+    def append(key: str) -> None:
+        event = NewEvent.create("KeySet", {"value": key}, key=key)
+        done[key] = store.append("s", [event])
+
+    first = threading.Thread(target=append, args=("first",), daemon=True)
+    first.start()
+    assert leading.wait(10)
+    main = threading.get_ident()
+
+    def interrupt_then_queue() -> None:
+        deadline = time.monotonic() + 10
+        while len(committer._queue) < 1 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        behind = threading.Thread(target=append, args=("behind",), daemon=True)
+        behind.start()
+        while len(committer._queue) < 2 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        signal.pthread_kill(main, signal.SIGINT)
+        time.sleep(0.05)
+        release.set()
+        behind.join(10)
+        left.append(behind.is_alive())
+
+    left: list[bool] = []
+    helper = threading.Thread(target=interrupt_then_queue, daemon=True)
+    helper.start()
+    with pytest.raises(KeyboardInterrupt):
+        append("interrupted")
+    helper.join(15)
+    first.join(10)
+    assert left == [False], "the append queued behind the interrupted one never committed"
+    assert set(done) == {"first", "behind"}
+    assert [e.key for e in store.read("s")] == [None, "first", "behind"]
+    assert not committer._leading and not committer._queue
+    store.close()
 
 
 def test_a_pooled_connection_the_server_dropped_is_replaced_before_use(pg_url: str) -> None:

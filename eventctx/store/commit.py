@@ -3,9 +3,10 @@
 The first caller becomes the leader: it takes every queued append, moves each session's head
 row in one transaction on the store's writer connection (consecutive blind appends to one
 session as a single append), inserts all their events at once, commits, hands every caller its
-result, and wakes them. Each caller returns only after the transaction holding its events has
-committed, so durability is that of one append per transaction, at the cost of one commit for
-the whole group.
+result, and wakes them; the first caller that queued meanwhile leads the next group. Only it
+and the group's callers are woken (each wake-up is a thread switch). Each caller returns only
+after the transaction holding its events has committed, so durability is that of one append
+per transaction, at the cost of one commit for the whole group.
 
 Where the backend can move a head row and insert in one statement (PostgreSQL), an append
 whose head the committer believes it knows is that statement: alone, in autocommit, one round
@@ -61,6 +62,9 @@ class AppendRequest:
     fence: Fence | None = None
     result: list[RecordedEvent] | None = None
     error: BaseException | None = None
+    wake: Any = None
+    """Released when the append is done, or when its caller is to lead the next group."""
+    leads: bool = False
     alone: bool = False
     """Its head row was locked by another transaction: the caller appends by itself."""
     done: bool = field(default=False)
@@ -126,8 +130,8 @@ class GroupCommitter:
         """Ends a server process of ours and waits until it has (else raises)."""
         self._mutex = threading.Lock()
         self._cv = threading.Condition(self._mutex)
-        self._waiting = 0
-        """Threads waiting on ``_cv``: a group only wakes anyone when some are."""
+        self._closing = 0
+        """Threads in ``close``, waiting on ``_cv`` for the group in flight."""
         self._queue: list[AppendRequest] = []
         self._leading = False
         self._conn: Any = None
@@ -140,17 +144,23 @@ class GroupCommitter:
     def submit(self, request: AppendRequest) -> list[RecordedEvent]:
         """Append ``request`` (in the next group to commit) and return its recorded events."""
         with self._mutex:
-            if not self._leading and not self._queue:  # nothing else in flight: lead alone
-                self._leading = True
-                batch = [request]
-            else:
+            if self._leading:
+                request.wake = wake = threading.Lock()
+                wake.acquire()
                 self._queue.append(request)
-                self._waiting += 1
-                while self._leading and not request.done:
-                    self._cv.wait()
-                self._waiting -= 1
-                if not request.done:
-                    self._leading = True
+            else:
+                self._leading = True
+                wake = None
+        if wake is None:
+            batch = [request]
+        else:
+            try:
+                wake.acquire()  # released once committed, or to lead the next group
+            except BaseException:  # interrupted while waiting: withdraw, if not taken yet
+                self._withdraw(request)
+                raise
+            if not request.done:
+                with self._mutex:
                     batch, self._queue = self._queue, []
         if not request.done:
             try:
@@ -159,12 +169,7 @@ class GroupCommitter:
                 else:
                     self._commit(batch)
             finally:
-                with self._mutex:
-                    for queued in batch:
-                        queued.done = True
-                    self._leading = False
-                    if self._waiting:
-                        self._cv.notify_all()
+                self._hand_over(batch, request)
         if request.alone:
             return self._append_alone(request)
         if request.error is not None:
@@ -172,12 +177,47 @@ class GroupCommitter:
         assert request.result is not None
         return request.result
 
+    def _hand_over(self, batch: list[AppendRequest], leader: AppendRequest) -> None:
+        """After a group: the first queued caller leads the next one (woken first, and alone:
+        the others wait on), then the group's callers are woken."""
+        with self._mutex:
+            for queued in batch:
+                queued.done = True
+            successor = self._next_leader()
+        if successor is not None:
+            successor.wake.release()
+        for queued in batch:
+            if queued is not leader:
+                queued.wake.release()
+
+    def _next_leader(self) -> AppendRequest | None:
+        """The queued caller to lead next (under the mutex), or None: no one leads."""
+        if self._queue:
+            successor = self._queue[0]
+            successor.leads = True
+            return successor
+        self._leading = False
+        if self._closing:
+            self._cv.notify_all()
+        return None
+
+    def _withdraw(self, request: AppendRequest) -> None:
+        """Take back the append of a caller interrupted while it waited, unless a group has
+        taken it; one chosen to lead passes that on."""
+        with self._mutex:
+            if request not in self._queue:
+                return  # taken by a group: it commits (or not) without its caller
+            self._queue.remove(request)
+            successor = self._next_leader() if request.leads else None
+        if successor is not None:
+            successor.wake.release()
+
     def after_fork(self) -> None:
         """In a forked child: forget the parent's writer connection (never touching it) and
         any group the parent had in flight."""
         self._mutex = threading.Lock()
         self._cv = threading.Condition(self._mutex)
-        self._waiting = 0
+        self._closing = 0
         self._queue, self._leading = [], False
         self._conn = self._cur = self._pid = None
         self._heads = {}
@@ -185,9 +225,9 @@ class GroupCommitter:
     def close(self) -> None:
         """Wait for the group in flight and give the writer connection back."""
         with self._cv:
-            self._waiting += 1
+            self._closing += 1
             self._cv.wait_for(lambda: not self._leading)
-            self._waiting -= 1
+            self._closing -= 1
             conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()
