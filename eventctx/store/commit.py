@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import itertools
 import threading
+import time
 from collections import ChainMap, deque
 from collections.abc import Callable, Collection, Iterator, MutableMapping, Sequence
 from dataclasses import dataclass, field
@@ -133,6 +134,8 @@ class GroupCommitter:
         self._closing = 0
         """Threads in ``close``, waiting on ``_cv`` for the group in flight."""
         self._queue: list[AppendRequest] = []
+        self._last_group = 1
+        """Appends in the last group committed."""
         self._leading = False
         self._conn: Any = None
         self._cur: Any = None
@@ -153,6 +156,11 @@ class GroupCommitter:
                 wake = None
         if wake is None:
             batch = [request]
+            if self._last_group > 1:  # writers run concurrently: let theirs join this group
+                time.sleep(0)  # (gives up the GIL to them once; a lone writer never waits)
+                with self._mutex:
+                    batch += self._queue
+                    self._queue = []
         else:
             try:
                 wake.acquire()  # released once committed, or to lead the next group
@@ -184,6 +192,7 @@ class GroupCommitter:
             for queued in batch:
                 queued.done = True
             successor = self._next_leader()
+            self._last_group = len(batch)
         if successor is not None:
             successor.wake.release()
         for queued in batch:
@@ -218,7 +227,7 @@ class GroupCommitter:
         self._mutex = threading.Lock()
         self._cv = threading.Condition(self._mutex)
         self._closing = 0
-        self._queue, self._leading = [], False
+        self._queue, self._leading, self._last_group = [], False, 1
         self._conn = self._cur = self._pid = None
         self._heads = {}
 
