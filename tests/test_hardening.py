@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import sqlite3
+import struct
 import threading
 import time
 import uuid
@@ -183,7 +184,7 @@ class _CommitFault:
     """The writer connection, with a COMMIT that fails as a lost connection does: after the
     server committed (``lands``), or before it could."""
 
-    def __init__(self, conn: Any, error: Exception, *, lands: bool) -> None:
+    def __init__(self, conn: Any, error: BaseException, *, lands: bool) -> None:
         self._conn, self._error, self._lands = conn, error, lands
 
     def commit(self) -> None:
@@ -202,7 +203,7 @@ class _StatementFault:
     that fails as a lost connection does: after the server committed it (``lands``), or
     before it got there."""
 
-    def __init__(self, cur: Any, error: Exception, *, lands: bool) -> None:
+    def __init__(self, cur: Any, error: BaseException, *, lands: bool) -> None:
         self._cur, self._error, self._lands = cur, error, lands
 
     def execute(self, sql: str, *params: Any) -> Any:
@@ -228,12 +229,15 @@ def _fail_commits(manager: ContextManager, backend: str, *, lands: bool) -> Any:
     return _fail_commits_of(manager.store, backend, lands=lands)
 
 
-def _fail_commits_of(store: EventStore, backend: str, *, lands: bool) -> Any:
-    """``_fail_commits`` of a store."""
+def _fail_commits_of(
+    store: EventStore, backend: str, *, lands: bool, error: BaseException | None = None
+) -> Any:
+    """``_fail_commits`` of a store (with ``error``, else as a lost connection does)."""
     committer = store._committer
     proxy = committer._conn
-    fault = _CommitFault(proxy.driver_connection, _lost_connection(backend), lands=lands)
-    committer._cur = _StatementFault(committer._cur, _lost_connection(backend), lands=lands)
+    error = error or _lost_connection(backend)
+    fault = _CommitFault(proxy.driver_connection, error, lands=lands)
+    committer._cur = _StatementFault(committer._cur, error, lands=lands)
 
     class Faulty:
         driver_connection = fault
@@ -319,7 +323,7 @@ class _GroupCommitFault:
     the COMMIT failing as a lost connection does: after the server committed (``lands``), or
     before anything was sent."""
 
-    def __init__(self, dialect: Any, error: Exception, *, lands: bool) -> None:
+    def __init__(self, dialect: Any, error: BaseException, *, lands: bool) -> None:
         self._dialect, self._error, self._lands = dialect, error, lands
 
     def commit_with(self, conn: Any, statements: Any) -> Any:
@@ -562,6 +566,85 @@ def test_a_caller_interrupted_while_its_append_waits_withdraws_it_and_harms_no_o
     store.close()
 
 
+@pytest.mark.parametrize("where", ["yielding", "gathered"])
+def test_a_leader_interrupted_before_its_group_commits_hands_the_lead_on(
+    db_url: str, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """Ctrl-C in a leader before its group commits (while it lets concurrent writers join,
+    or once it has gathered them): its own append is not made, any it gathered append alone,
+    the next caller leads, and nothing hangs."""
+    store = EventStore.open(db_url)  # closed only if nothing hangs: close waits for it
+    store.append("s", [NewEvent.create("ContextCreated")])
+    committer = store._committer
+    committer._last_group = 2  # as after a group of several: the next leader yields once
+    done: dict[str, object] = {}
+
+    def append(key: str) -> None:
+        event = NewEvent.create("KeySet", {"value": key}, key=key)
+        done[key] = store.append("s", [event])
+
+    queued = threading.Thread(target=append, args=("queued",), daemon=True)
+
+    class Yielding:
+        @staticmethod
+        def sleep(_: float) -> None:  # a writer queues behind the leader meanwhile
+            queued.start()
+            deadline = time.monotonic() + 10
+            while not committer._queue and time.monotonic() < deadline:
+                time.sleep(0.001)
+            if where == "yielding":
+                raise KeyboardInterrupt
+
+    def interrupted(_: list[AppendRequest]) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(eventctx.store.commit, "time", Yielding)
+    monkeypatch.setattr(committer, "_commit", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        append("interrupted")
+    monkeypatch.undo()
+    queued.join(10)
+    assert not queued.is_alive(), "the append queued behind the interrupted leader hangs"
+    append("after")
+    assert set(done) == {"queued", "after"}
+    assert [e.key for e in store.read("s")] == [None, "queued", "after"]
+    assert not committer._leading and not committer._queue
+    store.close()
+
+
+@pytest.mark.parametrize("lands", [True, False])
+def test_a_leader_interrupted_while_committing_leaves_its_group_an_answer(
+    db_url: str, backend: str, lands: bool
+) -> None:
+    """Ctrl-C in a leader once its COMMIT is under way: the other callers of the group get
+    OutcomeUnknownError (not the leader's KeyboardInterrupt, nor a result never checked)."""
+    with EventStore.open(db_url) as store:
+        for sid in "ab":
+            store.append(sid, [NewEvent.create("ContextCreated")])
+        committer = store._committer
+        if backend == "postgresql":
+            real = committer._dialect
+            committer._dialect = _GroupCommitFault(real, KeyboardInterrupt(), lands=lands)
+        else:
+            real = _fail_commits_of(store, backend, lands=lands, error=KeyboardInterrupt())
+        batch = [
+            AppendRequest(sid, [NewEvent.create("KeySet", {"value": 1}, key="k")]) for sid in "ab"
+        ]
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                committer._commit(batch)
+        finally:
+            if backend == "postgresql":
+                committer._dialect = real
+            else:
+                committer._conn, committer._cur = real, committer._cur._cur
+        for request in batch:
+            assert request.result is None
+            assert isinstance(request.error, OutcomeUnknownError)
+        stored = {sid: [e.key for e in store.read(sid)] for sid in "ab"}
+        assert stored == {sid: [None, "k"] if lands else [None] for sid in "ab"}
+
+
 def test_a_pooled_connection_the_server_dropped_is_replaced_before_use(pg_url: str) -> None:
     """Even where a drop is not made again (a purge is not retried), a pooled connection whose
     server process is gone is never handed out: its socket says so before any statement."""
@@ -581,6 +664,63 @@ def test_a_pooled_connection_the_server_dropped_is_replaced_before_use(pg_url: s
             while admin.execute(gone, (name,)).fetchone() != (0,):
                 assert time.monotonic() < deadline
                 time.sleep(0.01)
+        assert store.purge("s") == 1  # first try, on a fresh connection
+        assert store.session("s") is None
+
+
+class _SilentDrop:
+    """A TCP relay to the PostgreSQL server that, once ``drop`` is called, forgets the flows
+    it relays without a word (as a NAT or load balancer that timed out an idle flow does) and
+    answers the next packet of one with a reset. New flows are relayed as before."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self._upstream = (host, port)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._dropped: list[socket.socket] = []  # flows made before the drop
+        self._flows: list[tuple[socket.socket, socket.socket]] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            client, _ = self._listener.accept()
+            server = socket.create_connection(self._upstream)
+            self._flows.append((client, server))
+            threading.Thread(target=self._pump, args=(client, server), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                if source in self._dropped:  # a packet of a forgotten flow: reset it
+                    source.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    source.close()
+                    return
+                sink.sendall(data)
+        except OSError:
+            return
+
+    def drop(self) -> None:
+        """Forget every flow: their server side is closed, their client side hears nothing."""
+        for client, server in self._flows:
+            self._dropped.append(client)
+            server.shutdown(socket.SHUT_RDWR)
+        self._flows = []
+
+
+def test_a_pooled_connection_idle_for_a_while_is_pinged_before_use(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection whose path died silently shows nothing on its socket: one idle for a
+    while is pinged, so even an un-retried write (a purge) gets a live connection."""
+    url = sa.make_url(pg_url)
+    relay = _SilentDrop(url.host or "127.0.0.1", url.port or 5432)
+    relayed = url.set(host="127.0.0.1", port=relay.port).render_as_string(hide_password=False)
+    with EventStore.open(relayed) as store:
+        store.append("s", [NewEvent.create("ContextCreated")])
+        assert store.session("s") is not None  # a pooled reader, idle now
+        relay.drop()
+        monkeypatch.setattr(eventctx.store.postgresql, "PING_AFTER_IDLE_S", 0.0)
         assert store.purge("s") == 1  # first try, on a fresh connection
         assert store.session("s") is None
 

@@ -51,7 +51,7 @@ Inbox = deque[list[RecordedEvent]]
 """Where the committer puts a caller's recorded events, in commit order."""
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class AppendRequest:
     """One caller's append, waiting for the group it is committed in."""
 
@@ -154,24 +154,16 @@ class GroupCommitter:
             else:
                 self._leading = True
                 wake = None
-        if wake is None:
-            batch = [request]
-            if self._last_group > 1:  # writers run concurrently: let theirs join this group
-                time.sleep(0)  # (gives up the GIL to them once; a lone writer never waits)
-                with self._mutex:
-                    batch += self._queue
-                    self._queue = []
-        else:
+        if wake is not None:
             try:
                 wake.acquire()  # released once committed, or to lead the next group
             except BaseException:  # interrupted while waiting: withdraw, if not taken yet
                 self._withdraw(request)
                 raise
-            if not request.done:
-                with self._mutex:
-                    batch, self._queue = self._queue, []
-        if not request.done:
+        if not request.done:  # this caller leads: whatever happens, it hands the lead over
+            batch = [request]
             try:
+                self._gather(batch, designated=wake is not None)
                 if len(batch) == 1:
                     self._commit_one(request)
                 else:
@@ -185,11 +177,26 @@ class GroupCommitter:
         assert request.result is not None
         return request.result
 
+    def _gather(self, batch: list[AppendRequest], designated: bool) -> None:
+        """Add the queued appends to the leader's ``batch``. A leader that found no one
+        queued, after a group of several, first gives the other writers a moment to join
+        (it gives up the GIL once; a writer that runs alone never waits)."""
+        if not designated:
+            if self._last_group == 1:
+                return
+            time.sleep(0)
+        with self._mutex:
+            batch += [queued for queued in self._queue if queued is not batch[0]]
+            self._queue = []
+
     def _hand_over(self, batch: list[AppendRequest], leader: AppendRequest) -> None:
         """After a group: the first queued caller leads the next one (woken first, and alone:
-        the others wait on), then the group's callers are woken."""
+        the others wait on), then the group's callers are woken. One the group never got to
+        (its leader was interrupted first) appends alone."""
         with self._mutex:
             for queued in batch:
+                if queued.result is None and queued.error is None:
+                    queued.alone = True
                 queued.done = True
             successor = self._next_leader()
             self._last_group = len(batch)
@@ -201,6 +208,7 @@ class GroupCommitter:
 
     def _next_leader(self) -> AppendRequest | None:
         """The queued caller to lead next (under the mutex), or None: no one leads."""
+        self._queue = [queued for queued in self._queue if not queued.done]
         if self._queue:
             successor = self._queue[0]
             successor.leads = True
@@ -214,9 +222,9 @@ class GroupCommitter:
         """Take back the append of a caller interrupted while it waited, unless a group has
         taken it; one chosen to lead passes that on."""
         with self._mutex:
-            if request not in self._queue:
+            if not any(queued is request for queued in self._queue):
                 return  # taken by a group: it commits (or not) without its caller
-            self._queue.remove(request)
+            self._queue = [queued for queued in self._queue if queued is not request]
             successor = self._next_leader() if request.leads else None
         if successor is not None:
             successor.wake.release()
@@ -281,16 +289,17 @@ class GroupCommitter:
                 self._settle(members, exc, self._pid)
                 self._deliver(batch)
                 return
-            retry_alone = isinstance(exc, Exception)
             for request in members:
                 request.result = None
-                if retry_alone:
+                if not committing or isinstance(exc, Exception):
                     # Nothing was committed. One member's bad row may have failed them all, or
                     # the writer connection was dropped: each appends alone, on a checked pooled
                     # connection, and fails (or not) on its own, harming no other.
                     request.alone = True
                 else:
-                    request.error = _own_copy(exc)
+                    request.error = _interrupted(exc)
+            if not isinstance(exc, Exception):
+                raise  # the leader's own thread was interrupted (the members go on)
             return
         self._deliver(batch)
 
@@ -472,15 +481,17 @@ class GroupCommitter:
             stored = [
                 self._stored(r.session_id, [e.version for e in r.result or ()]) for r in members
             ]
-        except Exception as exc:
+        except BaseException as exc:
             for request in members:
                 request.result = None
                 request.error = OutcomeUnknownError(
                     f"the database connection failed while committing ({failure}) and the "
-                    f"outcome could not be checked ({exc}): the write may or may not be stored; "
-                    "read the session before writing it again"
+                    f"outcome could not be checked ({exc!r}): the write may or may not be "
+                    "stored; read the session before writing it again"
                 )
                 request.error.__cause__ = failure
+            if not isinstance(exc, Exception):
+                raise  # interrupted while checking: the members have their answer
             return
         for request, found in zip(members, stored, strict=True):
             meant = [e.hash for e in request.result or ()]
@@ -603,6 +614,17 @@ def head_after(rows: list[dict[str, Any]]) -> Head:
 def _positions(found: Sequence[Any]) -> list[int]:
     """The positions a one-statement append returned (as (version, position)), by version."""
     return [int(position) for _, position in sorted(found)]
+
+
+def _interrupted(exc: BaseException) -> OutcomeUnknownError:
+    """What the members of a group get when its leader is interrupted (``exc``) once its
+    COMMIT may have been sent."""
+    error = OutcomeUnknownError(
+        f"the group committing this write was interrupted ({exc!r}) while committing: the "
+        "write may or may not be stored; read the session before writing it again"
+    )
+    error.__cause__ = exc
+    return error
 
 
 def _own_copy(exc: BaseException) -> BaseException:

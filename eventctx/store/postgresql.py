@@ -3,10 +3,12 @@ advisory locks serialize schema creation and make positions commit-ordered."""
 
 from __future__ import annotations
 
+import math
 import re
 import select
+import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Final
 
 import psycopg
 import sqlalchemy as sa
@@ -28,6 +30,9 @@ _CONNECTION_LOST = ("08", "57P01", "57P02", "57P03")
 # each other.
 _ARRAY_BIND = re.compile(r"%\((\w+)\)s(::[A-Z0-9() ]+\[\])")
 """A bind parameter cast to an array type, as SQLAlchemy renders it for psycopg."""
+PING_AFTER_IDLE_S: Final = 10.0
+"""A pooled connection idle longer than this is pinged before use (seconds)."""
+_IDLE_SINCE = "eventctx_idle_since"
 _SETUP_LOCK = "SELECT pg_advisory_xact_lock(hashtext('eventctx:' || current_schema()))"
 _INSERT_LOCK_KEY = "hashtext('eventctx:insert:' || current_schema())"
 
@@ -64,21 +69,28 @@ class PostgreSQLDialect(Dialect):
                     cur.execute("SET default_transaction_read_only = on")
             dbapi_conn.commit()
 
-        def on_checkin(dbapi_conn: psycopg.Connection[Any] | None, _record: object) -> None:
+        def on_checkin(dbapi_conn: psycopg.Connection[Any] | None, record: Any) -> None:
             # A read leaves its connection in autocommit (see begin_read): give it back to
             # the pool as SQLAlchemy and every writer expect it, one transaction at a time.
             if dbapi_conn is not None and not dbapi_conn.closed:
                 dbapi_conn.autocommit = False
+            record.info[_IDLE_SINCE] = time.monotonic()
 
-        def on_checkout(
-            dbapi_conn: psycopg.Connection[Any], _record: object, _proxy: object
-        ) -> None:
-            # A pooled connection the server dropped (a restart, a terminated backend, an idle
-            # timeout) is replaced before use instead of failing the read or write that gets
-            # it. An idle connection has nothing to read unless the server closed it or said
-            # it is about to, so looking costs a system call where a ping costs a round trip.
+        def on_checkout(dbapi_conn: psycopg.Connection[Any], record: Any, _proxy: object) -> None:
+            # A pooled connection the server dropped (a restart, a terminated backend, its
+            # idle timeout) is replaced before use instead of failing the read or write that
+            # gets it. The server says so on the socket (an idle connection has nothing to read
+            # otherwise): looking costs a system call where a ping costs a round trip. A path
+            # that went dead without a word (a NAT or load balancer that forgot an idle flow)
+            # only shows when something is sent: a connection idle for a while is pinged.
             if dbapi_conn.closed or _has_input(dbapi_conn.fileno()):
                 raise sa.exc.DisconnectionError("the server closed this pooled connection")
+            idle_s = time.monotonic() - record.info.get(_IDLE_SINCE, math.inf)
+            if idle_s > PING_AFTER_IDLE_S:
+                try:
+                    engine.dialect.do_ping(dbapi_conn)  # type: ignore[arg-type]
+                except psycopg.Error as exc:
+                    raise sa.exc.DisconnectionError(f"a pooled connection is gone: {exc}") from exc
 
         event.listen(engine, "connect", on_connect)
         event.listen(engine, "checkout", on_checkout)
