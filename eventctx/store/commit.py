@@ -289,8 +289,7 @@ class GroupCommitter:
                 self._settle(members, exc, self._pid)
                 self._deliver(batch)
                 return
-            for request in members:
-                request.result = None
+            for request in members:  # (each answer is set before its result is cleared)
                 if not committing or isinstance(exc, Exception):
                     # Nothing was committed. One member's bad row may have failed them all, or
                     # the writer connection was dropped: each appends alone, on a checked pooled
@@ -298,6 +297,7 @@ class GroupCommitter:
                     request.alone = True
                 else:
                     request.error = _interrupted(exc)
+                request.result = None
             if not isinstance(exc, Exception):
                 raise  # the leader's own thread was interrupted (the members go on)
             return
@@ -483,13 +483,13 @@ class GroupCommitter:
             ]
         except BaseException as exc:
             for request in members:
-                request.result = None
-                request.error = OutcomeUnknownError(
+                unknown = OutcomeUnknownError(
                     f"the database connection failed while committing ({failure}) and the "
                     f"outcome could not be checked ({exc!r}): the write may or may not be "
                     "stored; read the session before writing it again"
                 )
-                request.error.__cause__ = failure
+                unknown.__cause__ = failure
+                request.error, request.result = unknown, None
             if not isinstance(exc, Exception):
                 raise  # interrupted while checking: the members have their answer
             return
@@ -498,8 +498,8 @@ class GroupCommitter:
             if meant and [e.hash for e in found] == meant:
                 request.result = found
             else:
-                request.result = None
                 request.alone = True
+                request.result = None
 
     def _stage_unit(
         self, cur: Cursor, unit: list[AppendRequest], heads: MutableMapping[str, Head]
