@@ -679,12 +679,17 @@ class _SilentDrop:
         self.port = self._listener.getsockname()[1]
         self._dropped: list[socket.socket] = []  # flows made before the drop
         self._flows: list[tuple[socket.socket, socket.socket]] = []
+        self._sockets: list[socket.socket] = [self._listener]
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
         while True:
-            client, _ = self._listener.accept()
+            try:
+                client, _ = self._listener.accept()
+            except OSError:  # closed
+                return
             server = socket.create_connection(self._upstream)
+            self._sockets += (client, server)
             self._flows.append((client, server))
             threading.Thread(target=self._pump, args=(client, server), daemon=True).start()
             threading.Thread(target=self._pump, args=(server, client), daemon=True).start()
@@ -707,6 +712,10 @@ class _SilentDrop:
             server.shutdown(socket.SHUT_RDWR)
         self._flows = []
 
+    def close(self) -> None:
+        for sock in self._sockets:
+            sock.close()
+
 
 def test_a_pooled_connection_idle_for_a_while_is_pinged_before_use(
     pg_url: str, monkeypatch: pytest.MonkeyPatch
@@ -723,6 +732,7 @@ def test_a_pooled_connection_idle_for_a_while_is_pinged_before_use(
         monkeypatch.setattr(eventctx.store.postgresql, "PING_AFTER_IDLE_S", 0.0)
         assert store.purge("s") == 1  # first try, on a fresh connection
         assert store.session("s") is None
+    relay.close()
 
 
 def _forked_append(store: EventStore, session_id: str) -> int:
