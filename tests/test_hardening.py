@@ -509,6 +509,11 @@ def test_a_store_outlives_its_connections_being_dropped(pg_url: str) -> None:
         assert m.store.verify("s") == ctx.version
 
 
+def _set_key(store: EventStore, key: str, done: dict[str, object]) -> None:
+    """Append a KeySet of ``key`` to session "s"; once it returns, record it in ``done``."""
+    done[key] = store.append("s", [NewEvent.create("KeySet", {"value": key}, key=key)])
+
+
 def test_a_caller_interrupted_while_its_append_waits_withdraws_it_and_harms_no_one(
     db_url: str,
 ) -> None:
@@ -530,8 +535,7 @@ def test_a_caller_interrupted_while_its_append_waits_withdraws_it_and_harms_no_o
     done: dict[str, object] = {}
 
     def append(key: str) -> None:
-        event = NewEvent.create("KeySet", {"value": key}, key=key)
-        done[key] = store.append("s", [event])
+        _set_key(store, key, done)
 
     first = threading.Thread(target=append, args=("first",), daemon=True)
     first.start()
@@ -580,8 +584,7 @@ def test_a_leader_interrupted_before_its_group_commits_hands_the_lead_on(
     done: dict[str, object] = {}
 
     def append(key: str) -> None:
-        event = NewEvent.create("KeySet", {"value": key}, key=key)
-        done[key] = store.append("s", [event])
+        _set_key(store, key, done)
 
     queued = threading.Thread(target=append, args=("queued",), daemon=True)
 
