@@ -12,6 +12,7 @@ import struct
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -207,6 +208,9 @@ class _StatementFault:
         self._cur, self._error, self._lands = cur, error, lands
 
     def execute(self, sql: str, *params: Any) -> Any:
+        if sql == "COMMIT":  # SQLite commits through the cursor
+            self._cur.execute("COMMIT" if self._lands else "ROLLBACK")
+            raise self._error
         if "eventctx_moved" not in sql:
             return self._cur.execute(sql, *params)
         if self._lands:
@@ -223,21 +227,21 @@ def _lost_connection(backend: str) -> Exception:
     return psycopg.OperationalError("server closed the connection unexpectedly")
 
 
-def _fail_commits(manager: ContextManager, backend: str, *, lands: bool) -> Any:
+def _fail_commits(manager: ContextManager, backend: str, *, lands: bool) -> Callable[[], None]:
     """Make the writer connection's COMMIT fail (after or before the server committed), and
-    so an append made in one statement; returns the real connection, to put back."""
+    so an append made in one statement; returns what puts the real connection back."""
     return _fail_commits_of(manager.store, backend, lands=lands)
 
 
 def _fail_commits_of(
     store: EventStore, backend: str, *, lands: bool, error: BaseException | None = None
-) -> Any:
+) -> Callable[[], None]:
     """``_fail_commits`` of a store (with ``error``, else as a lost connection does)."""
     committer = store._committer
-    proxy = committer._conn
+    proxy, driver, cur = committer._conn, committer._driver, committer._cur
     error = error or _lost_connection(backend)
-    fault = _CommitFault(proxy.driver_connection, error, lands=lands)
-    committer._cur = _StatementFault(committer._cur, error, lands=lands)
+    fault = _CommitFault(driver, error, lands=lands)
+    committer._cur = _StatementFault(cur, error, lands=lands)
 
     class Faulty:
         driver_connection = fault
@@ -245,8 +249,12 @@ def _fail_commits_of(
         def __getattr__(self, name: str) -> Any:
             return getattr(proxy, name)
 
-    committer._conn = Faulty()
-    return proxy
+    committer._conn, committer._driver = Faulty(), fault
+
+    def undo() -> None:
+        committer._conn, committer._driver, committer._cur = proxy, driver, cur
+
+    return undo
 
 
 @pytest.mark.parametrize("lands", [True, False])
@@ -255,14 +263,13 @@ def test_a_failed_commit_is_checked_before_it_is_reported(
 ) -> None:
     ctx = manager.create_context("s")
     ctx.set("warm", 1)  # the committer now holds its writer connection
-    proxy = _fail_commits(manager, backend, lands=lands)
+    undo = _fail_commits(manager, backend, lands=lands)
     try:
         # Landed: reported as done (not as "nothing was committed", which would make the
         # caller write it twice). Not landed: known not committed, so made again alone.
         ctx.set("k", 1)
     finally:
-        manager.store._committer._conn = proxy
-        manager.store._committer._cur = manager.store._committer._cur._cur
+        undo()
     stored = [e.key for e in manager.store.read("s")]
     assert stored.count("k") == 1  # once, either way
     assert ctx.get("k") == 1 and manager.store.verify("s") == ctx.version
@@ -375,7 +382,7 @@ def test_a_group_whose_commit_fails_is_settled_member_by_member(
             real = committer._dialect
             committer._dialect = _GroupCommitFault(real, _lost_connection(backend), lands=lands)
         else:
-            real = _fail_commits_of(store, backend, lands=lands)
+            undo = _fail_commits_of(store, backend, lands=lands)
         batch = [
             AppendRequest(sid, [NewEvent.create("KeySet", {"value": 1}, key=f"mine-{n}")])
             for sid in "abc"
@@ -387,7 +394,7 @@ def test_a_group_whose_commit_fails_is_settled_member_by_member(
             if backend == "postgresql":
                 committer._dialect = real
             else:
-                committer._conn = real
+                undo()
         for request in batch:
             stored = store.read_versions(request.session_id, [2, 3, 4])
             if request.alone:
@@ -629,7 +636,7 @@ def test_a_leader_interrupted_while_committing_leaves_its_group_an_answer(
             real = committer._dialect
             committer._dialect = _GroupCommitFault(real, KeyboardInterrupt(), lands=lands)
         else:
-            real = _fail_commits_of(store, backend, lands=lands, error=KeyboardInterrupt())
+            undo = _fail_commits_of(store, backend, lands=lands, error=KeyboardInterrupt())
         batch = [
             AppendRequest(sid, [NewEvent.create("KeySet", {"value": 1}, key="k")]) for sid in "ab"
         ]
@@ -640,7 +647,7 @@ def test_a_leader_interrupted_while_committing_leaves_its_group_an_answer(
             if backend == "postgresql":
                 committer._dialect = real
             else:
-                committer._conn, committer._cur = real, committer._cur._cur
+                undo()
         for request in batch:
             assert request.result is None
             assert isinstance(request.error, OutcomeUnknownError)

@@ -120,6 +120,7 @@ class GroupCommitter:
     ) -> None:
         self._engine = engine
         self._dialect = dialect
+        self._translating = dialect.translate_errors()
         self._stage = stage
         self._insert = insert
         self._transaction = transaction
@@ -138,6 +139,8 @@ class GroupCommitter:
         """Appends in the last group committed."""
         self._leading = False
         self._conn: Any = None
+        self._driver: Any = None
+        """The driver's own connection under ``_conn`` (valid while ``_conn`` is set)."""
         self._cur: Any = None
         self._pid: int | None = None
         """The server process of the writer connection, where there is one."""
@@ -163,7 +166,8 @@ class GroupCommitter:
         if not request.done:  # this caller leads: whatever happens, it hands the lead over
             batch = [request]
             try:
-                self._gather(batch, designated=wake is not None)
+                if wake is not None or self._last_group > 1:
+                    self._gather(batch, designated=wake is not None)
                 if len(batch) == 1:
                     self._commit_one(request)
                 else:
@@ -179,11 +183,9 @@ class GroupCommitter:
 
     def _gather(self, batch: list[AppendRequest], designated: bool) -> None:
         """Add the queued appends to the leader's ``batch``. A leader that found no one
-        queued, after a group of several, first gives the other writers a moment to join
-        (it gives up the GIL once; a writer that runs alone never waits)."""
+        queued (called only after a group of several) first gives the other writers a moment
+        to join: it gives up the GIL once. A writer that runs alone never waits."""
         if not designated:
-            if self._last_group == 1:
-                return
             time.sleep(0)
         with self._mutex:
             batch += [queued for queued in self._queue if queued is not batch[0]]
@@ -208,7 +210,8 @@ class GroupCommitter:
 
     def _next_leader(self) -> AppendRequest | None:
         """The queued caller to lead next (under the mutex), or None: no one leads."""
-        self._queue = [queued for queued in self._queue if not queued.done]
+        if self._queue:
+            self._queue = [queued for queued in self._queue if not queued.done]
         if self._queue:
             successor = self._queue[0]
             successor.leads = True
@@ -236,7 +239,7 @@ class GroupCommitter:
         self._cv = threading.Condition(self._mutex)
         self._closing = 0
         self._queue, self._leading, self._last_group = [], False, 1
-        self._conn = self._cur = self._pid = None
+        self._conn = self._driver = self._cur = self._pid = None
         self._heads = {}
 
     def close(self) -> None:
@@ -252,7 +255,7 @@ class GroupCommitter:
     def _commit(self, batch: list[AppendRequest]) -> None:
         committing = False
         try:
-            with self._dialect.translate_errors():
+            with self._translating:
                 conn, cur = self._writer()
                 try:
                     self._dialect.begin_write(cur)
@@ -274,7 +277,7 @@ class GroupCommitter:
                     if in_one:
                         found = self._dialect.commit_with(conn, [one[:2] for _, one in in_one])
                     else:
-                        conn.commit()
+                        self._dialect.commit(conn, cur)
                     faults.point("append.after_commit")
                     if in_one:
                         self._take_answers(in_one, found, written)
@@ -360,9 +363,10 @@ class GroupCommitter:
         """The writer connection (the pool's, kept; its driver's used directly) and cursor."""
         if self._conn is None:
             self._conn = self._engine.raw_connection()
-            self._cur = self._conn.driver_connection.cursor()
-            self._pid = self._dialect.backend_id(self._conn.driver_connection)
-        return self._conn.driver_connection, self._cur
+            self._driver = self._conn.driver_connection
+            self._cur = self._driver.cursor()
+            self._pid = self._dialect.backend_id(self._driver)
+        return self._driver, self._cur
 
     def _commit_one(self, request: AppendRequest) -> None:
         """``_commit`` for a group of one: the same transaction and outcomes, without sorting,
@@ -380,7 +384,7 @@ class GroupCommitter:
             request.head = None
         committing = False
         try:
-            with self._dialect.translate_errors():
+            with self._translating:
                 conn, cur = self._writer()
                 try:
                     self._dialect.begin_write(cur)
@@ -398,7 +402,7 @@ class GroupCommitter:
                         request.result = _recorded(iter(positions), iter(rows), request.events)
                     committing = True
                     faults.point("append.before_commit")
-                    conn.commit()
+                    self._dialect.commit(conn, cur)
                     faults.point("append.after_commit")
                     if rows is not None:
                         self._remember(written)
@@ -425,7 +429,7 @@ class GroupCommitter:
         failed), or False when the head was not as believed and nothing changed."""
         sent = False
         try:
-            with self._dialect.translate_errors():
+            with self._translating:
                 conn, cur = self._writer()
                 try:
                     self._dialect.begin_single(cur)

@@ -74,6 +74,10 @@ class Dialect:
     def begin_read(self, cur: Cursor) -> None:
         """Start a read transaction (one consistent view for several statements)."""
 
+    def commit(self, conn: Any, cur: Cursor) -> None:
+        """Commit the transaction open on the driver connection ``conn`` (``cur`` is its)."""
+        conn.commit()
+
     def binary_rows(self, cur: Cursor) -> None:
         """Have ``cur`` return rows in the driver's binary format where it has one (bytes
         columns are then not sent as text to be decoded)."""
@@ -191,7 +195,8 @@ class Dialect:
 
 
 class _Translating:
-    """``Dialect.translate_errors``: a plain context manager, as it is on every append's path."""
+    """``Dialect.translate_errors``: a plain context manager, as it is on every append's path
+    (it holds no state, so one can serve every transaction of a dialect)."""
 
     __slots__ = ("_dialect",)
 

@@ -72,6 +72,10 @@ class SQLiteDialect(Dialect):
     def begin_read(self, cur: Cursor) -> None:
         cur.execute("BEGIN")
 
+    def commit(self, conn: Any, cur: Cursor) -> None:
+        # The cursor's statement cache keeps COMMIT prepared; ``conn.commit()`` prepares it anew.
+        cur.execute("COMMIT")
+
     def table_names(self, cur: Cursor) -> set[str]:
         cur.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
         return {row[0] for row in cur.fetchall()}
@@ -87,7 +91,7 @@ class SQLiteDialect(Dialect):
         sql, values = _positional(insert)
         if len(rows) == 1:
             cur.execute(sql, values(rows[0]))
-            return [_lastrowid(cur)]
+            return [cur.lastrowid]
         cur.executemany(sql, [values(row) for row in rows])
         # Under the write lock AUTOINCREMENT hands out consecutive rowids, ending at the last one.
         cur.execute("SELECT last_insert_rowid()")
@@ -139,10 +143,3 @@ def _existing_file(database: str) -> Path:
     if not path.is_file():
         raise StorageError(f"no database at {path}")
     return path
-
-
-def _lastrowid(cur: Cursor) -> int:
-    rowid = getattr(cur, "lastrowid", None)
-    if rowid is None:  # pragma: no cover - sqlite3 always sets it after an INSERT
-        raise StorageError("SQLite did not report the inserted row's position")
-    return int(rowid)
