@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, suppress
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -97,7 +97,8 @@ class Gate:
 
     def __enter__(self) -> None:
         with self._mutex:
-            self.check()
+            if self.closed:
+                self.check()
             self._inflight += 1
 
     def __exit__(self, *exc: object) -> None:
@@ -396,14 +397,17 @@ class PluginContext:
             )
         return check_text(key, "context key")
 
-    def _key_set(self, key: object, value: Any) -> NewEvent:
-        return NewEvent.create(
-            "KeySet", {"value": value}, key=self._key(key), **_envelope(self._session_id)
-        )
+    def _key_sets(self, items: Iterable[tuple[object, Any]]) -> list[NewEvent]:
+        """A KeySet event per (key, value), in the phase running in this task, if any."""
+        envelope, create = _envelope(self._session_id), NewEvent.create
+        return [
+            create("KeySet", {"value": value}, key=self._key(key), **envelope)
+            for key, value in items
+        ]
 
     def set(self, key: str, value: Any) -> None:
         """Store ``value`` at ``key``; committed when this returns."""
-        self._write([self._key_set(key, value)])
+        self._write(self._key_sets(((key, value),)))
 
     def __setitem__(self, key: str, value: Any) -> None:
         self.set(key, value)
@@ -415,7 +419,7 @@ class PluginContext:
             raise InvalidInputError(f"update takes a mapping of keys to values, not {values!r}")
         if expected_version is not None:
             check_count(expected_version, "expected_version", minimum=0)
-        events = [self._key_set(key, value) for key, value in values.items()]
+        events = self._key_sets(values.items())
         if events:
             self._write(events, expected_version)
 
@@ -446,7 +450,7 @@ class PluginContext:
         if type(values) is not dict:
             raise InvalidInputError(f"from_json needs a JSON object, not {type(values).__name__}")
         events = [NewEvent.create("ContextCleared", **_envelope(self._session_id))]
-        events += [self._key_set(key, value) for key, value in values.items()]
+        events += self._key_sets(values.items())
         self._write(events)
 
     def clone(self, session_id: str, ttl: timedelta | _Same | None = _SAME) -> PluginContext:
@@ -494,11 +498,14 @@ class PluginContext:
         """
         runtime = self._runtime
         limit = runtime.limits.max_value_bytes
+        size = 0
         for event in events:  # values, run inputs, phase outputs and metadata alike
-            if event.type in _SIZE_LIMITED and len(event.data) > limit:
+            encoded = len(event.data)
+            size += encoded
+            if encoded > limit and event.type in _SIZE_LIMITED:
                 what = f"value for key {event.key!r}" if event.key else f"{event.type} payload"
                 raise InvalidInputError(
-                    f"{what} is {len(event.data)} bytes encoded, over the {limit}-byte limit; "
+                    f"{what} is {encoded} bytes encoded, over the {limit}-byte limit; "
                     "raise ContextManager(max_value_bytes=…) or store a reference instead"
                 )
         if fence is None:
@@ -530,11 +537,7 @@ class PluginContext:
                 self._fold_inbox()
                 # No snapshot of a session deleted meanwhile.
                 if self._gone is None and self._policy.after_append(
-                    runtime.store,
-                    self._session_id,
-                    self._state,
-                    len(events),
-                    sum(len(e.data) for e in events),
+                    runtime.store, self._session_id, self._state, len(events), size
                 ):
                     runtime.counters.add("snapshots")
             return recorded

@@ -254,8 +254,9 @@ def check_value(value: Any, key: str) -> None:
 
 def _valid(value: Any, depth: int) -> bool:
     """The fast check: no allocation, no messages (``_explain`` finds out why). Strings are
-    checked for lone surrogates when they are encoded. Containers test their str, bool and
-    None members in place: most members are leaves, and a call each is most of the cost."""
+    checked for lone surrogates when they are encoded. Containers test their str, bool, None,
+    int and float members in place: most members are leaves, and a call each is most of
+    the cost."""
     kind = type(value)
     if kind is str or kind is bool or value is None:
         return True
@@ -266,22 +267,28 @@ def _valid(value: Any, depth: int) -> bool:
     if depth >= MAX_DEPTH:
         return False
     if kind is dict:
-        for name, member in value.items():
+        for name in value:
             if type(name) is not str:
                 return False
-            of = type(member)
-            if not (of is str or of is bool or member is None or _valid(member, depth + 1)):
-                return False
-        return True
-    if kind is list or kind is tuple:
-        for member in value:
-            of = type(member)
-            if not (of is str or of is bool or member is None or _valid(member, depth + 1)):
-                return False
-        return True
-    if isinstance(value, BaseModel):
+        members = value.values()
+    elif kind is list or kind is tuple:
+        members = value
+    elif isinstance(value, BaseModel):
         return _valid(value.model_dump(mode="json"), depth)
-    return False
+    else:
+        return False
+    for member in members:
+        of = type(member)
+        if not (
+            of is str
+            or of is bool
+            or member is None
+            or (of is int and INT_MIN <= member <= INT_MAX)
+            or (of is float and member - member == 0.0)
+            or _valid(member, depth + 1)
+        ):
+            return False
+    return True
 
 
 def _explain(value: Any, key: str, path: str, depth: int) -> SerializationError | None:
@@ -463,7 +470,8 @@ class NewEvent:
             raise ValueError(f"event type {type_!r} is not an identifier")
         payload = payload or {}
         for name, value in payload.items():
-            check_value(value, key if key is not None else name)
+            if not _valid(value, 0):
+                check_value(value, key if key is not None else name)
         try:
             data = encode_payload(payload)
         except orjson.JSONEncodeError as exc:  # a str with a lone surrogate is not unicode text
