@@ -62,9 +62,9 @@ def alive_at(now: sa.BindParameter[int]) -> sa.ColumnElement[bool]:
     )
 
 
-@dataclass(frozen=True, slots=True)
-class Head:
-    """Where a session's log ends: its version, chain head and last event time."""
+class Head(NamedTuple):
+    """Where a session's log ends: its version, chain head and last event time (a tuple:
+    every append makes one or two)."""
 
     version: int
     hash: bytes
