@@ -745,6 +745,41 @@ def test_a_pooled_connection_idle_for_a_while_is_pinged_before_use(
     relay.close()
 
 
+def _tcp_settings(store: EventStore) -> tuple[int, int, int, int, int]:
+    """The kernel's keepalive and user timeout settings on a pooled connection's socket."""
+    conn = store.engine.raw_connection()
+    try:
+        sock = socket.socket(fileno=conn.driver_connection.fileno())  # type: ignore[union-attr]
+        try:
+            return (
+                sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+                sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+                sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+                sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT),
+                sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT),
+            )
+        finally:
+            sock.detach()  # the socket stays the connection's
+    finally:
+        conn.close()
+
+
+def test_connections_over_tcp_give_up_on_a_path_that_died_without_a_word(pg_url: str) -> None:
+    """A path that drops packets without resetting (no relay in user space can: its kernel
+    acknowledges them) would leave a ping or a write waiting for the kernel's retransmissions,
+    15 minutes or more. Keepalive probes and a user timeout bound that to about a minute, on
+    the store's own engine and on a caller's; settings in the caller's URL win."""
+    with EventStore.open(pg_url) as store:
+        assert _tcp_settings(store) == (1, 30, 10, 3, 30_000)
+    engine = sa.create_engine(pg_url, poolclass=sa.pool.NullPool)
+    with EventStore.open(engine) as store:
+        assert _tcp_settings(store) == (1, 30, 10, 3, 30_000)
+    engine.dispose()
+    own = sa.make_url(pg_url).update_query_dict({"keepalives_idle": "5", "tcp_user_timeout": "0"})
+    with EventStore.open(own.render_as_string(hide_password=False)) as store:
+        assert _tcp_settings(store) == (1, 5, 10, 3, 0)
+
+
 def _forked_append(store: EventStore, session_id: str) -> int:
     """In a forked child: append and read on the child's own connections; the exit status."""
     try:

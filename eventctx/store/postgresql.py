@@ -33,6 +33,17 @@ _ARRAY_BIND = re.compile(r"%\((\w+)\)s(::[A-Z0-9() ]+\[\])")
 PING_AFTER_IDLE_S: Final = 10.0
 """A pooled connection idle longer than this is pinged before use (seconds)."""
 _IDLE_SINCE = "eventctx_idle_since"
+TCP_DEFAULTS: Final = {
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 30_000,
+}
+"""libpq settings for connections over TCP (a caller's own, in the URL or connect_args, win):
+a path that went dead without a word (no reset) fails a statement sent on it after 30 s
+unacknowledged, and an idle or waiting connection on it after about a minute of keepalive
+probes, instead of after the kernel's retransmissions give up (15 minutes or more)."""
 _SETUP_LOCK = "SELECT pg_advisory_xact_lock(hashtext('eventctx:' || current_schema()))"
 _INSERT_LOCK_KEY = "hashtext('eventctx:insert:' || current_schema())"
 
@@ -92,6 +103,11 @@ class PostgreSQLDialect(Dialect):
                 except psycopg.Error as exc:
                     raise sa.exc.DisconnectionError(f"a pooled connection is gone: {exc}") from exc
 
+        def on_do_connect(_dialect: object, _record: object, _args: object, params: Any) -> None:
+            for name, value in TCP_DEFAULTS.items():
+                params.setdefault(name, value)
+
+        event.listen(engine, "do_connect", on_do_connect)
         event.listen(engine, "connect", on_connect)
         event.listen(engine, "checkout", on_checkout)
         event.listen(engine, "checkin", on_checkin)
