@@ -4,6 +4,7 @@ advisory locks serialize schema creation and make positions commit-ordered."""
 from __future__ import annotations
 
 import math
+import os
 import re
 import select
 import time
@@ -33,17 +34,21 @@ _ARRAY_BIND = re.compile(r"%\((\w+)\)s(::[A-Z0-9() ]+\[\])")
 PING_AFTER_IDLE_S: Final = 10.0
 """A pooled connection idle longer than this is pinged before use (seconds)."""
 _IDLE_SINCE = "eventctx_idle_since"
-TCP_DEFAULTS: Final = {
+KEEPALIVES: Final = {
     "keepalives": 1,
     "keepalives_idle": 30,
     "keepalives_interval": 10,
     "keepalives_count": 3,
-    "tcp_user_timeout": 30_000,
 }
-"""libpq settings for connections over TCP (a caller's own, in the URL or connect_args, win):
-a path that went dead without a word (no reset) fails a statement sent on it after 30 s
-unacknowledged, and an idle or waiting connection on it after about a minute of keepalive
-probes, instead of after the kernel's retransmissions give up (15 minutes or more)."""
+"""libpq's keepalive settings for connections over TCP: a path that went dead without a word
+(no reset) fails a connection idle or waiting on it after about a minute of unanswered
+probes, instead of when the kernel's retransmissions give up (15 minutes or more). Data
+sent on it and never acknowledged fails it after ``UNACKNOWLEDGED_S`` more than the busy
+timeout (``tcp_user_timeout``, from libpq 12). A caller that sets any of these, or names a
+service or a connection string, keeps its own."""
+UNACKNOWLEDGED_S: Final = 30
+_TCP_SETTINGS: Final = (*KEEPALIVES, "tcp_user_timeout")
+_OWN_SETTINGS: Final = ("service", "dsn", "conninfo")
 _SETUP_LOCK = "SELECT pg_advisory_xact_lock(hashtext('eventctx:' || current_schema()))"
 _INSERT_LOCK_KEY = "hashtext('eventctx:insert:' || current_schema())"
 
@@ -103,9 +108,18 @@ class PostgreSQLDialect(Dialect):
                 except psycopg.Error as exc:
                     raise sa.exc.DisconnectionError(f"a pooled connection is gone: {exc}") from exc
 
+        tcp = dict(KEEPALIVES)
+        if psycopg.pq.version() >= 120000:
+            # Past the busy timeout: a pipeline's statements wait up to it for a lock, and the
+            # server reads no more of them meanwhile.
+            tcp["tcp_user_timeout"] = (int(options.busy_timeout_s) + UNACKNOWLEDGED_S) * 1000
+
         def on_do_connect(_dialect: object, _record: object, _args: object, params: Any) -> None:
-            for name, value in TCP_DEFAULTS.items():
-                params.setdefault(name, value)
+            if any(name in params for name in (*_TCP_SETTINGS, *_OWN_SETTINGS)):
+                return  # the caller's own settings, or ones we cannot see, stand
+            if os.environ.get("PGSERVICE"):
+                return
+            params.update(tcp)
 
         event.listen(engine, "do_connect", on_do_connect)
         event.listen(engine, "connect", on_connect)
