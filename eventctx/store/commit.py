@@ -361,11 +361,12 @@ class GroupCommitter:
 
     def _writer(self) -> tuple[Any, Cursor]:
         """The writer connection (the pool's, kept; its driver's used directly) and cursor."""
-        if self._conn is None:
-            self._conn = self._engine.raw_connection()
-            self._driver = self._conn.driver_connection
+        if self._conn is None:  # (``_conn`` is set last: a failure here leaves none)
+            conn = self._engine.raw_connection()
+            self._driver = conn.driver_connection
             self._cur = self._driver.cursor()
             self._pid = self._dialect.backend_id(self._driver)
+            self._conn = conn
         return self._driver, self._cur
 
     def _commit_one(self, request: AppendRequest) -> None:

@@ -73,7 +73,8 @@ class SQLiteDialect(Dialect):
         cur.execute("BEGIN")
 
     def commit(self, conn: Any, cur: Cursor) -> None:
-        # The cursor's statement cache keeps COMMIT prepared; ``conn.commit()`` prepares it anew.
+        # The connection's statement cache keeps COMMIT prepared; ``conn.commit()`` prepares
+        # it anew each time.
         cur.execute("COMMIT")
 
     def table_names(self, cur: Cursor) -> set[str]:
