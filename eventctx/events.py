@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, NamedTuple
 
@@ -440,12 +439,12 @@ def base_digest(
 # --- event envelopes --------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class NewEvent:
+class NewEvent(NamedTuple):
     """An event about to be appended: its type, envelope columns and canonical payload bytes.
 
     ``payload`` is the payload as stored (plain JSON, an independent copy of what the caller
     passed) and ``data`` its canonical encoding; build one with :meth:`create` so they agree.
+    A tuple, as ``RecordedEvent`` is: an ``update`` makes one per key.
     """
 
     type: str
@@ -479,7 +478,7 @@ class NewEvent:
                 f"cannot store value for key {key if key is not None else '?'!r}: {exc}"
             ) from None
         # Decoding the bytes gives the payload as stored: plain JSON, and an independent copy.
-        return cls(type_, orjson.loads(data), data, key, phase, execution_id)
+        return tuple.__new__(cls, (type_, orjson.loads(data), data, key, phase, execution_id))
 
 
 class RecordedEvent(NamedTuple):
