@@ -342,6 +342,24 @@ class _GroupCommitFault:
         return getattr(self._dialect, name)
 
 
+def _fail_group_commits(
+    store: EventStore, backend: str, *, lands: bool, error: BaseException | None = None
+) -> Callable[[], None]:
+    """Make a group's COMMIT fail (after or before the server committed): on PostgreSQL the
+    pipeline its one-statement appends are sent in, on SQLite the COMMIT itself. Returns what
+    puts the store back."""
+    if backend == "sqlite":
+        return _fail_commits_of(store, backend, lands=lands, error=error)
+    committer = store._committer
+    real = committer._dialect
+    committer._dialect = _GroupCommitFault(real, error or _lost_connection(backend), lands=lands)
+
+    def undo() -> None:
+        committer._dialect = real
+
+    return undo
+
+
 def test_a_group_mixing_staged_and_one_statement_appends_commits_them_all(db_url: str) -> None:
     """A group whose appends go both ways (a session created: staged, its transaction opened
     first; appends on known heads, one of them conditional: one statement each on PostgreSQL,
@@ -378,11 +396,7 @@ def test_a_group_whose_commit_fails_is_settled_member_by_member(
             store.append(sid, [NewEvent.create("ContextCreated")])
         other.append("c", [NewEvent.create("KeySet", {"value": 0}, key="theirs")])
         committer = store._committer
-        if backend == "postgresql":
-            real = committer._dialect
-            committer._dialect = _GroupCommitFault(real, _lost_connection(backend), lands=lands)
-        else:
-            undo = _fail_commits_of(store, backend, lands=lands)
+        undo = _fail_group_commits(store, backend, lands=lands)
         batch = [
             AppendRequest(sid, [NewEvent.create("KeySet", {"value": 1}, key=f"mine-{n}")])
             for sid in "abc"
@@ -391,10 +405,7 @@ def test_a_group_whose_commit_fails_is_settled_member_by_member(
         try:
             committer._commit(batch)
         finally:
-            if backend == "postgresql":
-                committer._dialect = real
-            else:
-                undo()
+            undo()
         for request in batch:
             stored = store.read_versions(request.session_id, [2, 3, 4])
             if request.alone:
@@ -632,11 +643,7 @@ def test_a_leader_interrupted_while_committing_leaves_its_group_an_answer(
         for sid in "ab":
             store.append(sid, [NewEvent.create("ContextCreated")])
         committer = store._committer
-        if backend == "postgresql":
-            real = committer._dialect
-            committer._dialect = _GroupCommitFault(real, KeyboardInterrupt(), lands=lands)
-        else:
-            undo = _fail_commits_of(store, backend, lands=lands, error=KeyboardInterrupt())
+        undo = _fail_group_commits(store, backend, lands=lands, error=KeyboardInterrupt())
         batch = [
             AppendRequest(sid, [NewEvent.create("KeySet", {"value": 1}, key="k")]) for sid in "ab"
         ]
@@ -644,10 +651,7 @@ def test_a_leader_interrupted_while_committing_leaves_its_group_an_answer(
             with pytest.raises(KeyboardInterrupt):
                 committer._commit(batch)
         finally:
-            if backend == "postgresql":
-                committer._dialect = real
-            else:
-                undo()
+            undo()
         for request in batch:
             assert request.result is None
             assert isinstance(request.error, OutcomeUnknownError)
