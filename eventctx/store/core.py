@@ -327,7 +327,7 @@ class EventStore:
                 else:
                     self._dialect.begin_read(cur)
                 yield cur
-                raw.commit()
+                self._dialect.commit(raw, cur)
             except BaseException:
                 try:
                     raw.rollback()

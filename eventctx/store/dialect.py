@@ -75,7 +75,8 @@ class Dialect:
         """Start a read transaction (one consistent view for several statements)."""
 
     def commit(self, conn: Any, cur: Cursor) -> None:
-        """Commit the transaction open on the driver connection ``conn`` (``cur`` is its)."""
+        """Commit the transaction open on ``conn`` (the driver's connection or the pool's
+        over it) and its cursor ``cur``."""
         conn.commit()
 
     def binary_rows(self, cur: Cursor) -> None:
