@@ -97,8 +97,7 @@ class Gate:
 
     def __enter__(self) -> None:
         with self._mutex:
-            if self.closed:
-                self.check()
+            self.check()
             self._inflight += 1
 
     def __exit__(self, *exc: object) -> None:

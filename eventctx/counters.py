@@ -124,10 +124,8 @@ class Counters:
 
     def appended(self, seconds: float) -> None:
         """Count a committed append that took ``seconds``."""
-        appends = self._appends
-        with self._lock:  # (``observe``, inlined: it is on every append's path)
-            appends.counts[bisect_left(appends.bounds, seconds)] += 1
-            appends.sum += seconds
+        with self._lock:
+            self._appends.observe(seconds)
 
     def read(self, contexts_active: int) -> LiveMetrics:
         """The counts as they stand, with the number of contexts the manager holds."""

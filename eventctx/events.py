@@ -469,8 +469,7 @@ class NewEvent(NamedTuple):
             raise ValueError(f"event type {type_!r} is not an identifier")
         payload = payload or {}
         for name, value in payload.items():
-            if not _valid(value, 0):
-                check_value(value, key if key is not None else name)
+            check_value(value, key if key is not None else name)
         try:
             data = encode_payload(payload)
         except orjson.JSONEncodeError as exc:  # a str with a lone surrogate is not unicode text

@@ -86,9 +86,7 @@ class SnapshotPolicy:
         self.events_since += events
         self.bytes_since += size
         self.rows_since += size + events * (ROW_BYTES + len(session_id))
-        if (
-            self.bytes_since < self.state_size and self.events_since < TAIL_EVENTS
-        ) or not self._due():  # (the first test: neither rule can be met yet, the usual case)
+        if not self._due():
             return False
         try:
             encoded = state.encode()
