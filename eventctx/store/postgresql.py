@@ -47,8 +47,7 @@ sent on it and never acknowledged fails it after ``UNACKNOWLEDGED_S`` more than 
 timeout (``tcp_user_timeout``, from libpq 12). A caller that sets any of these, or names a
 service or a connection string, keeps its own."""
 UNACKNOWLEDGED_S: Final = 30
-_TCP_SETTINGS: Final = (*KEEPALIVES, "tcp_user_timeout")
-_OWN_SETTINGS: Final = ("service", "dsn", "conninfo")
+_OWN_SETTINGS: Final = (*KEEPALIVES, "tcp_user_timeout", "service", "dsn", "conninfo")
 _SETUP_LOCK = "SELECT pg_advisory_xact_lock(hashtext('eventctx:' || current_schema()))"
 _INSERT_LOCK_KEY = "hashtext('eventctx:insert:' || current_schema())"
 
@@ -115,11 +114,9 @@ class PostgreSQLDialect(Dialect):
             tcp["tcp_user_timeout"] = (int(options.busy_timeout_s) + UNACKNOWLEDGED_S) * 1000
 
         def on_do_connect(_dialect: object, _record: object, _args: object, params: Any) -> None:
-            if any(name in params for name in (*_TCP_SETTINGS, *_OWN_SETTINGS)):
-                return  # the caller's own settings, or ones we cannot see, stand
-            if os.environ.get("PGSERVICE"):
-                return
-            params.update(tcp)
+            own = os.environ.get("PGSERVICE") or any(name in params for name in _OWN_SETTINGS)
+            if not own:  # the caller's own settings, or ones we cannot see, stand
+                params.update(tcp)
 
         event.listen(engine, "do_connect", on_do_connect)
         event.listen(engine, "connect", on_connect)
