@@ -36,7 +36,7 @@ from eventctx.errors import (
     StorageError,
 )
 from eventctx.events import GENESIS_HASH, INT_MAX
-from eventctx.store import EventStore
+from eventctx.store import EventRow, EventStore
 from eventctx.store.bases import Base
 from eventctx.store.core import ChainCheck
 from eventctx.store.heads import ACTIVE, EXPIRING, SessionHead, check_session_id
@@ -228,7 +228,7 @@ def _rows(
     name: str,
     *,
     keyed: bool,
-) -> Iterator[dict[str, Any]]:
+) -> Iterator[EventRow]:
     """The event rows of the file's lines, each checked against the chain as it passes (the
     first failure raises at once); re-chained under ``target`` when it is another id."""
     prev = check.prev
@@ -248,9 +248,10 @@ def _rows(
         )
         if check.error is not None:
             raise _refused(check.error, name, keyed=keyed)
+        link, digest = row["prev_hash"], row["hash"]
         if target != head.session_id:
-            row["prev_hash"] = prev
-            row["hash"] = prev = store.hash_event(
+            link = prev
+            digest = prev = store.hash_event(
                 prev,
                 target,
                 row["version"],
@@ -261,9 +262,19 @@ def _rows(
                 row["recorded_at"],
                 row["payload"],
             )
-        row["session_id"] = target
         count += 1
-        yield row
+        yield (
+            target,
+            row["version"],
+            row["type"],
+            row["key"],
+            row["phase"],
+            row["execution_id"],
+            row["payload"],
+            row["recorded_at"],
+            digest,
+            link,
+        )
     expected = head.version - check.first + 1
     if count != expected:
         raise IntegrityError(

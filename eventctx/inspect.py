@@ -60,7 +60,7 @@ from eventctx.findings import (
 from eventctx.retention import ENDS, Kept, end_status, every_base, previous_values
 from eventctx.snapshots import base_state, check_snapshots, removed, restore
 from eventctx.state import State, advance, rolled_back
-from eventctx.store import EventStore, SessionHead
+from eventctx.store import EventRow, EventStore, SessionHead
 from eventctx.store.bases import Base
 from eventctx.store.heads import check_session_id
 
@@ -519,7 +519,7 @@ class Inspector:
 
     def _rechained(
         self, store: EventStore, session_id: str, new: str, base: Base, version: int
-    ) -> Iterator[dict[str, Any]]:
+    ) -> Iterator[EventRow]:
         """``session_id``'s events after ``base`` up to ``version`` as rows of ``new``, each
         hashed onto the one before it from the base's chain hash."""
         prev = base.head_hash
@@ -532,18 +532,7 @@ class Inspector:
             expected += 1
             data = bytes(payload)
             digest = store.hash_event(prev, new, number, kind, key, phase, run_id, at, data)
-            yield {
-                "session_id": new,
-                "version": number,
-                "type": kind,
-                "key": key,
-                "phase": phase,
-                "execution_id": run_id,
-                "payload": data,
-                "recorded_at": at,
-                "hash": digest,
-                "prev_hash": prev,
-            }
+            yield (new, number, kind, key, phase, run_id, data, at, digest, prev)
             prev = digest
 
     @contextmanager

@@ -28,10 +28,11 @@ from eventctx import (
 )
 from eventctx.clock import now_us
 from eventctx.events import RecordedEvent as RecordedEventT
-from eventctx.store import Fence, Head
+from eventctx.store import Fence, Head, schema
 from eventctx.store.commit import AppendRequest, _units
 from eventctx.store.core import READ_CHUNK
 from eventctx.store.schema import SCHEMA_VERSION
+from eventctx.store.statements import EVENT_COLUMNS
 
 WORKERS = str(Path(__file__).with_name("workers.py"))
 
@@ -492,3 +493,14 @@ def test_a_batch_with_a_lifecycle_event_inside_is_refused(store: EventStore) -> 
         with pytest.raises(InvalidInputError, match="may only start a batch"):
             store.append("s", batch)
     assert versions(store, "s") == [1, 2]
+
+
+def test_event_rows_bind_by_position_in_the_column_order(store: EventStore) -> None:
+    """Appends bind each row's columns by position: a statement whose parameters come in
+    another order than ``EVENT_COLUMNS`` is refused when compiled, never bound askew."""
+    dialect = store._dialect
+    statement = dialect.insert_events_statement(schema.events, EVENT_COLUMNS)
+    assert dialect.compile_positional(statement, EVENT_COLUMNS) == store._sql.insert_event
+    swapped = (EVENT_COLUMNS[1], EVENT_COLUMNS[0], *EVENT_COLUMNS[2:])
+    with pytest.raises(ValueError, match="binds"):
+        dialect.compile_positional(statement, swapped)

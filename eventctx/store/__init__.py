@@ -2,5 +2,6 @@
 
 from eventctx.store.core import EventStore
 from eventctx.store.heads import Fence, Head, LeaseHolder, SessionHead
+from eventctx.store.statements import EventRow
 
-__all__ = ["EventStore", "Fence", "Head", "LeaseHolder", "SessionHead"]
+__all__ = ["EventRow", "EventStore", "Fence", "Head", "LeaseHolder", "SessionHead"]

@@ -31,7 +31,7 @@ from eventctx.store.heads import (
     Head,
     expired_at,
 )
-from eventctx.store.statements import PER_EVENT, Statements
+from eventctx.store.statements import EVENT_COLUMNS, PER_EVENT, EventRow, Statements
 
 __all__ = ["in_one", "stage"]
 
@@ -44,7 +44,7 @@ def stage(
     wait: bool,
     now: int,
     hasher: Hasher,
-) -> list[dict[str, Any]]:
+) -> list[EventRow]:
     """Move the head row of ``request``'s session past its events and return their rows
     (hashed with ``hasher``).
 
@@ -79,8 +79,9 @@ def in_one(
     params["base_version"], params["base_hash"] = head.version, head.hash
     if request.fence is not None:
         params["owner"], params["token"] = request.fence
+    columns = dict(zip(EVENT_COLUMNS, zip(*rows, strict=True), strict=True))
     for name in PER_EVENT:
-        params[f"{name}s"] = [row[name] for row in rows]
+        params[f"{name}s"] = list(columns[name])
     return InOne(statement, params, rows)
 
 
@@ -92,7 +93,7 @@ def _create_head(
     now: int,
     wait: bool,
     hasher: Hasher,
-) -> list[dict[str, Any]]:
+) -> list[EventRow]:
     """Insert the head row of a new session (or revive a deleted one); return the rows."""
     rows = _chain(session_id, events, Head(0, GENESIS_HASH, now), now, hasher)
     params = _head_params(session_id, rows, events)
@@ -130,7 +131,7 @@ def _advance_head(
     now: int,
     wait: bool,
     hasher: Hasher,
-) -> list[dict[str, Any]]:
+) -> list[EventRow]:
     """Move a live session's head past the request's events; return their rows.
 
     First on the caller's belief of the head (one UPDATE when it is right), else on the
@@ -171,17 +172,17 @@ def _move_head(
     cur: Cursor,
     sql: Statements,
     session_id: str,
-    rows: list[dict[str, Any]],
+    rows: list[EventRow],
     events: Sequence[NewEvent],
     base: Head,
     fence: Fence | None,
 ) -> bool:
-    last = rows[-1]
+    new = head_after(rows)
     params = {
         "session_id": session_id,
-        "new_version": last["version"],
-        "new_hash": last["hash"],
-        "now": last["recorded_at"],
+        "new_version": new.version,
+        "new_hash": new.hash,
+        "now": new.recorded_at_us,
         "status": DELETED if events[-1].type == "ContextDeleted" else ACTIVE,
         "active": ACTIVE,
         "base_version": base.version,
@@ -219,7 +220,7 @@ def _locked_head(
 
 def _chain(
     session_id: str, events: Sequence[NewEvent], base: Head, now: int, hasher: Hasher
-) -> list[dict[str, Any]]:
+) -> list[EventRow]:
     """Rows for ``events`` on top of ``base``: versions, one recorded_at, and the hash chain."""
     at = now if now > base.recorded_at_us else base.recorded_at_us
     prev = base.hash
@@ -240,33 +241,33 @@ def _chain(
             hasher,
         )
         rows.append(
-            {
-                "session_id": session_id,
-                "version": version,
-                "type": event.type,
-                "key": event.key,
-                "phase": event.phase,
-                "execution_id": event.execution_id,
-                "payload": event.data,
-                "recorded_at": at,
-                "hash": digest,
-                "prev_hash": prev,
-            }
+            (
+                session_id,
+                version,
+                event.type,
+                event.key,
+                event.phase,
+                event.execution_id,
+                event.data,
+                at,
+                digest,
+                prev,
+            )
         )
         prev = digest
     return rows
 
 
 def _head_params(
-    session_id: str, rows: list[dict[str, Any]], events: Sequence[NewEvent]
+    session_id: str, rows: list[EventRow], events: Sequence[NewEvent]
 ) -> dict[str, Any]:
-    last = rows[-1]
+    new = head_after(rows)
     status = DELETED if events[-1].type == "ContextDeleted" else ACTIVE
     return {
         "session_id": session_id,
-        "new_version": last["version"],
-        "new_hash": last["hash"],
-        "now": last["recorded_at"],
+        "new_version": new.version,
+        "new_hash": new.hash,
+        "now": new.recorded_at_us,
         "status": status,
         "active": ACTIVE,
     }

@@ -39,6 +39,7 @@ from eventctx.errors import EventCtxError, OutcomeUnknownError, StorageError
 from eventctx.events import NewEvent, RecordedEvent
 from eventctx.store.dialect import TRIES_AFTER_DROP, Cursor, Dialect, Transaction
 from eventctx.store.heads import Fence, Head
+from eventctx.store.statements import EventRow
 
 __all__ = ["AppendRequest", "GroupCommitter", "InOne", "Inbox", "RowLockedError", "head_after"]
 
@@ -79,14 +80,14 @@ class RowLockedError(Exception):
 class Staged:
     """An append whose head row has moved, with the event rows still to insert."""
 
-    rows: list[dict[str, Any]]
+    rows: list[EventRow]
     requests: list[AppendRequest]
 
 
-Stage = Callable[[Cursor, AppendRequest, MutableMapping[str, Head], bool], list[dict[str, Any]]]
+Stage = Callable[[Cursor, AppendRequest, MutableMapping[str, Head], bool], list[EventRow]]
 """Moves one append's head row inside the open transaction and returns its event rows
 (``wait``: whether to wait for a head row another transaction holds, else RowLockedError)."""
-Insert = Callable[[Cursor, list[dict[str, Any]]], list[int]]
+Insert = Callable[[Cursor, list[EventRow]], list[int]]
 """Inserts event rows (staged by ``Stage``) and returns their positions, in order."""
 
 
@@ -97,7 +98,7 @@ class InOne(NamedTuple):
 
     sql: str
     params: dict[str, Any]
-    rows: list[dict[str, Any]]
+    rows: list[EventRow]
 
 
 Prepare = Callable[[AppendRequest, "Head | None"], InOne | None]
@@ -391,7 +392,7 @@ class GroupCommitter:
                     self._dialect.begin_write(cur)
                     hint = self._heads.get(session_id)
                     written = {} if hint is None else {session_id: hint}
-                    rows: list[dict[str, Any]] | None = None
+                    rows: list[EventRow] | None = None
                     try:
                         rows = self._stage(cur, request, written, False)
                     except RowLockedError:
@@ -543,7 +544,7 @@ class GroupCommitter:
         raise AssertionError("unreachable")
 
     def _try_alone(self, request: AppendRequest) -> list[RecordedEvent]:
-        rows: list[dict[str, Any]] = []
+        rows: list[EventRow] = []
         positions: list[int] = []
         backend = None
         try:
@@ -584,7 +585,7 @@ class GroupCommitter:
 
 
 def _recorded(
-    positions: Iterator[int], rows: Iterator[dict[str, Any]], events: Sequence[NewEvent]
+    positions: Iterator[int], rows: Iterator[EventRow], events: Sequence[NewEvent]
 ) -> list[RecordedEvent]:
     """``events`` as recorded, from the next of the inserted ``rows`` and their positions."""
     make = tuple.__new__
@@ -593,16 +594,16 @@ def _recorded(
             RecordedEvent,
             (
                 next(positions),
-                row["session_id"],
-                row["version"],
+                row[0],  # session_id
+                row[1],  # version
                 event.type,
                 event.key,
                 event.phase,
                 event.execution_id,
                 event.payload,
-                row["recorded_at"],
-                row["hash"],
-                row["prev_hash"],
+                row[7],  # recorded_at
+                row[8],  # hash
+                row[9],  # prev_hash
             ),
         )
         for event in events
@@ -610,10 +611,10 @@ def _recorded(
     ]
 
 
-def head_after(rows: list[dict[str, Any]]) -> Head:
+def head_after(rows: list[EventRow]) -> Head:
     """The head a session has once event ``rows`` (as staged, in order) are appended."""
-    last = rows[-1]
-    return Head(last["version"], last["hash"], last["recorded_at"])
+    _, version, _, _, _, _, _, recorded_at, digest, _ = rows[-1]
+    return Head(version, digest, recorded_at)
 
 
 def _positions(found: Sequence[Any]) -> list[int]:

@@ -77,7 +77,7 @@ from eventctx.store.heads import (
 from eventctx.store.migrations import check_schema, ensure_schema
 from eventctx.store.removal import Removal
 from eventctx.store.sessionread import SessionRead
-from eventctx.store.statements import EVENT_COLUMNS, Statements
+from eventctx.store.statements import EVENT_COLUMNS, EventRow, Statements
 
 __all__ = ["EventStore"]
 
@@ -411,7 +411,7 @@ class EventStore:
 
     def _stage(
         self, cur: Cursor, request: AppendRequest, heads: MutableMapping[str, Head], wait: bool
-    ) -> list[dict[str, Any]]:
+    ) -> list[EventRow]:
         return append_protocol.stage(
             cur, self._sql, request, heads, wait, self.clock(), self._hasher
         )
@@ -428,7 +428,7 @@ class EventStore:
     def _in_one(self, request: AppendRequest, head: Head | None) -> InOne | None:
         return append_protocol.in_one(self._sql, request, head, self.clock(), self._hasher)
 
-    def _insert(self, cur: Cursor, rows: list[dict[str, Any]]) -> list[int]:
+    def _insert(self, cur: Cursor, rows: list[EventRow]) -> list[int]:
         sql = self._sql
         return self._dialect.insert_events(cur, sql.insert_event, sql.insert_event_returning, rows)
 
@@ -672,14 +672,14 @@ class EventStore:
     def load(
         self,
         session_id: str,
-        rows: Iterable[dict[str, Any]],
+        rows: Iterable[EventRow],
         base: Base | None = None,
         created_at: int | None = None,
     ) -> int:
         """Insert a new session's whole log (after ``base``, its retention base, if it has
         one), then its head row, in one write transaction; return the events inserted.
 
-        ``rows`` are event rows as appends make them (``EVENT_COLUMNS``), in version order;
+        ``rows`` are event rows as appends make them (``EventRow``), in version order;
         they are inserted a batch at a time as they come, so a log of any length streams. The
         head row is what appends would have left: the last creation's time (``created_at``
         when the creation is in the base) and ttl, the last event's version and hash, deleted
@@ -689,12 +689,11 @@ class EventStore:
         check_session_id(session_id)
         exists = SessionExistsError(f"session {session_id!r} exists already: nothing was loaded")
         params: dict[str, Any] = {"session_id": session_id}
-        last: dict[str, Any] | None = None
+        last: tuple[int, bytes, str] | None = None  # the version, hash and type of the last
         if base is not None:
             state = orjson.loads(base.state)
             params.update(created_at=created_at, ttl_ms=state["ttl_ms"])
-            deleted = "ContextDeleted" if state["deleted"] else ""
-            last = {"version": base.version, "hash": base.head_hash, "type": deleted}
+            last = (base.version, base.head_hash, "ContextDeleted" if state["deleted"] else "")
         count = 0
         with self._transaction(write=True) as cur:
             cur.execute(self._sql.session, params)
@@ -702,12 +701,14 @@ class EventStore:
                 raise exists
             if base is not None:
                 self.bases.insert(cur, base._replace(session_id=session_id), self.clock())
-            batch: list[dict[str, Any]] = []
-            for last in rows:
-                if last["type"] == "ContextCreated":
-                    params["created_at"] = last["recorded_at"]
-                    params["ttl_ms"] = orjson.loads(last["payload"]).get("ttl_ms")
-                batch.append(last)
+            batch: list[EventRow] = []
+            for row in rows:
+                _, version, kind, _, _, _, payload, recorded_at, digest, _ = row
+                if kind == "ContextCreated":
+                    params["created_at"] = recorded_at
+                    params["ttl_ms"] = orjson.loads(payload).get("ttl_ms")
+                batch.append(row)
+                last = (version, digest, kind)
                 if len(batch) == LOAD_BATCH:
                     count += self._load_batch(cur, batch, exists)
                     batch = []
@@ -718,19 +719,17 @@ class EventStore:
                     session_id=session_id,
                 )
             params.update(
-                new_version=last["version"],
-                new_hash=last["hash"],
+                new_version=last[0],
+                new_hash=last[1],
                 now=self.clock(),
-                status=DELETED if last["type"] == "ContextDeleted" else ACTIVE,
+                status=DELETED if last[2] == "ContextDeleted" else ACTIVE,
             )
             cur.execute(self._sql.load_head, params)
             if cur.rowcount != 1:  # created by another writer meanwhile
                 raise exists
         return count
 
-    def _load_batch(
-        self, cur: Cursor, batch: list[dict[str, Any]], exists: SessionExistsError
-    ) -> int:
+    def _load_batch(self, cur: Cursor, batch: list[EventRow], exists: SessionExistsError) -> int:
         if not batch:
             return 0
         try:

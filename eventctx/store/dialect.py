@@ -58,6 +58,8 @@ class Dialect:
     name: str
     sql_dialect: sa.engine.Dialect
     """Dialect used to compile statements (named or pyformat parameters, so dicts bind)."""
+    positional_dialect: sa.engine.Dialect
+    """The same with positional parameters, for statements bound from tuples."""
     row_locks: bool = False
     """Whether writers lock single head rows (else the whole database is the write lock)."""
 
@@ -101,10 +103,11 @@ class Dialect:
         raise NotImplementedError
 
     def insert_events(
-        self, cur: Cursor, insert: str, returning: str, rows: Sequence[dict[str, Any]]
+        self, cur: Cursor, insert: str, returning: str, rows: Sequence[Sequence[Any]]
     ) -> list[int]:
-        """Insert ``rows`` with one round trip per statement (``insert``, or ``returning``, the
-        same INSERT returning the position) and return their positions in order."""
+        """Insert ``rows`` (tuples in the order of the statement's parameters) with one round
+        trip per statement (``insert``, or ``returning``, the same INSERT returning the
+        position) and return their positions in order."""
         raise NotImplementedError
 
     def insert_events_statement(self, table: sa.Table, columns: Sequence[str]) -> sa.Insert:
@@ -174,6 +177,15 @@ class Dialect:
         fixed = [name for name, bind in binds.items() if bind.value is not None]
         if fixed:  # a literal became a bind parameter that callers would not know to pass
             raise ValueError(f"statement has unnamed parameters {fixed}: {compiled}")
+        return str(compiled)
+
+    def compile_positional(self, stmt: ClauseElement, names: Sequence[str]) -> str:
+        """SQL text of a statement bound from tuples whose items are ``names``, in order: the
+        driver binds a tuple faster than it looks names up in a dict."""
+        compiled = stmt.compile(dialect=self.positional_dialect)
+        order = getattr(compiled, "positiontup", None)
+        if order != list(names):
+            raise ValueError(f"statement binds {order}, not {list(names)}")
         return str(compiled)
 
     def translate_errors(self) -> _Translating:

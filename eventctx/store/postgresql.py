@@ -64,6 +64,7 @@ class PostgreSQLDialect(Dialect):
 
     name = "postgresql"
     sql_dialect = PGDialect_psycopg()  # type: ignore[no-untyped-call]
+    positional_dialect = PGDialect_psycopg(paramstyle="format")  # type: ignore[no-untyped-call]
     row_locks = True
 
     def create_engine(self, url: URL, options: StoreOptions) -> Engine:
@@ -161,7 +162,7 @@ class PostgreSQLDialect(Dialect):
         return None
 
     def insert_events(
-        self, cur: Cursor, insert: str, returning: str, rows: Sequence[dict[str, Any]]
+        self, cur: Cursor, insert: str, returning: str, rows: Sequence[Sequence[Any]]
     ) -> list[int]:
         if len(rows) == 1:
             cur.execute(returning, rows[0])

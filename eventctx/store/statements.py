@@ -24,6 +24,9 @@ EVENT_COLUMNS: Final = (
     "hash",
     "prev_hash",
 )
+EventRow = tuple[str, int, str, str | None, str | None, str | None, bytes, int, bytes, bytes]
+"""An event row as an append inserts it: its ``EVENT_COLUMNS``, in that order (``payload``
+the canonical bytes). A plain tuple: sqlite3 binds a subclass's items one lookup at a time."""
 PER_EVENT: Final = tuple(n for n in EVENT_COLUMNS if n not in ("session_id", "recorded_at"))
 """The event columns a one-statement append binds as arrays (``<name>s``, an element per
 event); an append's events share their session and time (``session_id`` and ``now``)."""
@@ -48,8 +51,11 @@ class Statements:
         c = dialect.compile
         sid: sa.BindParameter[str] = bindparam("session_id")
         insert_event = dialect.insert_events_statement(ev, EVENT_COLUMNS)
-        self.insert_event = c(insert_event)
-        self.insert_event_returning = c(insert_event.returning(ev.c.position))
+        # Bound from EventRow tuples, by position.
+        self.insert_event = dialect.compile_positional(insert_event, EVENT_COLUMNS)
+        self.insert_event_returning = dialect.compile_positional(
+            insert_event.returning(ev.c.position), EVENT_COLUMNS
+        )
         locked_head = sa.select(
             se.c.version,
             se.c.head_hash,

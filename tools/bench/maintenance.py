@@ -16,6 +16,8 @@ from eventctx.compaction import compact
 from eventctx.events import GENESIS_HASH, sha256
 from eventctx.store import Head, schema
 from eventctx.store.append import _chain
+from eventctx.store.commit import head_after
+from eventctx.store.statements import EVENT_COLUMNS
 from tools.bench.common import each_backend, table
 
 SESSIONS = 100_000
@@ -35,12 +37,12 @@ def _fill(store: EventStore, sessions: int) -> None:
             for n in range(start, min(start + 10_000, sessions)):
                 sid = f"s{n:07d}"
                 chained = _chain(sid, EVENTS, Head(0, GENESIS_HASH, now), now, sha256)
-                rows += chained
+                rows += [dict(zip(EVENT_COLUMNS, row, strict=True)) for row in chained]
                 heads.append(
                     {
                         "session_id": sid,
                         "version": len(chained),
-                        "head_hash": chained[-1]["hash"],
+                        "head_hash": head_after(chained).hash,
                         "created_at": now,
                         "last_activity": now,
                         "ttl_ms": 1,

@@ -25,7 +25,6 @@ import orjson
 from eventctx import ContextManager, EventStore
 from eventctx.store.commit import GroupCommitter
 from eventctx.store.heads import ACTIVE
-from eventctx.store.sqlite import _NAMED
 from tools.bench.append import raw_sqlite_writer
 from tools.bench.common import PAYLOAD, sqlite_file, table
 
@@ -67,7 +66,6 @@ def _statements_alone(
     """The four statements of an append (BEGIN IMMEDIATE, the head UPDATE, the INSERT,
     COMMIT) on ``conn``, to the store's own file, from a loop that only builds their rows."""
     sql = store._sql
-    insert = _NAMED.sub("?", sql.insert_event)  # bound by position, as the store does
     conn.execute("PRAGMA synchronous = NORMAL")
     cur = conn.cursor()
     version, head = cur.execute(
@@ -96,7 +94,7 @@ def _statements_alone(
             cur.execute(sql.advance_head, moved)
             assert cur.rowcount == 1
             row = (session_id, version + 1, "KeySet", f"k{i % 200}", None, None)
-            cur.execute(insert, (*row, payload, now, digest, head))
+            cur.execute(sql.insert_event, (*row, payload, now, digest, head))
             cur.execute("COMMIT")
             version, head = version + 1, digest
         state[:] = [version, head]
