@@ -398,11 +398,9 @@ class PluginContext:
 
     def _key_sets(self, items: Iterable[tuple[object, Any]]) -> list[NewEvent]:
         """A KeySet event per (key, value), in the phase running in this task, if any."""
-        envelope, create = _envelope(self._session_id), NewEvent.create
-        return [
-            create("KeySet", {"value": value}, key=self._key(key), **envelope)
-            for key, value in items
-        ]
+        phase, run = _running(self._session_id)
+        key_set = NewEvent.key_set
+        return [key_set(self._key(key), value, phase, run) for key, value in items]
 
     def set(self, key: str, value: Any) -> None:
         """Store ``value`` at ``key``; committed when this returns."""
@@ -467,7 +465,7 @@ class PluginContext:
             created = NewEvent.create("ContextCreated", {"ttl_ms": ttl_ms, "parent": parent})
             events = [
                 created,
-                *(NewEvent.create("KeySet", {"value": v}, key=k) for k, v in data.items()),
+                *(NewEvent.key_set(k, v) for k, v in data.items()),
             ]
             return runtime.create(events, session_id)
 
@@ -723,11 +721,18 @@ def _ttl_ms(ttl: timedelta | None) -> int | None:
     return max(1, int(check_duration(ttl, "ttl") / timedelta(milliseconds=1)))
 
 
-def _envelope(session_id: str) -> dict[str, Any]:
+def _running(session_id: str) -> tuple[str | None, str | None]:
+    """The phase and execution id of the phase of ``session_id`` running in this task, if
+    any: the envelope of what it writes."""
     scope = _phase.get()
     if scope is None or scope.session_id != session_id:
-        return {}
-    return {"phase": scope.phase, "execution_id": scope.execution_id}
+        return None, None
+    return scope.phase, scope.execution_id
+
+
+def _envelope(session_id: str) -> dict[str, Any]:
+    phase, execution_id = _running(session_id)
+    return {"phase": phase, "execution_id": execution_id}
 
 
 def _a(noun: str) -> str:

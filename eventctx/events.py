@@ -470,14 +470,35 @@ class NewEvent(NamedTuple):
         payload = payload or {}
         for name, value in payload.items():
             check_value(value, key if key is not None else name)
-        try:
-            data = encode_payload(payload)
-        except orjson.JSONEncodeError as exc:  # a str with a lone surrogate is not unicode text
-            raise SerializationError(
-                f"cannot store value for key {key if key is not None else '?'!r}: {exc}"
-            ) from None
-        # Decoding the bytes gives the payload as stored: plain JSON, and an independent copy.
-        return tuple.__new__(cls, (type_, orjson.loads(data), data, key, phase, execution_id))
+        return _encoded(cls, type_, payload, key, phase, execution_id)
+
+    @classmethod
+    def key_set(
+        cls, key: str, value: Any, phase: str | None = None, execution_id: str | None = None
+    ) -> NewEvent:
+        """``create("KeySet", {"value": value}, key=key, …)``, the event of every context
+        write, made without the general case's steps."""
+        check_value(value, key)
+        return _encoded(cls, "KeySet", {"value": value}, key, phase, execution_id)
+
+
+def _encoded(
+    cls: type[NewEvent],
+    type_: str,
+    payload: Mapping[str, Any],
+    key: str | None,
+    phase: str | None,
+    execution_id: str | None,
+) -> NewEvent:
+    """The event of a checked ``payload``, encoded (SerializationError names the key)."""
+    try:
+        data = encode_payload(payload)
+    except orjson.JSONEncodeError as exc:  # a str with a lone surrogate is not unicode text
+        raise SerializationError(
+            f"cannot store value for key {key if key is not None else '?'!r}: {exc}"
+        ) from None
+    # Decoding the bytes gives the payload as stored: plain JSON, and an independent copy.
+    return tuple.__new__(cls, (type_, orjson.loads(data), data, key, phase, execution_id))
 
 
 class RecordedEvent(NamedTuple):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from eventctx import ContextManager, EventCtxError, EventStore
+from eventctx import ContextManager, EventCtxError, EventStore, NewEvent
 
 EXAMPLES = int(os.environ.get("EVENTCTX_FUZZ_EXAMPLES", "60"))
 COMMANDS = ["--json", "history", "sessions", "verify"]
@@ -105,6 +105,26 @@ def test_any_key_and_value_round_trip_or_are_refused(
     assert ctx.get(key) == _canonical(value)
     with ContextManager(fuzzed.store) as fresh:  # and from the log, in another manager
         assert fresh.get_context("fuzz").get(key) == _canonical(value)
+
+
+@FUZZ
+@given(key=TEXT, value=VALUES, phase=st.none() | TEXT)
+def test_a_key_set_event_is_what_create_makes(key: str, value: Any, phase: str | None) -> None:
+    """``NewEvent.key_set``, the path of every context write, makes the event ``create``
+    makes, and refuses what it refuses with the same error."""
+
+    def made(make: Callable[[], NewEvent]) -> NewEvent | tuple[type, str]:
+        try:
+            return make()
+        except EventCtxError as exc:
+            return type(exc), str(exc)
+
+    short = made(lambda: NewEvent.key_set(key, value, phase, "run"))
+    assert short == made(
+        lambda: NewEvent.create(
+            "KeySet", {"value": value}, key=key, phase=phase, execution_id="run"
+        )
+    )
 
 
 @FUZZ
