@@ -1,34 +1,47 @@
-"""Where a ``ctx.set`` on SQLite spends its time, timed in parts (not part of ``make bench``).
+"""Where a write's time goes on SQLite, timed in parts (not part of ``make bench``).
 
-``python -m tools.bench.parts`` prints CPU and wall time per call, best of the rounds, for:
-the whole call; the same calls with the writer's cursor replaced by one that does nothing
-(the Python alone); the append's four statements driven from a minimal loop with the same
-rows (SQLite alone, plus that loop's own Python); and the raw driver's INSERT and COMMIT.
-The first two include their share of the snapshots (about one per 180 calls here; in the
-second, of a state the no-op cursor never stored).
+``python -m tools.bench.parts`` prints CPU and wall time per event, best of the rounds, for
+``ctx.set`` and for ``ctx.update`` of 100 keys:
+
+- the whole call, and its Python alone (the writer's cursor replaced by one that does
+  nothing; this includes the snapshots' encoding, not their writes);
+- the append's statements (BEGIN IMMEDIATE, the head-row UPDATE, the INSERT, COMMIT) driven
+  from a minimal loop that only builds their rows;
+- the least any design that keeps those statements must do: the same loop, plus what the
+  value rules, the audit chain and a thread-safe context ask of every event (the key and
+  value checks, the canonical encoding and the decoded copy, the chain hash, the fold under a
+  lock), without snapshots;
+- the raw driver's INSERT (``executemany`` for a batch) and COMMIT, and eventsourcing.
+
 Sampling profilers charge the interpreter's time around a C call to that call, which is why
 these are timed rather than sampled.
 """
 
 from __future__ import annotations
 
-import hashlib
 import sqlite3
+import threading
 import time
-from collections.abc import Callable
-from contextlib import closing
+from collections.abc import Callable, Iterator
+from contextlib import closing, contextmanager
 from itertools import count
 from typing import Any
 
 import orjson
 
 from eventctx import ContextManager, EventStore
+from eventctx.events import RecordedEvent, chain_hash, check_value, encode_payload, sha256
+from eventctx.state import State, advance
 from eventctx.store.commit import GroupCommitter
-from eventctx.store.heads import ACTIVE
+from eventctx.store.heads import ACTIVE, check_text
 from tools.bench.append import raw_sqlite_writer
 from tools.bench.common import PAYLOAD, sqlite_file, table
+from tools.bench.peer import peer_app
+from tools.bench.throughput import _peer_runner
 
-CALLS = 2000
+EVENTS = 2000
+"""Events per round: 2,000 calls of ``ctx.set``, or 20 of ``update`` of ``BATCH`` keys."""
+BATCH = 100
 ROUNDS = 7
 
 
@@ -41,6 +54,12 @@ class _NoCursor:
     def execute(self, sql: str, params: Any = ()) -> None:
         self.lastrowid += 1
 
+    def executemany(self, sql: str, rows: list[Any]) -> None:
+        self.lastrowid += len(rows)
+
+    def fetchone(self) -> tuple[int]:
+        return (self.lastrowid,)
+
     def commit(self) -> None:
         pass
 
@@ -49,7 +68,7 @@ class _NoCursor:
 
 
 def _best(run: Callable[[], None]) -> tuple[float, float]:
-    """(CPU µs, wall µs) per call, each the best of ``ROUNDS`` after a warm-up."""
+    """(CPU µs, wall µs) per event, each the best of ``ROUNDS`` after a warm-up."""
     run()
     cpu = wall = float("inf")
     for _ in range(ROUNDS):
@@ -57,89 +76,154 @@ def _best(run: Callable[[], None]) -> tuple[float, float]:
         run()
         cpu = min(cpu, time.process_time() - started_cpu)
         wall = min(wall, time.perf_counter() - started)
-    return cpu / CALLS * 1e6, wall / CALLS * 1e6
+    return cpu / EVENTS * 1e6, wall / EVENTS * 1e6
 
 
-def _statements_alone(
-    conn: sqlite3.Connection, store: EventStore, session_id: str
+@contextmanager
+def _no_writes() -> Iterator[None]:
+    """Every append's statements go to a cursor that does nothing."""
+    nothing = _NoCursor()
+    writer = GroupCommitter._writer
+    GroupCommitter._writer = lambda self: (nothing, nothing)  # type: ignore[method-assign,assignment,return-value]
+    try:
+        yield
+    finally:
+        GroupCommitter._writer = writer  # type: ignore[method-assign]
+
+
+def _writes(ctx: Any, batch: int) -> Callable[[], None]:
+    """``EVENTS`` events through ``ctx``: ``set`` calls, or ``update`` calls of ``batch``."""
+    value = PAYLOAD["value"]
+
+    def run() -> None:
+        if batch == 1:
+            for i in range(EVENTS):
+                ctx.set(f"k{i % 200}", value)
+        else:
+            for _ in range(EVENTS // batch):
+                ctx.update({f"k{i}": value for i in range(batch)})
+
+    return run
+
+
+def _pinned(
+    conn: sqlite3.Connection, store: EventStore, session_id: str, batch: int, *, work: bool
 ) -> Callable[[], None]:
-    """The four statements of an append (BEGIN IMMEDIATE, the head UPDATE, the INSERT,
-    COMMIT) on ``conn``, to the store's own file, from a loop that only builds their rows."""
+    """``EVENTS`` events appended with the design's statements on ``conn`` (the store's own
+    file), ``batch`` per transaction; with ``work``, doing what every event needs too."""
     sql = store._sql
     conn.execute("PRAGMA synchronous = NORMAL")
     cur = conn.cursor()
     version, head = cur.execute(
         "SELECT version, head_hash FROM eventctx_sessions WHERE session_id = ?", (session_id,)
     ).fetchone()
-    state = [version, head]
+    folded = State(version=version, head_hash=head)
+    lock = threading.Lock()
     clock = count(time.time_ns() // 1000)
+    value = PAYLOAD["value"]
 
     def run() -> None:
-        version, head = state
-        for i in range(CALLS):
-            payload = orjson.dumps(PAYLOAD, option=orjson.OPT_SORT_KEYS)
-            digest = hashlib.sha256(head + payload).digest()
-            now = next(clock)
-            cur.execute("BEGIN IMMEDIATE")
-            moved = {
-                "session_id": session_id,
-                "new_version": version + 1,
-                "new_hash": digest,
-                "now": now,
-                "status": ACTIVE,
-                "active": ACTIVE,
-                "base_version": version,
-                "base_hash": head,
-            }
-            cur.execute(sql.advance_head, moved)
-            assert cur.rowcount == 1
-            row = (session_id, version + 1, "KeySet", f"k{i % 200}", None, None)
-            cur.execute(sql.insert_event, (*row, payload, now, digest, head))
-            cur.execute("COMMIT")
-            version, head = version + 1, digest
-        state[:] = [version, head]
+        nonlocal version, head
+        for start in range(0, EVENTS, batch):
+            now, prev, last = next(clock), head, version
+            rows, recorded = [], []
+            for i in range(start, start + batch):
+                key, last = f"k{i % 200}", last + 1
+                if work:
+                    check_text(key, "key")
+                    check_value(value, key)
+                    data = encode_payload({"value": value})
+                    copy = orjson.loads(data)
+                    digest = chain_hash(
+                        prev, session_id, last, "KeySet", key, None, None, now, data
+                    )
+                    envelope = (session_id, last, "KeySet", key, None, None)
+                    recorded.append(RecordedEvent(0, *envelope, copy, now, digest, prev))
+                else:
+                    data = orjson.dumps(PAYLOAD, option=orjson.OPT_SORT_KEYS)
+                    digest = sha256(prev + data)
+                rows.append((session_id, last, "KeySet", key, None, None, data, now, digest, prev))
+                prev = digest
+            with lock:
+                cur.execute("BEGIN IMMEDIATE")
+                moved = {
+                    "session_id": session_id,
+                    "new_version": last,
+                    "new_hash": prev,
+                    "now": now,
+                    "status": ACTIVE,
+                    "active": ACTIVE,
+                    "base_version": version,
+                    "base_hash": head,
+                }
+                cur.execute(sql.advance_head, moved)
+                assert cur.rowcount == 1
+                if batch == 1:
+                    cur.execute(sql.insert_event, rows[0])
+                else:
+                    cur.executemany(sql.insert_event, rows)
+                cur.execute("COMMIT")
+                if work:
+                    advance(folded, recorded)
+            version, head = last, prev
 
     return run
 
 
-def run() -> str:
-    """Time each part; return the table."""
-    value = PAYLOAD["value"]
-    with sqlite_file() as ours, sqlite_file() as raw_path, sqlite_file() as alone_path:
-        parts: dict[str, tuple[float, float]] = {}
+def _workload(batch: int) -> dict[str, tuple[float, float]]:
+    """Every part of one workload (``ctx.set``, or ``update`` of ``batch`` keys)."""
+    parts: dict[str, tuple[float, float]] = {}
+    with (
+        sqlite_file() as ours,
+        sqlite_file() as alone_path,
+        sqlite_file() as raw_path,
+        sqlite_file() as peer_path,
+    ):
         with (
             EventStore.open(f"sqlite:///{ours}") as store,
             ContextManager(store, cleanup_interval=None) as manager,
         ):
-            ctx = manager.create_context("parts")
-
-            def sets() -> None:
-                for i in range(CALLS):
-                    ctx.set(f"k{i % 200}", value)
-
-            parts["ctx.set"] = _best(sets)
-            nothing = _NoCursor()
-            writer = GroupCommitter._writer
-            GroupCommitter._writer = lambda self: (nothing, nothing)  # type: ignore[method-assign,assignment,return-value]
-            try:
-                parts["ctx.set, its Python alone"] = _best(sets)
-            finally:
-                GroupCommitter._writer = writer  # type: ignore[method-assign]
+            writes = _writes(manager.create_context("parts"), batch)
+            parts["the whole call"] = _best(writes)
+            with _no_writes():
+                parts["its Python alone"] = _best(writes)
         with (
             EventStore.open(f"sqlite:///{alone_path}") as store,
             ContextManager(store, cleanup_interval=None) as manager,
         ):
-            manager.create_context("parts")
+            manager.create_context("statements")
+            manager.create_context("least")
             with closing(sqlite3.connect(alone_path, isolation_level=None)) as conn:
-                alone = _statements_alone(conn, store, "parts")
-                parts["its four statements alone"] = _best(alone)
-        parts["raw driver: INSERT and COMMIT"] = _best(raw_sqlite_writer(str(raw_path))(1, CALLS))
-    rows = [[name, f"{cpu:.1f} µs", f"{wall:.1f} µs"] for name, (cpu, wall) in parts.items()]
-    return table(
-        f"Where a ctx.set's time goes (SQLite NORMAL, best of {ROUNDS} × {CALLS:,} calls)",
-        ["part", "CPU per call", "wall per call"],
-        rows,
-    )
+                statements = _pinned(conn, store, "statements", batch, work=False)
+                parts["its statements alone"] = _best(statements)
+                least = _pinned(conn, store, "least", batch, work=True)
+                parts["the least any design with these statements does"] = _best(least)
+        raw = raw_sqlite_writer(str(raw_path))(batch, EVENTS // batch)
+        parts["raw driver: INSERT and COMMIT"] = _best(raw)
+        with peer_app("sqlite", sqlite_path=str(peer_path)) as app:
+            parts["eventsourcing"] = _best(_peer_runner(app, batch, EVENTS // batch))
+    return parts
+
+
+def run() -> str:
+    """Time each part of both workloads; return the tables."""
+    tables = []
+    for batch, name in ((1, "ctx.set"), (BATCH, f"update of {BATCH} keys")):
+        parts = _workload(batch)
+        walls = (parts["raw driver: INSERT and COMMIT"][1], parts["eventsourcing"][1])
+        rows = [
+            [part, f"{cpu:.2f} µs", f"{wall:.2f} µs", *(f"{w / wall:.2f}×" for w in walls)]
+            for part, (cpu, wall) in parts.items()
+        ]
+        tables.append(
+            table(
+                f"Where the time of {name} goes (SQLite NORMAL, per event, best of "
+                f"{ROUNDS} × {EVENTS:,} events; rates from wall time)",
+                ["part", "CPU", "wall", "rate × raw", "rate × eventsourcing"],
+                rows,
+            )
+        )
+    return "\n".join(tables)
 
 
 if __name__ == "__main__":
