@@ -28,7 +28,9 @@ from eventctx import (
 )
 from eventctx.clock import now_us
 from eventctx.events import RecordedEvent as RecordedEventT
+from eventctx.events import chain_hash, sha256
 from eventctx.store import Fence, Head, schema
+from eventctx.store.append import _chain
 from eventctx.store.commit import AppendRequest, _units
 from eventctx.store.core import READ_CHUNK
 from eventctx.store.schema import SCHEMA_VERSION
@@ -500,7 +502,39 @@ def test_event_rows_bind_by_position_in_the_column_order(store: EventStore) -> N
     another order than ``EVENT_COLUMNS`` is refused when compiled, never bound askew."""
     dialect = store._dialect
     statement = dialect.insert_events_statement(schema.events, EVENT_COLUMNS)
+    returning = statement.returning(schema.events.c.position)
     assert dialect.compile_positional(statement, EVENT_COLUMNS) == store._sql.insert_event
+    assert dialect.compile_positional(returning, EVENT_COLUMNS) == store._sql.insert_event_returning
     swapped = (EVENT_COLUMNS[1], EVENT_COLUMNS[0], *EVENT_COLUMNS[2:])
-    with pytest.raises(ValueError, match="binds"):
-        dialect.compile_positional(statement, swapped)
+    for either in (statement, returning):
+        with pytest.raises(ValueError, match="binds"):
+            dialect.compile_positional(either, swapped)
+
+
+def test_an_append_makes_its_rows_in_the_column_order() -> None:
+    """The rows an append inserts hold each column where ``EVENT_COLUMNS`` names it."""
+    event = key_set("k", [1, "x"], phase="p", execution_id="e")
+    base = Head(4, b"\x01" * 32, 10)
+    (row,) = _chain("s", [event], base, 20, sha256)
+    assert dict(zip(EVENT_COLUMNS, row, strict=True)) == {
+        "session_id": "s",
+        "version": 5,
+        "type": "KeySet",
+        "key": "k",
+        "phase": "p",
+        "execution_id": "e",
+        "payload": event.data,
+        "recorded_at": 20,
+        "hash": chain_hash(base.hash, "s", 5, "KeySet", "k", "p", "e", 20, event.data),
+        "prev_hash": base.hash,
+    }
+
+
+def test_load_refuses_what_is_not_an_event_row_of_the_session(store: EventStore) -> None:
+    """``load`` takes EventRow tuples of the session it loads: a mapping, a short row, a list
+    or a row of another session is refused by name, and nothing is loaded."""
+    row = ("s", 1, "ContextCreated", None, None, None, b"{}", 1, bytes(32), bytes(32))
+    for bad in (dict(zip(EVENT_COLUMNS, row, strict=True)), row[:-1], list(row), ("t", *row[1:])):
+        with pytest.raises(InvalidInputError, match="EventRow tuples of session 's'"):
+            store.load("s", [bad])  # type: ignore[list-item]
+        assert store.session("s") is None

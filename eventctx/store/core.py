@@ -684,7 +684,8 @@ class EventStore:
         head row is what appends would have left: the last creation's time (``created_at``
         when the creation is in the base) and ttl, the last event's version and hash, deleted
         if the log ends with a delete; the ttl counts from now. A session that exists raises
-        SessionExistsError; whatever ``rows`` raises rolls everything back.
+        SessionExistsError, a row that is not an EventRow of the session InvalidInputError;
+        whatever ``rows`` raises rolls everything back.
         """
         check_session_id(session_id)
         exists = SessionExistsError(f"session {session_id!r} exists already: nothing was loaded")
@@ -703,6 +704,11 @@ class EventStore:
                 self.bases.insert(cur, base._replace(session_id=session_id), self.clock())
             batch: list[EventRow] = []
             for row in rows:
+                if type(row) is not tuple or len(row) != len(EVENT_COLUMNS) or row[0] != session_id:
+                    raise InvalidInputError(
+                        f"load takes EventRow tuples of session {session_id!r} "
+                        f"({', '.join(EVENT_COLUMNS)}), not {row!r:.200}; nothing was loaded"
+                    )
                 _, version, kind, _, _, _, payload, recorded_at, digest, _ = row
                 if kind == "ContextCreated":
                     params["created_at"] = recorded_at
