@@ -400,7 +400,9 @@ class PluginContext:
         """A KeySet event per (key, value), in the phase running in this task, if any."""
         phase, run = _running(self._session_id)
         key_set = NewEvent.key_set
-        return [key_set(self._key(key), value, phase, run) for key, value in items]
+        return [
+            key_set(self._key(key), value, phase=phase, execution_id=run) for key, value in items
+        ]
 
     def set(self, key: str, value: Any) -> None:
         """Store ``value`` at ``key``; committed when this returns."""

@@ -443,8 +443,9 @@ class NewEvent(NamedTuple):
     """An event about to be appended: its type, envelope columns and canonical payload bytes.
 
     ``payload`` is the payload as stored (plain JSON, an independent copy of what the caller
-    passed) and ``data`` its canonical encoding; build one with :meth:`create` so they agree.
-    A tuple, as ``RecordedEvent`` is: an ``update`` makes one per key.
+    passed) and ``data`` its canonical encoding; build one with :meth:`create` (or
+    :meth:`key_set`) so they agree. A tuple, as ``RecordedEvent`` is: an ``update`` makes one
+    per key.
     """
 
     type: str
@@ -474,7 +475,7 @@ class NewEvent(NamedTuple):
 
     @classmethod
     def key_set(
-        cls, key: str, value: Any, phase: str | None = None, execution_id: str | None = None
+        cls, key: str, value: Any, *, phase: str | None = None, execution_id: str | None = None
     ) -> NewEvent:
         """``create("KeySet", {"value": value}, key=key, …)``, the event of every context
         write, made without the general case's steps."""

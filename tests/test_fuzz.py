@@ -119,7 +119,7 @@ def test_a_key_set_event_is_what_create_makes(key: str, value: Any, phase: str |
         except EventCtxError as exc:
             return type(exc), str(exc)
 
-    short = made(lambda: NewEvent.key_set(key, value, phase, "run"))
+    short = made(lambda: NewEvent.key_set(key, value, phase=phase, execution_id="run"))
     assert short == made(
         lambda: NewEvent.create(
             "KeySet", {"value": value}, key=key, phase=phase, execution_id="run"

@@ -589,25 +589,28 @@ def _recorded(
 ) -> list[RecordedEvent]:
     """``events`` as recorded, from the next of the inserted ``rows`` and their positions."""
     make = tuple.__new__
+    # zip takes a row only for an event (not strict: that would take one more), so that the
+    # next request's events go on from the next row of a group's ``rows``.
     return [
         make(
             RecordedEvent,
             (
                 next(positions),
-                row[0],  # session_id
-                row[1],  # version
+                session_id,
+                version,
                 event.type,
                 event.key,
                 event.phase,
                 event.execution_id,
                 event.payload,
-                row[7],  # recorded_at
-                row[8],  # hash
-                row[9],  # prev_hash
+                recorded_at,
+                digest,
+                prev_hash,
             ),
         )
-        for event in events
-        for row in (next(rows),)
+        for event, (session_id, version, _, _, _, _, _, recorded_at, digest, prev_hash) in zip(
+            events, rows, strict=False
+        )
     ]
 
 

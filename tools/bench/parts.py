@@ -130,6 +130,8 @@ def _pinned(
             for i in range(start, start + batch):
                 key, last = f"k{i % 200}", last + 1
                 if work:
+                    if not 0 < len(key) <= 1024:  # the default key length limit
+                        raise ValueError(key)
                     check_text(key, "key")
                     check_value(value, key)
                     data = encode_payload({"value": value})
