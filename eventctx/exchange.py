@@ -36,6 +36,7 @@ from eventctx.errors import (
     StorageError,
 )
 from eventctx.events import GENESIS_HASH, INT_MAX
+from eventctx.state import ChainRow
 from eventctx.store import EventRow, EventStore
 from eventctx.store.bases import Base
 from eventctx.store.core import ChainCheck
@@ -234,47 +235,17 @@ def _rows(
     prev = check.prev
     count = 0
     for number, line in lines:
-        row = _event(line, number, name)
-        check.feed(
-            row["version"],
-            row["type"],
-            row["key"],
-            row["phase"],
-            row["execution_id"],
-            row["payload"],
-            row["recorded_at"],
-            row["hash"],
-            row["prev_hash"],
-        )
+        version, kind, key, phase, run_id, payload, at, digest, link = _event(line, number, name)
+        check.feed(version, kind, key, phase, run_id, payload, at, digest, link)
         if check.error is not None:
             raise _refused(check.error, name, keyed=keyed)
-        link, digest = row["prev_hash"], row["hash"]
         if target != head.session_id:
             link = prev
             digest = prev = store.hash_event(
-                prev,
-                target,
-                row["version"],
-                row["type"],
-                row["key"],
-                row["phase"],
-                row["execution_id"],
-                row["recorded_at"],
-                row["payload"],
+                prev, target, version, kind, key, phase, run_id, at, payload
             )
         count += 1
-        yield (
-            target,
-            row["version"],
-            row["type"],
-            row["key"],
-            row["phase"],
-            row["execution_id"],
-            row["payload"],
-            row["recorded_at"],
-            digest,
-            link,
-        )
+        yield (target, version, kind, key, phase, run_id, payload, at, digest, link)
     expected = head.version - check.first + 1
     if count != expected:
         raise IntegrityError(
@@ -370,21 +341,21 @@ def _base(header: dict[str, Any], session_id: str, name: str) -> Base | None:
     return base
 
 
-def _event(line: bytes, number: int, name: str) -> dict[str, Any]:
-    """An event row from one line of the file."""
+def _event(line: bytes, number: int, name: str) -> ChainRow:
+    """An event from one line of the file: its chained columns (``ChainRow``)."""
     try:
         item = orjson.loads(line)
-        row = {
-            "version": item["version"],
-            "type": item["type"],
-            "key": item["key"],
-            "phase": item["phase"],
-            "execution_id": item["execution_id"],
-            "payload": base64.b64decode(item["payload_b64"], validate=True),
-            "recorded_at": item["recorded_at_us"],
-            "hash": bytes.fromhex(item["hash"]),
-            "prev_hash": bytes.fromhex(item["prev_hash"]),
-        }
+        row: ChainRow = (
+            item["version"],
+            item["type"],
+            item["key"],
+            item["phase"],
+            item["execution_id"],
+            base64.b64decode(item["payload_b64"], validate=True),
+            item["recorded_at_us"],
+            bytes.fromhex(item["hash"]),
+            bytes.fromhex(item["prev_hash"]),
+        )
     except orjson.JSONDecodeError:
         raise IntegrityError(
             f"{name}: line {number} is not JSON: the file is truncated or was edited; "
@@ -394,7 +365,7 @@ def _event(line: bytes, number: int, name: str) -> dict[str, Any]:
         raise IntegrityError(
             f"{name}: line {number} is not an event line; nothing was imported"
         ) from None
-    if type(row["version"]) is not int or type(row["recorded_at"]) is not int:
+    if type(row[0]) is not int or type(row[6]) is not int:  # the version, the time
         raise IntegrityError(f"{name}: line {number} has a malformed event; nothing was imported")
     return row
 
