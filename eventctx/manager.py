@@ -27,7 +27,7 @@ from eventctx.errors import (
 from eventctx.events import NewEvent
 from eventctx.retention import check_window
 from eventctx.snapshots import Restored, SnapshotPolicy, restore, restore_from
-from eventctx.state import fold
+from eventctx.state import FOLD_VERSION, fold
 from eventctx.store import EventStore
 from eventctx.store.heads import SessionHead
 from eventctx.store.sessionread import SessionRead
@@ -238,7 +238,7 @@ class ContextManager:
         store = self._runtime.store
 
         def read(session: SessionRead) -> tuple[SessionHead | None, Restored | None]:
-            head = session.head()
+            head = session.head(FOLD_VERSION if restoring else None)
             if not restoring or head is None or not head.live or head.expired(store.clock()):
                 return head, None
             return head, restore_from(session, head.version, head.head_hash)

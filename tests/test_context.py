@@ -33,7 +33,7 @@ from eventctx import (
     SessionNotFoundError,
 )
 from eventctx.manager import ACTIVITY_SLACK
-from eventctx.state import FOLD_VERSION
+from eventctx.state import FOLD_VERSION, fold
 
 WORKERS = str(Path(__file__).with_name("workers.py"))
 
@@ -421,6 +421,26 @@ def test_unusable_snapshots_are_ignored(db_url: str) -> None:
         )
     with ContextManager(db_url) as manager:
         assert manager.get_context("s").to_dict() == {"a": 1, "b": 2}
+
+
+def test_a_cold_restore_folds_from_the_newest_usable_snapshot(db_url: str) -> None:
+    with ContextManager(db_url, cleanup_interval=None) as manager:
+        ctx = manager.create_context("s")
+        for key in "abcd":
+            ctx.set(key, key)
+        store = manager.store
+        at_3 = fold(store.read("s", 1, 3))
+        store.save_snapshot("s", 3, FOLD_VERSION, at_3.head_hash, at_3.encode())
+        # Newer, but of other fold rules, and past the head: neither may be taken.
+        at_4 = fold(store.read("s", 1, 4))
+        store.save_snapshot("s", 4, FOLD_VERSION + 1, at_4.head_hash, at_4.encode())
+        ahead = eventctx.State(version=9, head_hash=b"\x01" * 32, data={"x": 1})
+        store.save_snapshot("s", 9, FOLD_VERSION, ahead.head_hash, ahead.encode())
+        expected = ctx.to_dict()
+    with ContextManager(db_url, cleanup_interval=None) as manager:
+        before = manager.store.rows_read
+        assert manager.get_context("s").to_dict() == expected
+        assert manager.store.rows_read - before == 2  # the tail after version 3: 4 and 5
 
 
 def test_sigkill_loses_no_acknowledged_write(manager: ContextManager, db_url: str) -> None:

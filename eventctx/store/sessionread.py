@@ -14,7 +14,7 @@ from eventctx.events import Hasher
 from eventctx.store.bases import Base
 from eventctx.store.dialect import Cursor
 from eventctx.store.heads import SessionHead
-from eventctx.store.statements import Statements
+from eventctx.store.statements import SESSION_COLUMNS, Statements
 
 __all__ = ["PAGE", "SessionRead"]
 
@@ -28,7 +28,16 @@ SnapshotCheck = Callable[[str, int, int, bytes, bytes, bytes], None]
 class SessionRead:
     """Reads of one session inside one read transaction (a store's ``reading``)."""
 
-    __slots__ = ("_base_of", "_check", "_cur", "_sql", "hasher", "rows_read", "session_id")
+    __slots__ = (
+        "_ahead",
+        "_base_of",
+        "_check",
+        "_cur",
+        "_sql",
+        "hasher",
+        "rows_read",
+        "session_id",
+    )
 
     def __init__(
         self,
@@ -45,22 +54,42 @@ class SessionRead:
         self.hasher = hasher
         """The store's chain hash, for checking rows read."""
         self.rows_read = 0
+        self._ahead: tuple[int, int, Any] | None = None
+        """(fold version, head version, snapshot row) read with the head row, not used yet."""
 
-    def head(self) -> SessionHead | None:
-        """The session's head row, or None if it never existed (or was purged)."""
-        self._cur.execute(self._sql.session, {"session_id": self.session_id})
-        row = self._cur.fetchone()
-        return None if row is None else SessionHead.from_row(row)
+    def head(self, fold_version: int | None = None) -> SessionHead | None:
+        """The session's head row, or None if it never existed (or was purged). With
+        ``fold_version``, the same statement reads the newest snapshot of those fold rules at
+        the head's version, which the next ``snapshot`` at that version then takes: a cold
+        restore's head and snapshot in one round trip."""
+        cur = self._cur
+        params: dict[str, Any] = {"session_id": self.session_id}
+        if fold_version is None:
+            cur.execute(self._sql.session, params)
+            row = cur.fetchone()
+            return None if row is None else SessionHead.from_row(row)
+        params["fold_version"] = fold_version
+        cur.execute(self._sql.session_and_snapshot, params)
+        row = cur.fetchone()
+        if row is None:
+            return None
+        head = SessionHead.from_row(row[:SESSION_COLUMNS])
+        self._ahead = (fold_version, head.version, row[SESSION_COLUMNS:])
+        return head
 
     def snapshot(self, fold_version: int, high: int) -> tuple[int, bytes, bytes] | None:
         """(version, head hash, state bytes) of the newest snapshot under ``fold_version`` at
         or below ``high`` whose event still has its chain hash, or None; IntegrityError when it
         is not what was written. One statement reads the snapshot and its event's hash."""
         params = {"session_id": self.session_id, "fold_version": fold_version, "high": high}
+        ahead, self._ahead = self._ahead, None
         while True:
-            self._cur.execute(self._sql.newest_snapshot, params)
-            row = self._cur.fetchone()
-            if row is None:
+            if ahead is not None and ahead[:2] == (fold_version, high):
+                row, ahead = ahead[2], None
+            else:
+                self._cur.execute(self._sql.newest_snapshot, params)
+                row = self._cur.fetchone()
+            if row is None or row[0] is None:
                 return None
             found = (int(row[0]), bytes(row[1]), bytes(row[2]))
             if row[4] is not None and bytes(row[4]) == found[1]:  # else of a history since

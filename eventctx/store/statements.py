@@ -41,6 +41,8 @@ _SESSION_COLUMNS: Final = (
     schema.sessions.c.status,
     schema.sessions.c.lease_expires_at,
 )
+SESSION_COLUMNS: Final = len(_SESSION_COLUMNS)
+"""How many columns a head row has (``SessionHead.from_row``)."""
 
 
 class Statements:
@@ -222,6 +224,7 @@ class Statements:
             .offset(_ZERO)
         )
         self._fold_statements(c, in_range)
+        self._restore_statement(c)
         # The global log, by position (commit-ordered on every backend).
         self.read_after = c(
             sa.select(ev.c.position, *(ev.c[name] for name in EVENT_COLUMNS))
@@ -355,6 +358,40 @@ class Statements:
             sa.select(ev.c.hash).where(
                 ev.c.session_id == bindparam("session_id"), ev.c.version == bindparam("version")
             )
+        )
+
+    def _restore_statement(self, c: Callable[[Any], str]) -> None:
+        """A cold restore's first read: the head row and, in the same statement, the newest
+        snapshot at or below its version with its event's hash (one round trip, not two).
+        Both lookups are point reads on their keys, evaluated once (not correlated)."""
+        se, sn, ev = schema.sessions, schema.snapshots, schema.events
+        older = sn.alias("older")
+        head_version = sa.select(se.c.version).where(se.c.session_id == bindparam("session_id"))
+        newest_version = (
+            sa.select(older.c.version)
+            .where(
+                older.c.session_id == bindparam("session_id"),
+                older.c.fold_version == bindparam("fold_version"),
+                older.c.version <= head_version.scalar_subquery(),
+                older.c.digest.is_not(None),
+            )
+            .order_by(older.c.version.desc())
+            .limit(sa.literal_column("1", sa.Integer))
+            .offset(_ZERO)
+            .scalar_subquery()
+        )
+        self.session_and_snapshot = c(
+            sa.select(
+                *_SESSION_COLUMNS, sn.c.version, sn.c.head_hash, sn.c.state, sn.c.digest, ev.c.hash
+            )
+            .select_from(
+                se.outerjoin(
+                    sn, sa.and_(sn.c.session_id == se.c.session_id, sn.c.version == newest_version)
+                ).outerjoin(
+                    ev, sa.and_(ev.c.session_id == se.c.session_id, ev.c.version == sn.c.version)
+                )
+            )
+            .where(se.c.session_id == bindparam("session_id"))
         )
 
     def _schema_statements(self, c: Callable[[Any], str], sv: sa.Table) -> None:
