@@ -39,16 +39,34 @@ def timed(run: Callable[[], Any], rounds: int = ROUNDS) -> Figure:
     """Median (min–max) milliseconds of ``rounds`` runs after a warm-up, or of more while they
     take under ``TIMED_S`` in all (up to ``TIMED_MAX``): a figure of a millisecond is the
     median of a few hundred runs, not of five that one scheduler hiccup can move."""
-    run()
-    times: list[float] = []
-    total = 0.0
-    while len(times) < rounds or (total < TIMED_S and len(times) < TIMED_MAX):
-        start = time.perf_counter()
+    return timed_together({"": run}, rounds)[""]
+
+
+def timed_together(runs: dict[str, Callable[[], Any]], rounds: int = ROUNDS) -> dict[str, Figure]:
+    """``timed`` for each of ``runs``, their runs taken in turn: figures compared with each
+    other (ours and the raw driver's, ours and the peer's) meet the same moments of a noisy
+    machine instead of one getting its quiet minute and the other its busy one."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    totals = dict.fromkeys(runs, 0.0)
+    for run in runs.values():
         run()
-        took = time.perf_counter() - start
-        times.append(took * 1000)
-        total += took
-    return Figure("", statistics.median(times), min(times), max(times), "ms")
+    pending = list(runs)
+    while pending:
+        for name in pending:
+            start = time.perf_counter()
+            runs[name]()
+            took = time.perf_counter() - start
+            times[name].append(took * 1000)
+            totals[name] += took
+        pending = [
+            name
+            for name in pending
+            if len(times[name]) < rounds
+            or (totals[name] < TIMED_S and len(times[name]) < TIMED_MAX)
+        ]
+    return {
+        name: Figure("", statistics.median(t), min(t), max(t), "ms") for name, t in times.items()
+    }
 
 
 def _populate(manager: ContextManager, session_id: str, events: int) -> None:
@@ -144,16 +162,15 @@ def _measure(
             assert fold_log(store, sid).data == _raw_fold(store, sid)()
             peer_id = _peer_populate(snap_app, n)
             _analyze(store, peer_env.get("pg_schema"))
-            rows[f"{label} {n}"] = {
-                "events": n,
-                "snapshots": timed(_cold(store, sid)),
-                "full fold": timed(partial(_full_fold, store, sid)),
-                "raw": timed(_raw_fold(store, sid)),
-                "eventsourcing snapshots": timed(partial(snap_app.repository.get, peer_id)),
-                "eventsourcing full": (
-                    timed(partial(full_app.repository.get, peer_id)) if n <= PEER_FULL_MAX else None
-                ),
+            runs: dict[str, Callable[[], Any]] = {
+                "snapshots": _cold(store, sid),
+                "eventsourcing snapshots": partial(snap_app.repository.get, peer_id),
+                "full fold": partial(_full_fold, store, sid),
+                "raw": _raw_fold(store, sid),
             }
+            if n <= PEER_FULL_MAX:
+                runs["eventsourcing full"] = partial(full_app.repository.get, peer_id)
+            rows[f"{label} {n}"] = {"events": n, "eventsourcing full": None} | timed_together(runs)
     store.close()
     return rows
 
