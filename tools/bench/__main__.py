@@ -325,9 +325,12 @@ def main() -> int:
         "# Performance\n\n"
         f"Measured by `make bench` (`python -m tools.bench`) on {datetime.now(UTC):%Y-%m-%d}: "
         f"{_machine()}. Every figure is the median of {ROUNDS} rounds after a warm-up, min–max in "
-        "brackets; eventctx, the raw driver and eventsourcing (configured as fairly as we know "
-        "how: explicit event classes, the same `synchronous` setting) run in the same process, "
-        f"one after another. The run took {(time.perf_counter() - started) / 60:.1f} minutes.\n\n"
+        "brackets (a restore or fold figure: of as many runs as fit in "
+        f"{restore.TIMED_S:g} s, at least {ROUNDS} and at most {restore.TIMED_MAX}); eventctx, "
+        "the raw driver and eventsourcing (configured as fairly as we know how: explicit event "
+        "classes, the same `synchronous` setting) run in the same process, one after another "
+        "(a session's restore and fold figures in turn, a run of each at a time). "
+        f"The run took {(time.perf_counter() - started) / 60:.1f} minutes.\n\n"
         + table("Targets", ["target", "measured", ""], target_rows)
         + "\n"
         + body
