@@ -35,8 +35,9 @@ class Figure:
     unit: str
 
     def cell(self) -> str:
-        """``median unit (min–max)``, with decimals where the numbers are small."""
-        d = 2 if self.high < 100 else 0
+        """``median unit (min–max)``, with decimals where the median is small (an outlying
+        maximum must not round a 2.09 ms median to "2 ms")."""
+        d = 2 if self.median < 100 else 0
         return f"{self.median:,.{d}f} {self.unit} ({self.low:,.{d}f}–{self.high:,.{d}f})"
 
 
