@@ -335,19 +335,9 @@ class Statements:
         # The newest snapshot is found on the snapshots' key alone (a subquery with a LIMIT is
         # never flattened), then its event's hash is a point read: joined first, PostgreSQL's
         # planner (once it has statistics) joins every snapshot of the session, 8 ms for 500.
-        newest = (
-            sa.select(sn.c.version, sn.c.head_hash, sn.c.state, sn.c.digest)
-            .where(
-                sn.c.session_id == bindparam("session_id"),
-                sn.c.fold_version == bindparam("fold_version"),
-                sn.c.version <= bindparam("high"),
-                sn.c.digest.is_not(None),
-            )
-            .order_by(sn.c.version.desc())
-            .limit(sa.literal_column("1", sa.Integer))
-            .offset(_ZERO)
-            .subquery("newest")
-        )
+        newest = _newest_snapshot(
+            sn, bindparam("high"), sn.c.version, sn.c.head_hash, sn.c.state, sn.c.digest
+        ).subquery("newest")
         at_newest = sa.and_(
             ev.c.session_id == bindparam("session_id"), ev.c.version == newest.c.version
         )
@@ -367,19 +357,9 @@ class Statements:
         se, sn, ev = schema.sessions, schema.snapshots, schema.events
         older = sn.alias("older")
         head_version = sa.select(se.c.version).where(se.c.session_id == bindparam("session_id"))
-        newest_version = (
-            sa.select(older.c.version)
-            .where(
-                older.c.session_id == bindparam("session_id"),
-                older.c.fold_version == bindparam("fold_version"),
-                older.c.version <= head_version.scalar_subquery(),
-                older.c.digest.is_not(None),
-            )
-            .order_by(older.c.version.desc())
-            .limit(sa.literal_column("1", sa.Integer))
-            .offset(_ZERO)
-            .scalar_subquery()
-        )
+        newest_version = _newest_snapshot(
+            older, head_version.scalar_subquery(), older.c.version
+        ).scalar_subquery()
         self.session_and_snapshot = c(
             sa.select(
                 *_SESSION_COLUMNS, sn.c.version, sn.c.head_hash, sn.c.state, sn.c.digest, ev.c.hash
@@ -408,3 +388,22 @@ class Statements:
             .limit(sa.literal_column("1", sa.Integer))
             .offset(_ZERO)
         )
+
+
+def _newest_snapshot(
+    sn: sa.FromClause, high: sa.ColumnElement[Any], *columns: sa.ColumnElement[Any]
+) -> sa.Select[Any]:
+    """``columns`` of the session's newest snapshot under the fold version at or below
+    ``high`` (written whole: with its digest), found on the snapshots' key alone."""
+    return (
+        sa.select(*columns)
+        .where(
+            sn.c.session_id == bindparam("session_id"),
+            sn.c.fold_version == bindparam("fold_version"),
+            sn.c.version <= high,
+            sn.c.digest.is_not(None),
+        )
+        .order_by(sn.c.version.desc())
+        .limit(sa.literal_column("1", sa.Integer))
+        .offset(_ZERO)
+    )
