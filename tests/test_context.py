@@ -431,7 +431,7 @@ def test_a_cold_restore_folds_from_the_newest_usable_snapshot(db_url: str) -> No
         store = manager.store
         at_3 = fold(store.read("s", 1, 3))
         store.save_snapshot("s", 3, FOLD_VERSION, at_3.head_hash, at_3.encode())
-        # Newer, but of other fold rules, and past the head: neither may be taken.
+        # Newer ones: of other fold rules (never usable), and past the head (no event of it).
         at_4 = fold(store.read("s", 1, 4))
         store.save_snapshot("s", 4, FOLD_VERSION + 1, at_4.head_hash, at_4.encode())
         ahead = eventctx.State(version=9, head_hash=b"\x01" * 32, data={"x": 1})

@@ -14,7 +14,7 @@ from eventctx.events import Hasher
 from eventctx.store.bases import Base
 from eventctx.store.dialect import Cursor
 from eventctx.store.heads import SessionHead
-from eventctx.store.statements import SESSION_COLUMNS, Statements
+from eventctx.store.statements import HEAD_WIDTH, Statements
 
 __all__ = ["PAGE", "SessionRead"]
 
@@ -73,8 +73,8 @@ class SessionRead:
         row = cur.fetchone()
         if row is None:
             return None
-        head = SessionHead.from_row(row[:SESSION_COLUMNS])
-        self._ahead = (fold_version, head.version, row[SESSION_COLUMNS:])
+        head = SessionHead.from_row(row[:HEAD_WIDTH])
+        self._ahead = (fold_version, head.version, row[HEAD_WIDTH:])
         return head
 
     def snapshot(self, fold_version: int, high: int) -> tuple[int, bytes, bytes] | None:

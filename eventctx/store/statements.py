@@ -41,7 +41,7 @@ _SESSION_COLUMNS: Final = (
     schema.sessions.c.status,
     schema.sessions.c.lease_expires_at,
 )
-SESSION_COLUMNS: Final = len(_SESSION_COLUMNS)
+HEAD_WIDTH: Final = len(_SESSION_COLUMNS)
 """How many columns a head row has (``SessionHead.from_row``)."""
 
 
