@@ -47,7 +47,6 @@ def timed_together(runs: dict[str, Callable[[], Any]], rounds: int = ROUNDS) -> 
     other (ours and the raw driver's, ours and the peer's) meet the same moments of a noisy
     machine instead of one getting its quiet minute and the other its busy one."""
     times: dict[str, list[float]] = {name: [] for name in runs}
-    totals = dict.fromkeys(runs, 0.0)
     for run in runs.values():
         run()
     pending = list(runs)
@@ -55,14 +54,12 @@ def timed_together(runs: dict[str, Callable[[], Any]], rounds: int = ROUNDS) -> 
         for name in pending:
             start = time.perf_counter()
             runs[name]()
-            took = time.perf_counter() - start
-            times[name].append(took * 1000)
-            totals[name] += took
+            times[name].append((time.perf_counter() - start) * 1000)
         pending = [
             name
             for name in pending
             if len(times[name]) < rounds
-            or (totals[name] < TIMED_S and len(times[name]) < TIMED_MAX)
+            or (sum(times[name]) < TIMED_S * 1000 and len(times[name]) < TIMED_MAX)
         ]
     return {
         name: Figure("", statistics.median(t), min(t), max(t), "ms") for name, t in times.items()
@@ -127,7 +124,7 @@ def _cold(store: EventStore, session_id: str) -> Callable[[], None]:
     return run
 
 
-def _analyze(store: EventStore, peer_schema: str | None) -> None:
+def _vacuum_analyze(store: EventStore, peer_schema: str | None) -> None:
     """On PostgreSQL, vacuum both libraries' tables and refresh the planner's statistics, as
     autovacuum does once it catches up with tables filled in seconds: until then a plan may
     read every snapshot of a session to find its newest (a bitmap scan: 1.8 ms for 5,000,
@@ -162,7 +159,7 @@ def _measure(
             assert fold_log(store, sid) == fold(store.read(sid))
             assert fold_log(store, sid).data == _raw_fold(store, sid)()
             peer_id = _peer_populate(snap_app, n)
-            _analyze(store, peer_env.get("pg_schema"))
+            _vacuum_analyze(store, peer_env.get("pg_schema"))
             runs: dict[str, Callable[[], Any]] = {
                 "snapshots": _cold(store, sid),
                 "eventsourcing snapshots": partial(snap_app.repository.get, peer_id),
