@@ -328,8 +328,9 @@ def main() -> int:
         "brackets (a restore or fold figure: of as many runs as fit in "
         f"{restore.TIMED_S:g} s, at least {ROUNDS} and at most {restore.TIMED_MAX}); eventctx, "
         "the raw driver and eventsourcing (configured as fairly as we know how: explicit event "
-        "classes, the same `synchronous` setting) run in the same process, one after another "
-        "(a session's restore and fold figures in turn, a run of each at a time). "
+        "classes, the same `synchronous` setting) run in the same process and take turns: a "
+        "round of each at a time for a write figure, a run of each at a time for a session's "
+        "restore and fold figures. "
         f"The run took {(time.perf_counter() - started) / 60:.1f} minutes.\n\n"
         + table("Targets", ["target", "measured", ""], target_rows)
         + "\n"

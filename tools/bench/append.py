@@ -23,7 +23,7 @@ from tools.bench.common import (
     PAYLOAD,
     PG_URL,
     Figure,
-    measure,
+    measure_together,
     pg_available,
     pg_schema,
     sqlite_file,
@@ -140,9 +140,10 @@ def raw_pg_writer(schema: str) -> Callable[[int, int], Callable[[], None]]:
 def _pair(
     label: str, ours: _Store, raw: Callable[[int, int], Callable[[], None]], times: int, batch: int
 ) -> list[str]:
-    n = times * batch
-    mine: Figure = measure(f"{label} eventctx", "ev/s", n, ours.runner(batch, times))
-    theirs: Figure = measure(f"{label} raw", "ev/s", n, raw(batch, times))
+    figures = measure_together(
+        "ev/s", times * batch, {"eventctx": ours.runner(batch, times), "raw": raw(batch, times)}
+    )
+    mine, theirs = figures["eventctx"], figures["raw"]
     return [label, mine.cell(), theirs.cell(), speed(mine, theirs)]
 
 

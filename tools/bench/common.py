@@ -43,13 +43,26 @@ class Figure:
 
 def measure(name: str, unit: str, count: int, run: Callable[[], None]) -> Figure:
     """Run ``run`` ``ROUNDS`` times (after one warm-up); rate = count / seconds per round."""
-    run()
-    rates = []
-    for _ in range(ROUNDS):
-        start = time.perf_counter()
+    return measure_together(unit, count, {name: run})[name]
+
+
+def measure_together(
+    unit: str, count: int, runs: dict[str, Callable[[], None]]
+) -> dict[str, Figure]:
+    """``measure`` for each of ``runs``, their rounds taken in turn: rates compared with each
+    other (ours, the raw driver's, the peer's) meet the same moments of a noisy machine
+    instead of one getting its quiet minute and another its busy one."""
+    for run in runs.values():
         run()
-        rates.append(count / (time.perf_counter() - start))
-    return Figure(name, statistics.median(rates), min(rates), max(rates), unit)
+    rates: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(ROUNDS):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            rates[name].append(count / (time.perf_counter() - start))
+    return {
+        name: Figure(name, statistics.median(r), min(r), max(r), unit) for name, r in rates.items()
+    }
 
 
 @contextmanager

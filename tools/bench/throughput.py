@@ -13,7 +13,14 @@ from typing import Literal
 
 from eventctx import ContextManager, EventStore
 from tools.bench.append import raw_pg_writer, raw_sqlite_writer
-from tools.bench.common import PAYLOAD, Figure, measure, pg_available, pg_schema, sqlite_file
+from tools.bench.common import (
+    PAYLOAD,
+    Figure,
+    measure_together,
+    pg_available,
+    pg_schema,
+    sqlite_file,
+)
 from tools.bench.peer import PeerContext, peer_app
 
 SETS = 2000
@@ -60,12 +67,15 @@ def _trio(
     times: int,
 ) -> dict[str, Figure]:
     """eventctx, the raw driver and eventsourcing, each committing ``times`` × ``batch``."""
-    n = batch * times
-    return {
-        "eventctx": measure("eventctx", "ev/s", n, _ctx_runner(manager, batch, times)),
-        "raw": measure("raw", "ev/s", n, raw(batch, times)),
-        "eventsourcing": measure("eventsourcing", "ev/s", n, _peer_runner(app, batch, times)),
-    }
+    return measure_together(
+        "ev/s",
+        batch * times,
+        {
+            "eventctx": _ctx_runner(manager, batch, times),
+            "raw": raw(batch, times),
+            "eventsourcing": _peer_runner(app, batch, times),
+        },
+    )
 
 
 def run() -> dict[str, dict[str, Figure]]:
