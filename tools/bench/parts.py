@@ -6,12 +6,16 @@
 - the whole call, and its Python alone (the writer's cursor replaced by one that does
   nothing; this includes the snapshots' encoding, not their writes);
 - the append's statements (BEGIN IMMEDIATE, the head-row UPDATE, the INSERT, COMMIT) driven
-  from a minimal loop that only builds their rows;
+  from a minimal loop that only builds their rows, and the same into a copy of the events
+  table without AUTOINCREMENT, whose commits do not write the ``sqlite_sequence`` page;
 - the least any design that keeps those statements must do: the same loop, plus what the
   value rules, the audit chain and a thread-safe context ask of every event (the key and
   value checks, the canonical encoding and the decoded copy, the chain hash, the fold under a
   lock), without snapshots;
-- the raw driver's INSERT (``executemany`` for a batch) and COMMIT, and eventsourcing.
+- the raw driver's INSERT (``executemany`` for a batch) and COMMIT, and eventsourcing;
+
+and then the pages a ``ctx.set`` and the raw driver's single-event commit add to the
+write-ahead log.
 
 Sampling profilers charge the interpreter's time around a C call to that call, which is why
 these are timed rather than sampled.
@@ -25,6 +29,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
 from itertools import count
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -43,6 +48,9 @@ EVENTS = 2000
 """Events per round: 2,000 calls of ``ctx.set``, or 20 of ``update`` of ``BATCH`` keys."""
 BATCH = 100
 ROUNDS = 7
+PAGE_COMMITS = 200
+"""Commits whose pages are counted: at about four pages each, fewer than the 1,000 at which
+SQLite checkpoints the log."""
 
 
 class _NoCursor:
@@ -107,11 +115,19 @@ def _writes(ctx: Any, batch: int) -> Callable[[], None]:
 
 
 def _pinned(
-    conn: sqlite3.Connection, store: EventStore, session_id: str, batch: int, *, work: bool
+    conn: sqlite3.Connection,
+    store: EventStore,
+    session_id: str,
+    batch: int,
+    *,
+    work: bool,
+    events: str = "eventctx_events",
 ) -> Callable[[], None]:
     """``EVENTS`` events appended with the design's statements on ``conn`` (the store's own
-    file), ``batch`` per transaction; with ``work``, doing what every event needs too."""
+    file), ``batch`` per transaction, into the table ``events``; with ``work``, doing what
+    every event needs too."""
     sql = store._sql
+    insert = sql.insert_event.replace("eventctx_events", events, 1)
     conn.execute("PRAGMA synchronous = NORMAL")
     cur = conn.cursor()
     version, head = cur.execute(
@@ -161,15 +177,59 @@ def _pinned(
                 cur.execute(sql.advance_head, moved)
                 assert cur.rowcount == 1
                 if batch == 1:
-                    cur.execute(sql.insert_event, rows[0])
+                    cur.execute(insert, rows[0])
                 else:
-                    cur.executemany(sql.insert_event, rows)
+                    cur.executemany(insert, rows)
                 cur.execute("COMMIT")
                 if work:
                     advance(folded, recorded)
             version, head = last, prev
 
     return run
+
+
+def _plain(conn: sqlite3.Connection) -> str:
+    """A copy of the events table without AUTOINCREMENT, whose commits write no
+    ``sqlite_sequence`` page (not the design: a removal could let positions be reused)."""
+    found = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'eventctx_events'")
+    ddl = found.fetchone()[0].replace("eventctx_events", "eventctx_events_plain", 1)
+    conn.execute(ddl.replace(" AUTOINCREMENT", ""))
+    return "eventctx_events_plain"
+
+
+def _pages(path: Path, commit: Callable[[int], None]) -> float:
+    """Pages a commit adds to the write-ahead log of ``path``: ``commit(n)`` makes ``n``
+    commits, too few for SQLite to checkpoint the log meanwhile."""
+    with closing(sqlite3.connect(path)) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        commit(PAGE_COMMITS)
+        busy, frames, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        assert not busy
+    return float(frames) / PAGE_COMMITS
+
+
+def pages() -> str:
+    """The pages a ``ctx.set`` and a raw single-event commit write, as a sentence."""
+    value = PAYLOAD["value"]
+    with sqlite_file() as ours, sqlite_file() as raw_path:
+        with (
+            EventStore.open(f"sqlite:///{ours}") as store,
+            ContextManager(store, cleanup_interval=None) as manager,
+        ):
+            ctx = manager.create_context("pages")
+
+            def sets(n: int) -> None:
+                for i in range(n):
+                    ctx.set(f"k{i % 200}", value)
+
+            per_set = _pages(ours, sets)
+        raw = raw_sqlite_writer(str(raw_path))
+        per_insert = _pages(raw_path, lambda n: raw(1, n)())
+    return (
+        f"Pages of 4 KB a commit adds to the write-ahead log ({PAGE_COMMITS} commits): "
+        f"{per_set:.2f} for a `ctx.set` (its snapshots included), {per_insert:.2f} for the "
+        "raw driver's INSERT and COMMIT.\n"
+    )
 
 
 def _workload(batch: int) -> dict[str, tuple[float, float]]:
@@ -193,11 +253,13 @@ def _workload(batch: int) -> dict[str, tuple[float, float]]:
             EventStore.open(f"sqlite:///{alone_path}") as store,
             ContextManager(store, cleanup_interval=None) as manager,
         ):
-            manager.create_context("statements")
-            manager.create_context("least")
+            for session_id in ("statements", "plain", "least"):
+                manager.create_context(session_id)
             with closing(sqlite3.connect(alone_path, isolation_level=None)) as conn:
                 statements = _pinned(conn, store, "statements", batch, work=False)
                 parts["its statements alone"] = _best(statements)
+                plain = _pinned(conn, store, "plain", batch, work=False, events=_plain(conn))
+                parts["its statements alone, positions without AUTOINCREMENT"] = _best(plain)
                 least = _pinned(conn, store, "least", batch, work=True)
                 parts["the least any design with these statements does"] = _best(least)
         raw = raw_sqlite_writer(str(raw_path))(batch, EVENTS // batch)
@@ -225,7 +287,7 @@ def run() -> str:
                 rows,
             )
         )
-    return "\n".join(tables)
+    return "\n".join(tables) + "\n" + pages()
 
 
 if __name__ == "__main__":
