@@ -5,6 +5,8 @@ EVENTCTX_REQUIRE_POSTGRES is not 1."""
 from __future__ import annotations
 
 import os
+import signal
+import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -102,3 +104,25 @@ def manager(db_url: str) -> Iterator[ContextManager]:
     """A started ContextManager on the backend under test."""
     with ContextManager(db_url) as m:
         yield m
+
+
+@pytest.fixture
+def ctrl_c() -> Iterator[None]:
+    """Ctrl-C (SIGINT) raises KeyboardInterrupt in this test's process, also when the suite
+    was started with SIGINT ignored (``nohup``, a job in the background of a script), which
+    Python then leaves ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def interruptible(module: str) -> list[str]:
+    """The command ``python -m module`` in a child whose Ctrl-C raises KeyboardInterrupt
+    however this suite was started (see ``ctrl_c``)."""
+    start = (
+        "import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)"
+    )
+    return [sys.executable, "-c", start]

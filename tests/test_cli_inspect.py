@@ -20,6 +20,7 @@ import pytest
 import eventctx
 from eventctx import ContextManager, PluginRunner, RetryPolicy
 from eventctx.render import Progress
+from tests.conftest import interruptible
 
 S = "review"
 
@@ -177,7 +178,7 @@ def test_version() -> None:
 
 def test_tail_follows_another_process_and_ends_cleanly_on_ctrl_c(url: str) -> None:
     follower = subprocess.Popen(
-        [sys.executable, "-m", "eventctx", "--url", url, "--json", "tail", S, "-n", "0", "-f"],
+        [*interruptible("eventctx"), "--url", url, "--json", "tail", S, "-n", "0", "-f"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -532,6 +532,7 @@ def _set_key(store: EventStore, key: str, done: dict[str, object]) -> None:
     done[key] = store.append("s", [NewEvent.create("KeySet", {"value": key}, key=key)])
 
 
+@pytest.mark.usefixtures("ctrl_c")
 def test_a_caller_interrupted_while_its_append_waits_withdraws_it_and_harms_no_one(
     db_url: str,
 ) -> None:
