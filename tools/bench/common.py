@@ -49,20 +49,32 @@ def measure(name: str, unit: str, count: int, run: Callable[[], None]) -> Figure
 def measure_together(
     unit: str, count: int, runs: dict[str, Callable[[], None]]
 ) -> dict[str, Figure]:
-    """``measure`` for each of ``runs``, their rounds taken in turn: rates compared with each
-    other (ours, the raw driver's, the peer's) meet the same moments of a noisy machine
-    instead of one getting its quiet minute and another its busy one."""
+    """``measure`` for each of ``runs``, their rounds taken in turn (``take_turns``)."""
+    took = take_turns(runs, lambda seconds: len(seconds) < ROUNDS)
+    return {
+        name: Figure(name, statistics.median(r), min(r), max(r), unit)
+        for name, r in ((name, [count / s for s in seconds]) for name, seconds in took.items())
+    }
+
+
+def take_turns(
+    runs: dict[str, Callable[[], Any]], more: Callable[[list[float]], bool]
+) -> dict[str, list[float]]:
+    """Seconds of each run of ``runs`` after one warm-up each, taken in turn while ``more``
+    of a run's seconds so far: figures compared with each other (ours, the raw driver's, the
+    peer's) meet the same moments of a noisy machine instead of one getting its quiet minute
+    and another its busy one."""
     for run in runs.values():
         run()
-    rates: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(ROUNDS):
-        for name, run in runs.items():
+    took: dict[str, list[float]] = {name: [] for name in runs}
+    pending = list(runs)
+    while pending:
+        for name in pending:
             start = time.perf_counter()
-            run()
-            rates[name].append(count / (time.perf_counter() - start))
-    return {
-        name: Figure(name, statistics.median(r), min(r), max(r), unit) for name, r in rates.items()
-    }
+            runs[name]()
+            took[name].append(time.perf_counter() - start)
+        pending = [name for name in pending if more(took[name])]
+    return took
 
 
 @contextmanager

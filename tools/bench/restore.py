@@ -12,7 +12,6 @@ import sqlite3
 import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from contextlib import closing
 from functools import partial
@@ -24,7 +23,15 @@ import sqlalchemy as sa
 from eventctx import ContextManager, EventStore
 from eventctx.snapshots import fold_log
 from eventctx.state import fold
-from tools.bench.common import PAYLOAD, ROUNDS, Figure, pg_available, pg_schema, sqlite_file
+from tools.bench.common import (
+    PAYLOAD,
+    ROUNDS,
+    Figure,
+    pg_available,
+    pg_schema,
+    sqlite_file,
+    take_turns,
+)
 from tools.bench.peer import PeerContext, peer_app
 
 SQLITE_SIZES = (1_000, 10_000, 100_000, 1_000_000)
@@ -45,26 +52,15 @@ def timed(run: Callable[[], Any], rounds: int = ROUNDS) -> Figure:
 
 
 def timed_together(runs: dict[str, Callable[[], Any]], rounds: int = ROUNDS) -> dict[str, Figure]:
-    """``timed`` for each of ``runs``, their runs taken in turn: figures compared with each
-    other (ours and the raw driver's, ours and the peer's) meet the same moments of a noisy
-    machine instead of one getting its quiet minute and the other its busy one."""
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for run in runs.values():
-        run()
-    pending = list(runs)
-    while pending:
-        for name in pending:
-            start = time.perf_counter()
-            runs[name]()
-            times[name].append((time.perf_counter() - start) * 1000)
-        pending = [
-            name
-            for name in pending
-            if len(times[name]) < rounds
-            or (sum(times[name]) < TIMED_S * 1000 and len(times[name]) < TIMED_MAX)
-        ]
+    """``timed`` for each of ``runs``, their runs taken in turn (``take_turns``)."""
+
+    def more(seconds: list[float]) -> bool:
+        return len(seconds) < rounds or (sum(seconds) < TIMED_S and len(seconds) < TIMED_MAX)
+
+    took = take_turns(runs, more)
     return {
-        name: Figure("", statistics.median(t), min(t), max(t), "ms") for name, t in times.items()
+        name: Figure("", statistics.median(ms), min(ms), max(ms), "ms")
+        for name, ms in ((name, [s * 1000 for s in seconds]) for name, seconds in took.items())
     }
 
 
