@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -27,6 +28,7 @@ from eventctx import (
     StorageError,
 )
 from eventctx.clock import now_us
+from eventctx.compaction import compact
 from eventctx.events import RecordedEvent as RecordedEventT
 from eventctx.events import chain_hash, sha256
 from eventctx.store import Fence, Head, schema
@@ -351,6 +353,73 @@ def test_upgrade_of_a_committed_version_1_sqlite_file(tmp_path: Path) -> None:
         }
         manager.get_context("legacy").set("after", "upgrade")
         assert store.verify("legacy") == 10
+
+
+def _remove_newest(store: EventStore, how: str) -> None:
+    """Remove the events of session "newest", which hold the largest positions, as ``how``."""
+    if how == "purge":
+        store.purge("newest")
+    elif how == "ttl":
+        time.sleep(0.01)
+        assert compact(store).sessions_removed == 1
+    elif how == "in steps":
+        time.sleep(0.01)
+        assert store.removal.mark_expiring("newest", now_us())
+        assert store.removal.delete_events_upto("newest", 2) == 2
+        assert store.removal.finish_removal("newest") == (1, 0)
+    else:  # retention: every event of both sessions is older than the window
+        time.sleep(0.01)
+        mark = now_us()
+        time.sleep(0.01)
+        assert compact(store, retain=timedelta(microseconds=now_us() - mark)).events_trimmed == 5
+
+
+@pytest.mark.parametrize("how", ["purge", "ttl", "in steps", "retention"])
+def test_a_removed_position_is_never_handed_out_again(store: EventStore, how: str) -> None:
+    """Positions stay monotonic when a removal takes the largest ones: a follower of the
+    global log that saw them would otherwise skip the rows that took them again."""
+    store.append("kept", [created(ttl_ms=None), key_set("a", 1)])
+    ttl_ms = 1 if how in ("ttl", "in steps") else None
+    newest = store.append("newest", [created(ttl_ms), key_set("b", 2), key_set("c", 3)])
+    _remove_newest(store, how)
+    assert [e.session_id for e in store.read_after(0, 10)] == (
+        [] if how == "retention" else ["kept", "kept"]
+    )
+    after = store.append("kept", [key_set("d", 4), key_set("e", 5)])
+    assert [e.position for e in after] == [newest[-1].position + 1, newest[-1].position + 2]
+    assert store.verify("kept") == (2 if how == "retention" else 4)
+
+
+def test_upgrade_to_version_6_keeps_sqlite_positions_above_any_removed(tmp_path: Path) -> None:
+    """Version 6 drops AUTOINCREMENT from SQLite's events table: the upgrade rebuilds the
+    table as a new database has it, and positions go on above the largest ever handed out."""
+    path = tmp_path / "old.sqlite"
+    path.write_bytes((DATA / "eventctx-v1.sqlite").read_bytes())
+    with sqlite3.connect(path) as conn:  # a removal freed the largest positions
+        largest = conn.execute("SELECT max(position) FROM eventctx_events").fetchone()[0]
+        conn.execute(
+            "INSERT INTO eventctx_events (session_id, version, type, payload, recorded_at, "
+            "hash, prev_hash) VALUES ('gone', 1, 'ContextCreated', x'7b7d', 1, x'00', x'00')"
+        )
+        conn.execute("DELETE FROM eventctx_events WHERE session_id = 'gone'")
+    with EventStore.upgrade(f"sqlite:///{path}") as store:
+        assert store.verify("legacy") == 9
+        appended = store.append("new", [created()])
+        assert appended[0].position == largest + 2
+    fresh = tmp_path / "fresh.sqlite"
+    EventStore.open(f"sqlite:///{fresh}").close()
+    assert _schema_of(path) == _schema_of(fresh)
+
+
+def _schema_of(path: Path) -> list[tuple[str, str]]:
+    """The tables, indexes and triggers of a SQLite file: their DDL as SQLite holds it, without
+    the whitespace in which a column added later differs."""
+    with sqlite3.connect(path) as conn:
+        rows = conn.execute(
+            "SELECT name, coalesce(sql, '') FROM sqlite_master "
+            "WHERE name != 'sqlite_sequence' ORDER BY name"
+        ).fetchall()
+    return [(str(name), "".join(str(sql).split())) for name, sql in rows]
 
 
 def test_upgrade_of_a_version_1_postgresql_schema(pg_url: str) -> None:

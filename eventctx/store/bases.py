@@ -49,6 +49,7 @@ class Bases:
     ) -> None:
         self._run = run
         self._hasher = hasher
+        self._dialect = dialect
         ba, ev, se, sn = schema.bases, schema.events, schema.sessions, schema.snapshots
         c = dialect.compile
         sid: sa.BindParameter[str] = bindparam("session_id")
@@ -196,6 +197,7 @@ class Bases:
             first = cur.fetchone()
             if first is None or first[0] is None or int(first[0]) > version:
                 return 0
+            self._dialect.keep_positions(cur)
             cur.execute(self._trim, params | {"upto": min(version, int(first[0]) + chunk - 1)})
             return int(cur.rowcount)
 

@@ -132,7 +132,7 @@ class EventStore:
             None if self._sql.append_in_one is None else self._in_one,
             self._end_backend,
         )
-        self.removal = Removal(self._transaction, self._sql, dialect.sql_dialect)
+        self.removal = Removal(self._transaction, self._sql, dialect)
         """The steps compaction is made of (``eventctx.compaction`` runs them)."""
         self.bases = Bases(self._run, dialect, lambda: self._hasher)
         """Retention bases (``eventctx.retention`` moves them)."""
@@ -623,6 +623,7 @@ class EventStore:
             cur.execute(self._sql.delete_head, params)
             cur.execute(self._sql.delete_snapshots, params)
             cur.execute(self._sql.delete_base, params)
+            self._dialect.keep_positions(cur)
             cur.execute(self._sql.delete_events, params)
             return int(cur.rowcount)
 

@@ -114,6 +114,10 @@ class Dialect:
         """The INSERT of one event row, every column a bind parameter named after it."""
         return sa.insert(table).values({name: sa.bindparam(name) for name in columns})
 
+    def keep_positions(self, cur: Cursor) -> None:
+        """Before events are deleted in this write transaction: make sure that no position
+        they free is handed out again (where the backend itself would reuse it)."""
+
     def insert_ignore(self, table: sa.Table) -> sa.Insert:
         """INSERT that does nothing when the primary key exists (rowcount tells which)."""
         raise NotImplementedError

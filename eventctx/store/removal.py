@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from sqlalchemy.sql.expression import ClauseElement
 
 from eventctx.store import schema
-from eventctx.store.dialect import Cursor, Transaction
+from eventctx.store.dialect import Cursor, Dialect, Transaction
 from eventctx.store.heads import EXPIRING, alive_at
 from eventctx.store.statements import Statements
 
@@ -20,9 +20,7 @@ __all__ = ["Removal"]
 class Removal:
     """Physical removal of expired sessions, in steps; get it as ``EventStore.removal``."""
 
-    def __init__(
-        self, transaction: Transaction, sql: Statements, dialect: sa.engine.Dialect
-    ) -> None:
+    def __init__(self, transaction: Transaction, sql: Statements, dialect: Dialect) -> None:
         self._transaction = transaction
         self._sql = sql
         self._dialect = dialect
@@ -65,6 +63,7 @@ class Removal:
             )
             if not marked:
                 return [], 0, 0
+            self._dialect.keep_positions(cur)
             events = self._run(cur, sa.delete(ev).where(ev.c.session_id.in_(marked))).rowcount
             snapshots = self._run(cur, sa.delete(sn).where(sn.c.session_id.in_(marked))).rowcount
             self._run(cur, sa.delete(schema.bases).where(schema.bases.c.session_id.in_(marked)))
@@ -75,7 +74,9 @@ class Removal:
 
     def _run(self, cur: Cursor, stmt: ClauseElement) -> Cursor:
         """Run a statement built for this call (its IN lists rendered)."""
-        compiled = stmt.compile(dialect=self._dialect, compile_kwargs={"render_postcompile": True})
+        compiled = stmt.compile(
+            dialect=self._dialect.sql_dialect, compile_kwargs={"render_postcompile": True}
+        )
         cur.execute(str(compiled), compiled.params)
         return cur
 
@@ -96,6 +97,7 @@ class Removal:
         with self._transaction(write=True) as cur:
             if not self._still_expiring(cur, session_id):
                 return None
+            self._dialect.keep_positions(cur)
             cur.execute(self._sql.delete_events_upto, {"session_id": session_id, "upto": version})
             return int(cur.rowcount)
 
@@ -106,6 +108,7 @@ class Removal:
         with self._transaction(write=True) as cur:
             if not self._still_expiring(cur, session_id):
                 return None
+            self._dialect.keep_positions(cur)
             cur.execute(self._sql.delete_events, params)
             events = int(cur.rowcount)
             cur.execute(self._sql.delete_snapshots, params)

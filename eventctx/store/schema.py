@@ -22,10 +22,11 @@ from sqlalchemy import (
     UniqueConstraint,
     text,
 )
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import Dialect
 from sqlalchemy.schema import CreateColumn, CreateIndex, CreateTable
 
-SCHEMA_VERSION: Final = 5
+SCHEMA_VERSION: Final = 6
 """The schema version this code writes; stamped in ``eventctx_schema``."""
 
 MAX_SESSION_ID: Final = 512
@@ -38,8 +39,10 @@ metadata = MetaData()
 events = Table(
     "eventctx_events",
     metadata,
-    # INTEGER (not BIGINT) on SQLite so the column is the rowid; AUTOINCREMENT so a position
-    # freed by compaction is never handed out again.
+    # INTEGER (not BIGINT) on SQLite so the column is the rowid. A position freed by a removal
+    # is never handed out again: PostgreSQL's sequence never goes back, and on SQLite an append
+    # takes positions above ``position_floor`` (AUTOINCREMENT would write its sequence row's
+    # page on every commit).
     Column(
         "position",
         BigInteger().with_variant(Integer(), "sqlite"),
@@ -59,7 +62,6 @@ events = Table(
     # The one index on the hot table: every read is by session and version. Blame of the
     # current state lives in the folded provenance, so no (session, key) index is paid per append.
     UniqueConstraint("session_id", "version", name="eventctx_events_session_version"),
-    sqlite_autoincrement=True,
 )
 
 sessions = Table(
@@ -131,13 +133,29 @@ schema_version = Table(
     Column("key_check", LargeBinary),
 )
 
+position_floor = Table(
+    "eventctx_position_floor",
+    MetaData(),
+    Column("position", Integer, nullable=False),
+)
+"""SQLite only, one row: no position at or below it is handed out again. Each removal of
+events raises it to the largest position in the table first (``Dialect.keep_positions``)."""
+
 # Rows of eventctx_events are immutable: each backend rejects every UPDATE, even a no-op one
 # (PostgreSQL's trigger fires per statement, so even an UPDATE matching no row is refused).
 _APPEND_ONLY = "eventctx_events is append-only: events are never updated"
-TRIGGERS: Final[dict[str, tuple[str, ...]]] = {
+_SQLITE_NO_UPDATE: Final = (
+    "CREATE TRIGGER eventctx_events_no_update BEFORE UPDATE ON eventctx_events "
+    f"BEGIN SELECT RAISE(ABORT, '{_APPEND_ONLY}'); END"
+)
+_SQLITE_FLOOR: Final = str(CreateTable(position_floor).compile(dialect=sqlite.dialect())).strip()
+_AFTER_TABLES: Final[dict[str, tuple[str, ...]]] = {
+    # Each backend's statements after the shared tables: the append-only trigger, and on
+    # SQLite the position floor with its one row.
     "sqlite": (
-        "CREATE TRIGGER eventctx_events_no_update BEFORE UPDATE ON eventctx_events "
-        f"BEGIN SELECT RAISE(ABORT, '{_APPEND_ONLY}'); END",
+        _SQLITE_NO_UPDATE,
+        _SQLITE_FLOOR,
+        "INSERT INTO eventctx_position_floor (position) VALUES (0)",
     ),
     "postgresql": (
         "CREATE FUNCTION eventctx_reject_update() RETURNS trigger LANGUAGE plpgsql AS $$ "
@@ -153,6 +171,7 @@ _ADDED: Final[dict[int, tuple[Table | Column[Any], ...]]] = {
     2: (sessions.c.lease_token,),
     3: (schema_version.c.chain, schema_version.c.key_check, snapshots.c.digest),
     4: (bases,),
+    5: (),
 }
 """The tables and columns each upgrade from version N to N + 1 adds."""
 
@@ -162,7 +181,27 @@ def migration_statements(from_version: int, dialect: Dialect) -> list[str] | Non
     added = _ADDED.get(from_version)
     if added is None:
         return None
-    return [_add(item, dialect) for item in added]
+    steps = [_add(item, dialect) for item in added]
+    if from_version == 5 and dialect.name == "sqlite":
+        steps += _sqlite_events_without_autoincrement(dialect)
+    return steps
+
+
+def _sqlite_events_without_autoincrement(dialect: Dialect) -> list[str]:
+    """Version 6 on SQLite: the floor starts at the largest position ever handed out (the
+    AUTOINCREMENT sequence's), then the events table is copied into one without it."""
+    old, columns = f"{events.name}_v5", ", ".join(c.name for c in events.columns)
+    return [
+        _SQLITE_FLOOR,
+        "INSERT INTO eventctx_position_floor (position) SELECT max("
+        "coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'eventctx_events'), 0), "
+        "coalesce((SELECT max(position) FROM eventctx_events), 0))",
+        f"ALTER TABLE {events.name} RENAME TO {old}",
+        str(CreateTable(events).compile(dialect=dialect)).strip(),
+        f"INSERT INTO {events.name} ({columns}) SELECT {columns} FROM {old}",
+        f"DROP TABLE {old}",  # and its trigger, which followed it
+        _SQLITE_NO_UPDATE,
+    ]
 
 
 def _add(item: Table | Column[Any], dialect: Dialect) -> str:
@@ -180,5 +219,5 @@ def create_statements(dialect: Dialect) -> list[str]:
         statements.extend(
             str(CreateIndex(index).compile(dialect=dialect)).strip() for index in table.indexes
         )
-    statements.extend(TRIGGERS[dialect.name])
+    statements.extend(_AFTER_TABLES[dialect.name])
     return statements

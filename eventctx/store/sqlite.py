@@ -19,9 +19,24 @@ from sqlalchemy.engine import URL, Engine
 
 from eventctx.errors import ConcurrencyError, EventCtxError, InvalidInputError, StorageError
 from eventctx.store.dialect import Cursor, Dialect, StoreOptions, fetch_value
+from eventctx.store.schema import events, position_floor
 
 _CONSTRAINT_UNIQUE = 2067  # SQLITE_CONSTRAINT_UNIQUE: the (session_id, version) key
 _BUSY = 5  # SQLITE_BUSY: the busy timeout passed
+
+_LARGEST = sa.select(sa.func.max(events.c.position)).scalar_subquery()
+_NEXT_POSITION = sa.func.max(
+    sa.func.coalesce(_LARGEST, sa.literal_column("0")),
+    sa.select(position_floor.c.position).scalar_subquery(),
+) + sa.literal_column("1")
+"""Above the table's largest position and the floor: two point reads of cached pages, where
+AUTOINCREMENT would write its sequence row's page on every commit."""
+_RAISE_FLOOR = str(
+    sa.update(position_floor)
+    .where(position_floor.c.position < _LARGEST)
+    .values(position=_LARGEST)
+    .compile(dialect=SQLiteDialect_pysqlite())
+)
 
 
 class SQLiteDialect(Dialect):
@@ -90,10 +105,16 @@ class SQLiteDialect(Dialect):
             cur.execute(insert, rows[0])
             return [cur.lastrowid]
         cur.executemany(insert, rows)
-        # Under the write lock AUTOINCREMENT hands out consecutive rowids, ending at the last one.
+        # Under the write lock each row takes the next position, so they end at the last one.
         cur.execute("SELECT last_insert_rowid()")
         last = int(fetch_value(cur))
         return list(range(last - len(rows) + 1, last + 1))
+
+    def insert_events_statement(self, table: sa.Table, columns: Sequence[str]) -> sa.Insert:
+        return super().insert_events_statement(table, columns).values(position=_NEXT_POSITION)
+
+    def keep_positions(self, cur: Cursor) -> None:
+        cur.execute(_RAISE_FLOOR)
 
     def insert_ignore(self, table: sa.Table) -> sa.Insert:
         return sqlite_insert(table).on_conflict_do_nothing()

@@ -72,13 +72,16 @@ class _Store:
 
 
 def raw_sqlite_writer(
-    path: str, synchronous: str = "NORMAL"
+    path: str, synchronous: str = "NORMAL", *, autoincrement: bool = True
 ) -> Callable[[int, int], Callable[[], None]]:
-    """sqlite3 alone (WAL): ``runner(batch, times)`` commits ``times`` transactions."""
+    """sqlite3 alone (WAL): ``runner(batch, times)`` commits ``times`` transactions. Its
+    positions are never reused, as ours are, through AUTOINCREMENT; without it (only for
+    comparison) a deletion of the newest rows would let their positions be handed out again."""
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute(f"PRAGMA synchronous = {synchronous}")
-    conn.execute(RAW_DDL.format(pk="INTEGER PRIMARY KEY AUTOINCREMENT", blob="BLOB"))
+    pk = "INTEGER PRIMARY KEY AUTOINCREMENT" if autoincrement else "INTEGER PRIMARY KEY"
+    conn.execute(RAW_DDL.format(pk=pk, blob="BLOB"))
     sql = RAW_INSERT.format(p=", ".join("?" * 10))
     sessions = count()
 

@@ -6,13 +6,14 @@
 - the whole call, and its Python alone (the writer's cursor replaced by one that does
   nothing; this includes the snapshots' encoding, not their writes);
 - the append's statements (BEGIN IMMEDIATE, the head-row UPDATE, the INSERT, COMMIT) driven
-  from a minimal loop that only builds their rows, and the same into a copy of the events
-  table without AUTOINCREMENT, whose commits do not write the ``sqlite_sequence`` page;
+  from a minimal loop that only builds their rows;
 - the least any design that keeps those statements must do: the same loop, plus what the
   value rules, the audit chain and a thread-safe context ask of every event (the key and
   value checks, the canonical encoding and the decoded copy, the chain hash, the fold under a
   lock), without snapshots;
-- the raw driver's INSERT (``executemany`` for a batch) and COMMIT, and eventsourcing;
+- the raw driver's INSERT (``executemany`` for a batch) and COMMIT, into a table with
+  AUTOINCREMENT (its positions are never reused, as ours are) and, for comparison, without;
+- eventsourcing;
 
 and then the pages a ``ctx.set`` and the raw driver's single-event commit add to the
 write-ahead log.
@@ -121,13 +122,10 @@ def _pinned(
     batch: int,
     *,
     work: bool,
-    events: str = "eventctx_events",
 ) -> Callable[[], None]:
     """``EVENTS`` events appended with the design's statements on ``conn`` (the store's own
-    file), ``batch`` per transaction, into the table ``events``; with ``work``, doing what
-    every event needs too."""
+    file), ``batch`` per transaction; with ``work``, doing what every event needs too."""
     sql = store._sql
-    insert = sql.insert_event.replace("eventctx_events", events, 1)
     conn.execute("PRAGMA synchronous = NORMAL")
     cur = conn.cursor()
     version, head = cur.execute(
@@ -177,24 +175,15 @@ def _pinned(
                 cur.execute(sql.advance_head, moved)
                 assert cur.rowcount == 1
                 if batch == 1:
-                    cur.execute(insert, rows[0])
+                    cur.execute(sql.insert_event, rows[0])
                 else:
-                    cur.executemany(insert, rows)
+                    cur.executemany(sql.insert_event, rows)
                 cur.execute("COMMIT")
                 if work:
                     advance(folded, recorded)
             version, head = last, prev
 
     return run
-
-
-def _plain(conn: sqlite3.Connection) -> str:
-    """A copy of the events table without AUTOINCREMENT, whose commits write no
-    ``sqlite_sequence`` page (not the design: a removal could let positions be reused)."""
-    found = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'eventctx_events'")
-    ddl = found.fetchone()[0].replace("eventctx_events", "eventctx_events_plain", 1)
-    conn.execute(ddl.replace(" AUTOINCREMENT", ""))
-    return "eventctx_events_plain"
 
 
 def _pages(path: Path, commit: Callable[[int], None]) -> float:
@@ -239,6 +228,7 @@ def _workload(batch: int) -> dict[str, tuple[float, float]]:
         sqlite_file() as ours,
         sqlite_file() as alone_path,
         sqlite_file() as raw_path,
+        sqlite_file() as reusing_path,
         sqlite_file() as peer_path,
     ):
         with (
@@ -253,17 +243,19 @@ def _workload(batch: int) -> dict[str, tuple[float, float]]:
             EventStore.open(f"sqlite:///{alone_path}") as store,
             ContextManager(store, cleanup_interval=None) as manager,
         ):
-            for session_id in ("statements", "plain", "least"):
+            for session_id in ("statements", "least"):
                 manager.create_context(session_id)
             with closing(sqlite3.connect(alone_path, isolation_level=None)) as conn:
                 statements = _pinned(conn, store, "statements", batch, work=False)
                 parts["its statements alone"] = _best(statements)
-                plain = _pinned(conn, store, "plain", batch, work=False, events=_plain(conn))
-                parts["its statements alone, positions without AUTOINCREMENT"] = _best(plain)
                 least = _pinned(conn, store, "least", batch, work=True)
                 parts["the least any design with these statements does"] = _best(least)
         raw = raw_sqlite_writer(str(raw_path))(batch, EVENTS // batch)
         parts["raw driver: INSERT and COMMIT"] = _best(raw)
+        reusing = raw_sqlite_writer(str(reusing_path), autoincrement=False)
+        parts["the same without AUTOINCREMENT (positions reusable)"] = _best(
+            reusing(batch, EVENTS // batch)
+        )
         with peer_app("sqlite", sqlite_path=str(peer_path)) as app:
             parts["eventsourcing"] = _best(_peer_runner(app, batch, EVENTS // batch))
     return parts
