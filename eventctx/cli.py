@@ -30,6 +30,7 @@ from eventctx.manager import DEFAULT_URL
 from eventctx.metrics import as_document, as_table, log_metrics, prometheus_text
 from eventctx.render import Progress, json_bytes, printable, table
 from eventctx.store import EventStore
+from eventctx.store.schema import SCHEMA_VERSION
 
 DEMO_URL = "sqlite:///eventctx-demo.db"
 
@@ -476,9 +477,14 @@ class _Format(argparse.Action):
 
 
 def _upgrade(store: EventStore, args: argparse.Namespace) -> tuple[Any, list[str]]:
-    return {"url": store.url.render_as_string()}, [
-        f"{store.url.render_as_string()}: schema is current"
-    ]
+    url, found = store.url.render_as_string(), store.upgraded_from
+    done = (
+        f"schema version {SCHEMA_VERSION} is current"
+        if found is None
+        else f"upgraded the schema from version {found} to {SCHEMA_VERSION}"
+    )
+    document = {"url": url, "schema_version": SCHEMA_VERSION, "upgraded_from": found}
+    return document, [f"{url}: {done}"]
 
 
 _Opener = Callable[[str], EventStore]

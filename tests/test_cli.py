@@ -17,6 +17,7 @@ import sqlalchemy as sa
 
 from eventctx import ContextManager, EventStore, NewEvent
 from eventctx.cli import main
+from eventctx.store.schema import SCHEMA_VERSION
 
 
 def test_history_sessions_verify(db_url: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -223,6 +224,26 @@ def test_an_empty_url_is_a_usage_error(
     assert main(["--url", "", *command]) == 2
     assert_one_line(capsys.readouterr().err, "eventctx: --url is empty")
     assert list(tmp_path.iterdir()) == []  # no ./eventctx.db (nor a demo database)
+
+
+def test_upgrade_says_from_which_version(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "old.sqlite"
+    path.write_bytes((Path(__file__).with_name("data") / "eventctx-v1.sqlite").read_bytes())
+    url = f"sqlite:///{path}"
+    assert main(["--url", url, "upgrade"]) == 0
+    assert capsys.readouterr().out == (
+        f"{url}: upgraded the schema from version 1 to {SCHEMA_VERSION}\n"
+    )
+    assert main(["--url", url, "--json", "upgrade"]) == 0
+    assert orjson.loads(capsys.readouterr().out) == {
+        "url": url,
+        "schema_version": SCHEMA_VERSION,
+        "upgraded_from": None,
+    }
+    assert main(["--url", url, "upgrade"]) == 0
+    assert capsys.readouterr().out == f"{url}: schema version {SCHEMA_VERSION} is current\n"
 
 
 def test_an_unexpected_error_is_one_line(

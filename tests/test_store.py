@@ -342,6 +342,7 @@ def test_upgrade_of_a_committed_version_1_sqlite_file(tmp_path: Path) -> None:
     with pytest.raises(SchemaError, match=f"version 1 is older than {SCHEMA_VERSION}"):
         EventStore.open(url)
     with EventStore.upgrade(url) as store:
+        assert store.upgraded_from == 1
         assert store.verify("legacy") == 9  # the history survives, chain intact
         assert store.base("legacy") is None  # the retention table is there, empty
         assert store.take_named_lease("compaction", "me", timedelta(seconds=1)) is None
@@ -434,6 +435,7 @@ def test_upgrade_of_a_version_1_postgresql_schema(pg_url: str) -> None:
     with pytest.raises(SchemaError, match=f"version 1 is older than {SCHEMA_VERSION}"):
         EventStore.open(pg_url)
     with EventStore.upgrade(pg_url) as store:
+        assert store.upgraded_from == 1
         store.append("s", [created(), key_set("a", 1)])
         assert store.take_named_lease("compaction", "me", timedelta(seconds=1)) is None
         assert store.take_lease("s", "me", timedelta(seconds=1)) == Fence("me", 1)

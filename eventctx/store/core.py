@@ -109,10 +109,12 @@ class EventStore:
         self._dialect = dialect
         self._closed = False
         self.read_only = read_only
+        """Whether every write is refused (StorageError): the store only reads."""
+        self.upgraded_from: int | None = None
+        """The schema version :meth:`upgrade` migrated the database from (None: none was)."""
         self.rows_read = 0
         """Rows this store has read so far (approximate under threads): what a long command
         shows as its progress."""
-        """Whether every write is refused (StorageError): the store only reads."""
         self.busy_timeout = busy_timeout
         """How long an operation waits for locks held by others before it gives up."""
         self.clock = clock
@@ -187,7 +189,7 @@ class EventStore:
         """Open a store and migrate an older schema to the current version first."""
         store = cls._connect(target, synchronous, busy_timeout, read_only=False)
         try:
-            store._ensure_schema(upgrade=True)
+            store.upgraded_from = store._ensure_schema(upgrade=True)
             store._use_chain_key(chain_key)
         except BaseException:
             store.close()
@@ -220,13 +222,14 @@ class EventStore:
         dialect = for_url(url)
         return cls(dialect.create_engine(url, options), dialect, busy_timeout, read_only=read_only)
 
-    def _ensure_schema(self, *, upgrade: bool) -> None:
+    def _ensure_schema(self, *, upgrade: bool) -> int | None:
+        """Check, create or (with ``upgrade``) migrate the schema: the version migrated from."""
         if self.read_only:
             with self._transaction(write=False) as cur:
                 check_schema(cur, self._dialect, self._sql)
-            return
+            return None
         with self._transaction(write=True) as cur:
-            ensure_schema(cur, self._dialect, self._sql, upgrade=upgrade)
+            return ensure_schema(cur, self._dialect, self._sql, upgrade=upgrade)
 
     def _use_chain_key(self, chain_key: bytes | str | None) -> None:
         """Hash with ``chain_key`` (or $EVENTCTX_CHAIN_KEY) if the database is keyed with it."""

@@ -13,14 +13,15 @@ from eventctx.store.statements import Statements
 __all__ = ["check_schema", "ensure_schema"]
 
 
-def ensure_schema(cur: Cursor, dialect: Dialect, sql: Statements, *, upgrade: bool) -> None:
-    """Create, check or (with ``upgrade``) migrate the schema of the database behind ``cur``."""
+def ensure_schema(cur: Cursor, dialect: Dialect, sql: Statements, *, upgrade: bool) -> int | None:
+    """Create, check or (with ``upgrade``) migrate the schema of the database behind ``cur``:
+    the older version it was migrated from, or None (created, or already current)."""
     dialect.lock_setup(cur)
     if not _stamped(cur, dialect):
         for statement in schema.create_statements(dialect.sql_dialect):
             cur.execute(statement)
         cur.execute(sql.stamp, {"version": schema.SCHEMA_VERSION})
-        return
+        return None
     found = _version(cur, sql, upgrade=upgrade)
     for version in range(found, schema.SCHEMA_VERSION):
         steps = schema.migration_statements(version, dialect.sql_dialect)
@@ -29,6 +30,7 @@ def ensure_schema(cur: Cursor, dialect: Dialect, sql: Statements, *, upgrade: bo
         for statement in steps:
             cur.execute(statement)
         cur.execute(sql.restamp, {"version": version + 1})
+    return found if found < schema.SCHEMA_VERSION else None
 
 
 def check_schema(cur: Cursor, dialect: Dialect, sql: Statements) -> None:
