@@ -116,12 +116,7 @@ def _writes(ctx: Any, batch: int) -> Callable[[], None]:
 
 
 def _pinned(
-    conn: sqlite3.Connection,
-    store: EventStore,
-    session_id: str,
-    batch: int,
-    *,
-    work: bool,
+    conn: sqlite3.Connection, store: EventStore, session_id: str, batch: int, *, work: bool
 ) -> Callable[[], None]:
     """``EVENTS`` events appended with the design's statements on ``conn`` (the store's own
     file), ``batch`` per transaction; with ``work``, doing what every event needs too."""
@@ -243,8 +238,8 @@ def _workload(batch: int) -> dict[str, tuple[float, float]]:
             EventStore.open(f"sqlite:///{alone_path}") as store,
             ContextManager(store, cleanup_interval=None) as manager,
         ):
-            for session_id in ("statements", "least"):
-                manager.create_context(session_id)
+            manager.create_context("statements")
+            manager.create_context("least")
             with closing(sqlite3.connect(alone_path, isolation_level=None)) as conn:
                 statements = _pinned(conn, store, "statements", batch, work=False)
                 parts["its statements alone"] = _best(statements)
