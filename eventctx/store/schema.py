@@ -7,6 +7,7 @@ would reorder keys).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Final
 
 from sqlalchemy import (
@@ -181,10 +182,8 @@ def migration_statements(from_version: int, dialect: Dialect) -> list[str] | Non
     added = _ADDED.get(from_version)
     if added is None:
         return None
-    steps = [_add(item, dialect) for item in added]
-    if from_version == 5 and dialect.name == "sqlite":
-        steps += _sqlite_events_without_autoincrement(dialect)
-    return steps
+    rebuilt = _REBUILT.get((from_version, dialect.name))
+    return [_add(item, dialect) for item in added] + ([] if rebuilt is None else rebuilt(dialect))
 
 
 def _sqlite_events_without_autoincrement(dialect: Dialect) -> list[str]:
@@ -202,6 +201,12 @@ def _sqlite_events_without_autoincrement(dialect: Dialect) -> list[str]:
         f"DROP TABLE {old}",  # and its trigger, which followed it
         _SQLITE_NO_UPDATE,
     ]
+
+
+_REBUILT: Final[dict[tuple[int, str], Callable[[Dialect], list[str]]]] = {
+    (5, "sqlite"): _sqlite_events_without_autoincrement,
+}
+"""What an upgrade from version N changes on one backend beyond what it adds (``_ADDED``)."""
 
 
 def _add(item: Table | Column[Any], dialect: Dialect) -> str:
