@@ -28,6 +28,7 @@ from eventctx.state import (
     advance_chain,
     advance_rows,
     decode_state,
+    state_document,
 )
 from eventctx.store import EventStore
 from eventctx.store.bases import Base
@@ -218,7 +219,7 @@ def base_state(base: Base) -> State:
     """The state a retention base holds, converted to the current fold rules."""
     if base.fold_version == FOLD_VERSION:
         return decode_state(base.state)
-    raw = orjson.loads(base.state)
+    raw = state_document(base.state)
     for rules in range(base.fold_version, FOLD_VERSION):
         convert = BASE_CONVERSIONS.get(rules)
         if convert is None:

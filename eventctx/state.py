@@ -8,6 +8,8 @@ under other rules is ignored.
 
 from __future__ import annotations
 
+import itertools
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final, NamedTuple
@@ -97,79 +99,201 @@ class RunState:
         )
 
 
-@dataclass(slots=True)
 class State:
-    """A session as of ``version``: its data, per-key provenance, phase outputs and metadata."""
+    """A session as of ``version``: its data, per-key provenance, phase outputs and metadata.
 
-    version: int = 0
-    head_hash: bytes = GENESIS_HASH
-    recorded_at_us: int = 0
-    deleted: bool = False
-    ttl_ms: int | None = None
-    """The ttl the session was created with (None: never expires)."""
-    data: dict[str, Any] = field(default_factory=dict)
-    provenance: dict[str, Provenance] = field(default_factory=dict)
-    outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
-    """Phase outputs per execution id, then per phase name."""
-    metadata: dict[str, dict[str, Any]] = field(default_factory=dict)
-    """Helper metadata per execution id, then per key."""
-    run: RunState | None = None
-    undo: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
-    """Per open isolated attempt (``attempt_id``), what each key it wrote held before it:
-    ``[present, value, provenance or None]``, restored if the attempt fails."""
+    A state decoded from a snapshot keeps its provenance encoded until something reads it (a
+    write's fold, ``info``, the read side): a restore that only reads the data never decodes it.
+    """
+
+    __slots__ = (
+        "_encoded_provenance",
+        "_provenance",
+        "data",
+        "deleted",
+        "head_hash",
+        "metadata",
+        "outputs",
+        "recorded_at_us",
+        "run",
+        "ttl_ms",
+        "undo",
+        "version",
+    )
+
+    def __init__(
+        self,
+        version: int = 0,
+        head_hash: bytes = GENESIS_HASH,
+        recorded_at_us: int = 0,
+        deleted: bool = False,
+        ttl_ms: int | None = None,
+        data: dict[str, Any] | None = None,
+        provenance: dict[str, Provenance] | None = None,
+        outputs: dict[str, dict[str, Any]] | None = None,
+        metadata: dict[str, dict[str, Any]] | None = None,
+        run: RunState | None = None,
+        undo: dict[str, dict[str, list[Any]]] | None = None,
+    ) -> None:
+        self.version = version
+        self.head_hash = head_hash
+        self.recorded_at_us = recorded_at_us
+        self.deleted = deleted
+        self.ttl_ms: int | None = ttl_ms
+        """The ttl the session was created with (None: never expires)."""
+        self.data: dict[str, Any] = {} if data is None else data
+        self._provenance: dict[str, Provenance] | None = {} if provenance is None else provenance
+        self._encoded_provenance: bytes | None = None
+        """The provenance as its snapshot holds it, while ``_provenance`` is None."""
+        self.outputs: dict[str, dict[str, Any]] = {} if outputs is None else outputs
+        """Phase outputs per execution id, then per phase name."""
+        self.metadata: dict[str, dict[str, Any]] = {} if metadata is None else metadata
+        """Helper metadata per execution id, then per key."""
+        self.run = run
+        self.undo: dict[str, dict[str, list[Any]]] = {} if undo is None else undo
+        """Per open isolated attempt (``attempt_id``), what each key it wrote held before it:
+        ``[present, value, provenance or None]``, restored if the attempt fails."""
+
+    @property
+    def provenance(self) -> dict[str, Provenance]:
+        """The last write of each key (decoded from the snapshot on first use)."""
+        found = self._provenance
+        return self._decode_provenance() if found is None else found
+
+    def _decode_provenance(self) -> dict[str, Provenance]:
+        """Decode the provenance once: threads that ask at the same time get the same dict."""
+        with _DECODING:
+            if self._provenance is None:
+                assert self._encoded_provenance is not None
+                self._provenance = _decoded_provenance(self._encoded_provenance)
+                self._encoded_provenance = None
+            return self._provenance
+
+    def _fields(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, name) for name in _FIELDS)
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not State:
+            return NotImplemented
+        return self._fields() == other._fields()
+
+    __hash__ = None  # type: ignore[assignment]  # mutable
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{n}={v!r}" for n, v in zip(_FIELDS, self._fields(), strict=True))
+        return f"State({shown})"
 
     def copy(self) -> State:
         """An independent copy (values are never mutated in place, so sharing them is safe)."""
-        return State(
+        copied = State(
             self.version,
             self.head_hash,
             self.recorded_at_us,
             self.deleted,
             self.ttl_ms,
             dict(self.data),
-            dict(self.provenance),
+            None,
             {run: dict(phases) for run, phases in self.outputs.items()},
             {run: dict(values) for run, values in self.metadata.items()},
             None if self.run is None else self.run.copy(),
             {attempt: dict(saved) for attempt, saved in self.undo.items()},
         )
+        with _DECODING:  # still encoded: the copy shares the bytes, and decodes them on its own
+            copied._provenance = None if self._provenance is None else dict(self._provenance)
+            copied._encoded_provenance = self._encoded_provenance
+        return copied
 
     def encode(self) -> bytes:
-        """The snapshot bytes of this state."""
-        return orjson.dumps(
-            {
-                "version": self.version,
-                "head_hash": self.head_hash.hex(),
-                "recorded_at_us": self.recorded_at_us,
-                "deleted": self.deleted,
-                "ttl_ms": self.ttl_ms,
-                "data": self.data,
-                "provenance": {key: list(p) for key, p in self.provenance.items()},
-                "outputs": self.outputs,
-                "metadata": self.metadata,
-                "run": None if self.run is None else asdict(self.run),
-                "undo": self.undo,
-            }
-        )
+        """The snapshot bytes of this state: its JSON without the provenance, a newline (which
+        compact JSON never holds), then the provenance's JSON, which a restore leaves encoded
+        until it is read."""
+        with _DECODING:
+            found, encoded = self._provenance, self._encoded_provenance
+        if found is not None:
+            encoded = orjson.dumps({key: list(p) for key, p in found.items()})
+        assert encoded is not None
+        return orjson.dumps(_document(self)) + _PROVENANCE_FOLLOWS + encoded
+
+
+_FIELDS: Final = (
+    "version",
+    "head_hash",
+    "recorded_at_us",
+    "deleted",
+    "ttl_ms",
+    "data",
+    "provenance",
+    "outputs",
+    "metadata",
+    "run",
+    "undo",
+)
+"""A state's fields, as ``__init__`` takes them."""
+_DECODING = threading.Lock()
+"""Guards the switch of a state's provenance from encoded to decoded."""
+_PROVENANCE_FOLLOWS: Final = b"\n"
+
+
+def _document(state: State) -> dict[str, Any]:
+    return {
+        "version": state.version,
+        "head_hash": state.head_hash.hex(),
+        "recorded_at_us": state.recorded_at_us,
+        "deleted": state.deleted,
+        "ttl_ms": state.ttl_ms,
+        "data": state.data,
+        "outputs": state.outputs,
+        "metadata": state.metadata,
+        "run": None if state.run is None else asdict(state.run),
+        "undo": state.undo,
+    }
+
+
+def _decoded_provenance(encoded: bytes) -> dict[str, Provenance]:
+    try:
+        return _provenance_of(orjson.loads(encoded))
+    except (orjson.JSONDecodeError, AttributeError, TypeError) as exc:
+        raise IntegrityError(f"a snapshot's provenance cannot be decoded ({exc})") from exc
+
+
+def _provenance_of(document: dict[str, list[Any]]) -> dict[str, Provenance]:
+    make = tuple.__new__  # NamedTuple's own __new__ is Python code
+    return {key: make(Provenance, p) for key, p in document.items()}
+
+
+def state_document(data: bytes) -> dict[str, Any]:
+    """Snapshot bytes as one JSON document (provenance included), whichever layout they have:
+    what converting a retention base to new fold rules works on."""
+    head, follows, provenance = data.partition(_PROVENANCE_FOLLOWS)
+    document: dict[str, Any] = orjson.loads(head)
+    if follows:
+        document["provenance"] = orjson.loads(provenance)
+    return document
 
 
 def decode_state(data: bytes) -> State:
-    """A state from its snapshot bytes."""
-    raw = orjson.loads(data)
-    make = tuple.__new__  # NamedTuple's own __new__ is Python code: this is every restore's path
-    return State(
+    """A state from its snapshot bytes (those ``encode`` gives, or the single JSON document
+    snapshots held before the provenance moved after it); the provenance is left encoded."""
+    cut = data.find(_PROVENANCE_FOLLOWS)
+    raw = orjson.loads(data if cut < 0 else memoryview(data)[:cut])
+    state = State(
         raw["version"],
         bytes.fromhex(raw["head_hash"]),
         raw["recorded_at_us"],
         raw["deleted"],
         raw["ttl_ms"],
         raw["data"],
-        {key: make(Provenance, p) for key, p in raw["provenance"].items()},
+        None,
         raw["outputs"],
         raw["metadata"],
         None if raw["run"] is None else RunState(**raw["run"]),
         raw["undo"],
     )
+    if cut < 0:
+        state._provenance = _provenance_of(raw["provenance"])
+    else:
+        state._provenance, state._encoded_provenance = None, data[cut + 1 :]
+    return state
 
 
 def apply(state: State, event: RecordedEvent) -> State:
@@ -281,6 +405,10 @@ def _fold_rows(state: State, rows: Iterable[Row], *, encoded: bool) -> None:
     A fold of stored rows keeps each key's provenance as a plain tuple while it runs (one
     allocation per write, not two) and makes them Provenance once at the end.
     """
+    rows = iter(rows)
+    first = next(rows, None)
+    if first is None:  # no row (a snapshot at the head): its provenance can stay encoded
+        return
     data, provenance = state.data, state.provenance
     make = tuple.__new__  # Provenance without NamedTuple's Python-level __new__: the hot path
     loads = orjson.loads
@@ -289,7 +417,7 @@ def _fold_rows(state: State, rows: Iterable[Row], *, encoded: bool) -> None:
     undo = state.undo
     attempts = _attempts(state)
     try:
-        for number, kind, key, phase, run_id, stored, when in rows:
+        for number, kind, key, phase, run_id, stored, when in itertools.chain((first,), rows):
             if number != version + 1 and (version or number == 1):
                 raise IntegrityError(
                     f"event version {number} does not chain onto version {version}: "

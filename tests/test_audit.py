@@ -66,9 +66,10 @@ def _forged_digest(conn: sa.Connection, version: int, state: bytes) -> bytes:
 
 
 def _edited_state(state: bytes) -> bytes:
-    raw = orjson.loads(state)
+    head, follows, provenance = state.partition(b"\n")
+    raw = orjson.loads(head)
     raw["data"]["k3"] = "edited"
-    return orjson.dumps(raw)
+    return orjson.dumps(raw) + follows + provenance
 
 
 def _restored(url: str, chain_key: str | None = None) -> dict[str, object]:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import orjson
 import pytest
 import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
@@ -212,3 +214,68 @@ def test_fold_is_pure_and_apply_agrees(
     assert fold(events[cut:], base) == step
     assert base == snapshot  # fold never mutates its base
     assert fold(events[cut:], decode_state(base.encode())) == step
+
+
+def _document(state: State) -> bytes:
+    """``state`` as snapshots held it before the provenance moved after the state's JSON:
+    one JSON document."""
+    head, _, provenance = state.encode().partition(b"\n")
+    return orjson.dumps(orjson.loads(head) | {"provenance": orjson.loads(provenance)})
+
+
+def test_a_snapshot_written_as_one_document_still_restores(store: EventStore) -> None:
+    with ContextManager(store, cleanup_interval=None, snapshot_every=10**6) as manager:
+        ctx = manager.create_context("s")
+        ctx.update({"a": 1, "b": [2]})
+        ctx.delete("a")
+        ctx.set("c", {"d": None})
+    events = list(store.read("s"))
+    at = fold(events[:3])
+    assert decode_state(_document(at)) == at
+    store.save_snapshot("s", 3, FOLD_VERSION, at.head_hash, _document(at))
+    restored, size, tail = restore(store, "s", len(events))
+    assert (size, tail) == (len(_document(at)), len(events) - 3)
+    assert restored == fold(events)
+    assert restored.provenance["a"].op == "delete"
+
+
+def test_a_decoded_state_decodes_its_provenance_once_on_first_read() -> None:
+    events = [
+        _event(1, "KeySet", "a", {"value": 1}),
+        _event(2, "KeySet", "b", {"value": 2}),
+        _event(3, "KeyDeleted", "a", {}),
+    ]
+    state = fold(events)
+    decoded = decode_state(state.encode())
+    assert decoded._provenance is None  # a restore that only reads data never decodes it
+    copy = decoded.copy()
+    start = threading.Barrier(8)
+    seen: list[dict[str, Any]] = []
+
+    def read() -> None:
+        start.wait()
+        seen.append(decoded.provenance)
+
+    threads = [threading.Thread(target=read) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(found is seen[0] for found in seen) and seen[0] == state.provenance
+    assert decoded == state
+    copy.provenance.pop("b")  # a copy made while encoded decodes its own
+    assert "b" in decoded.provenance and "b" not in copy.provenance
+
+
+def test_a_restore_from_a_snapshot_at_the_head_decodes_no_provenance(store: EventStore) -> None:
+    with ContextManager(store, cleanup_interval=None) as manager:
+        manager.create_context("s").update({"a": 1, "b": 2})
+    at_head = fold(store.read("s"))
+    store.save_snapshot("s", 3, FOLD_VERSION, at_head.head_hash, at_head.encode())
+    with ContextManager(store, cleanup_interval=None) as manager:
+        ctx = manager.get_context("s")
+        assert ctx.to_dict() == {"a": 1, "b": 2}
+        assert ctx._state._provenance is None
+        assert ctx.info("b").version == 3
+        ctx.set("a", 4)
+        assert ctx._state == fold(store.read("s"))

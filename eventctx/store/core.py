@@ -696,7 +696,8 @@ class EventStore:
         params: dict[str, Any] = {"session_id": session_id}
         last: tuple[int, bytes, str] | None = None  # the version, hash and type of the last
         if base is not None:
-            state = orjson.loads(base.state)
+            # The state's JSON, before the newline that starts its provenance (if any).
+            state = orjson.loads(base.state.partition(b"\n")[0])
             params.update(created_at=created_at, ttl_ms=state["ttl_ms"])
             last = (base.version, base.head_hash, "ContextDeleted" if state["deleted"] else "")
         count = 0
