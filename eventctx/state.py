@@ -405,10 +405,12 @@ def _fold_rows(state: State, rows: Iterable[Row], *, encoded: bool) -> None:
     A fold of stored rows keeps each key's provenance as a plain tuple while it runs (one
     allocation per write, not two) and makes them Provenance once at the end.
     """
-    rows = iter(rows)
-    first = next(rows, None)
-    if first is None:  # no row (a snapshot at the head): its provenance can stay encoded
-        return
+    if encoded:  # stored rows may be none (a snapshot at the head): leave its provenance encoded
+        rest = iter(rows)
+        first = next(rest, None)
+        if first is None:
+            return
+        rows = itertools.chain((first,), rest)
     data, provenance = state.data, state.provenance
     make = tuple.__new__  # Provenance without NamedTuple's Python-level __new__: the hot path
     loads = orjson.loads
@@ -417,7 +419,7 @@ def _fold_rows(state: State, rows: Iterable[Row], *, encoded: bool) -> None:
     undo = state.undo
     attempts = _attempts(state)
     try:
-        for number, kind, key, phase, run_id, stored, when in itertools.chain((first,), rows):
+        for number, kind, key, phase, run_id, stored, when in rows:
             if number != version + 1 and (version or number == 1):
                 raise IntegrityError(
                     f"event version {number} does not chain onto version {version}: "
