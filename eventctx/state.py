@@ -34,6 +34,7 @@ __all__ = [
     "decode_state",
     "fold",
     "rolled_back",
+    "state_document",
 ]
 
 FOLD_VERSION: Final = 7

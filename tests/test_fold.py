@@ -17,7 +17,7 @@ from eventctx import ContextManager, EventStore, PluginContext, RecordedEvent, r
 from eventctx.context import PhaseScope, phase_scope
 from eventctx.errors import IntegrityError
 from eventctx.snapshots import fold_log, restore
-from eventctx.state import FOLD_VERSION, State, apply, decode_state, fold
+from eventctx.state import FOLD_VERSION, State, apply, decode_state, fold, state_document
 
 KEYS = st.sampled_from(["a", "b", "c", "plan", "ключ"])
 JSON = st.recursive(
@@ -219,8 +219,7 @@ def test_fold_is_pure_and_apply_agrees(
 def _document(state: State) -> bytes:
     """``state`` as snapshots held it before the provenance moved after the state's JSON:
     one JSON document."""
-    head, _, provenance = state.encode().partition(b"\n")
-    return orjson.dumps(orjson.loads(head) | {"provenance": orjson.loads(provenance)})
+    return orjson.dumps(state_document(state.encode()))
 
 
 def test_a_snapshot_written_as_one_document_still_restores(store: EventStore) -> None:
