@@ -120,9 +120,10 @@ def restore(
     event of which is checked against its hash as it is folded; one read transaction.
 
     Returns (state, snapshot size, tail length). ``head_hash``, when given, must be the chain
-    hash at ``version``. A snapshot that is not what was written (its digest), cannot be
-    decoded, or leads elsewhere is skipped with a warning for a full fold; a log that fails its
-    own checks raises IntegrityError naming the session and version.
+    hash at ``version``. A snapshot that is not what was written (its digest), whose state
+    cannot be decoded, or that leads elsewhere is skipped with a warning for a full fold (its
+    provenance is decoded only when first read, and raises IntegrityError then if it cannot
+    be); a log that fails its own checks raises IntegrityError naming the session and version.
     """
     return store.reading(session_id, lambda read: restore_from(read, version, head_hash))
 

@@ -284,15 +284,13 @@ def decode_state(data: bytes) -> State:
         raw["deleted"],
         raw["ttl_ms"],
         raw["data"],
-        None,
+        _provenance_of(raw["provenance"]) if cut < 0 else None,
         raw["outputs"],
         raw["metadata"],
         None if raw["run"] is None else RunState(**raw["run"]),
         raw["undo"],
     )
-    if cut < 0:
-        state._provenance = _provenance_of(raw["provenance"])
-    else:
+    if cut >= 0:  # not yet a state another thread sees: no lock needed
         state._provenance, state._encoded_provenance = None, data[cut + 1 :]
     return state
 
